@@ -1,0 +1,94 @@
+//! Site identity: the site id is carried in the site certificate as a URI SAN
+//! `urn:outpost:site:<id>` and is only ever taken from there. Pure functions over DER bytes.
+
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Prefix of the URI subject alternative name that names a site.
+pub const SITE_URI_PREFIX: &str = "urn:outpost:site:";
+/// Longest site id: short enough for a DNS label, a file name and a metric label.
+pub const MAX_SITE_ID_LEN: usize = 63;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SiteIdError {
+    #[error(
+        "site id {0:?} is invalid: use 1..=63 characters of [a-z0-9-], starting with a letter or digit"
+    )]
+    Invalid(String),
+    #[error("the certificate cannot be parsed: {0}")]
+    BadCertificate(String),
+    #[error("the certificate carries no {SITE_URI_PREFIX}<id> URI name")]
+    Missing,
+    #[error("the certificate carries more than one site name")]
+    Ambiguous,
+}
+
+/// A site id is a lower-case DNS-label-like name: `plant-1`, `warehouse-berlin`.
+pub fn validate_site_id(id: &str) -> Result<(), SiteIdError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_SITE_ID_LEN
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SiteIdError::Invalid(id.chars().take(80).collect()))
+    }
+}
+
+/// The URI SAN written into a site's certificate.
+pub fn site_uri(id: &str) -> String {
+    format!("{SITE_URI_PREFIX}{id}")
+}
+
+/// Extracts the site id from a DER certificate. Exactly one `urn:outpost:site:` URI name must be
+/// present and name a valid site id.
+pub fn site_id_from_cert_der(der: &[u8]) -> Result<String, SiteIdError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| SiteIdError::BadCertificate(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| SiteIdError::BadCertificate(e.to_string()))?;
+    let mut found = None;
+    if let Some(san) = san {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name
+                && let Some(id) = uri.strip_prefix(SITE_URI_PREFIX)
+            {
+                if found.is_some() {
+                    return Err(SiteIdError::Ambiguous);
+                }
+                found = Some(id.to_string());
+            }
+        }
+    }
+    let id = found.ok_or(SiteIdError::Missing)?;
+    validate_site_id(&id)?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_ids() {
+        for ok in ["plant-1", "warehouse-1", "a", "x9"] {
+            assert!(validate_site_id(ok).is_ok(), "{ok}");
+        }
+        let long = "a".repeat(64);
+        for bad in ["", "-x", "Plant", "a_b", "a.b", long.as_str()] {
+            assert!(validate_site_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_not_a_certificate() {
+        assert!(matches!(
+            site_id_from_cert_der(b"not a certificate"),
+            Err(SiteIdError::BadCertificate(_))
+        ));
+    }
+}

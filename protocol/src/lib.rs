@@ -1,0 +1,23 @@
+//! Outpost wire protocol shared by the agent and central: message types, length-prefixed frames,
+//! site identity rules and the pure state machines of the sync session. Pure code: no sockets, no
+//! storage, no clock (time is passed in).
+
+pub mod frame;
+#[cfg(feature = "io")]
+pub mod io;
+pub mod identity;
+pub mod messages;
+pub mod money;
+pub mod session;
+
+pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, decode_body, decode_len, encode};
+pub use messages::*;
+pub use money::Money;
+
+/// Version of the sync protocol spoken on the QUIC connection. Bumped on any incompatible change to
+/// the messages below; the hello exchange refuses a peer speaking another version.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN identifier negotiated in the TLS handshake. It carries the protocol version so that an
+/// incompatible peer is refused before any application byte is exchanged.
+pub const ALPN: &[u8] = b"outpost/1";
