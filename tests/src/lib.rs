@@ -1,1 +1,450 @@
-//! placeholder
+//! Test harness for Outpost's end-to-end tests: lays out a fleet with `outpost-central dev init`,
+//! starts central and agents as real child processes on loopback with ephemeral ports, and talks to
+//! their HTTP APIs. Every wait is bounded in time; every process started is stopped on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// Longest a process may take to bind its listeners and write its ready file.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest any "eventually" condition in a test may take (sync after reconnect, master push...).
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Interval between polls of a condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Directory holding the workspace's built binaries (`target/debug`), derived from this test
+/// executable's own path (`target/debug/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    dir.to_path_buf()
+}
+
+/// Path of a workspace binary; fails with instructions if it has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: run the tests with `cargo test --workspace`, which builds it",
+        p.display()
+    );
+    p
+}
+
+/// One entry of `fleet.json`.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub id: String,
+    pub token: String,
+    pub command: Vec<String>,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+}
+
+/// A fleet laid out on disk by `outpost-central dev init` with ephemeral ports.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub central: Member,
+    pub sites: Vec<Member>,
+    pub fleet_json: Value,
+}
+
+fn member(v: &Value, id: &str) -> Result<Member> {
+    let command: Vec<String> = v["command"]
+        .as_array()
+        .context("command")?
+        .iter()
+        .map(|s| s.as_str().map(str::to_string).context("command item"))
+        .collect::<Result<_>>()?;
+    let config = PathBuf::from(command.last().context("command has a config path")?);
+    Ok(Member {
+        id: id.to_string(),
+        token: v["token"].as_str().context("token")?.to_string(),
+        data_dir: PathBuf::from(v["data_dir"].as_str().context("data_dir")?),
+        command,
+        config,
+    })
+}
+
+impl Fleet {
+    /// Runs `dev init` for `sites` sites with every listener on an ephemeral port.
+    pub fn init(sites: usize) -> Result<Fleet> {
+        let dir = tempfile::Builder::new().prefix("outpost-e2e").tempdir()?;
+        let out = Command::new(bin("outpost-central"))
+            .args(["dev", "init", "--dir"])
+            .arg(dir.path())
+            .args([
+                "--sites",
+                &sites.to_string(),
+                "--base-port",
+                "0",
+                "--agent-bin",
+            ])
+            .arg(bin("outpost-agent"))
+            .output()?;
+        if !out.status.success() {
+            bail!("dev init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let fleet_json: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("fleet.json"))?)?;
+        let central = member(&fleet_json["central"], "central")?;
+        let sites = fleet_json["sites"]
+            .as_array()
+            .context("sites")?
+            .iter()
+            .map(|s| member(s, s["id"].as_str().unwrap_or("?")))
+            .collect::<Result<_>>()?;
+        Ok(Fleet {
+            dir,
+            central,
+            sites,
+            fleet_json,
+        })
+    }
+
+    pub fn site(&self, id: &str) -> &Member {
+        self.sites
+            .iter()
+            .find(|s| s.id == id)
+            .unwrap_or_else(|| panic!("no site {id} in fleet"))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts central. `fixed` pins its ports (to restart it where agents expect it).
+    pub fn start_central(&self, fixed: Option<&Ready>) -> Result<Proc> {
+        let mut env = Vec::new();
+        if let Some(r) = fixed {
+            env.push(("OUTPOST_API__LISTEN".to_string(), r.api.clone()));
+            env.push((
+                "OUTPOST_QUIC__LISTEN".to_string(),
+                r.quic.clone().context("central ready file has quic")?,
+            ));
+        }
+        Proc::start(&self.central, &env, &self.path().join("logs"))
+    }
+
+    /// Starts a site's agent pointed at central's QUIC address, plus extra env overrides.
+    pub fn start_agent(
+        &self,
+        id: &str,
+        central_quic: &str,
+        extra: &[(&str, String)],
+    ) -> Result<Proc> {
+        let mut env = vec![(
+            "OUTPOST_SYNC__CENTRAL_ADDR".to_string(),
+            central_quic.to_string(),
+        )];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        Proc::start(self.site(id), &env, &self.path().join("logs"))
+    }
+}
+
+/// What a process wrote in its ready file.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    pub pid: u32,
+    pub api: String,
+    pub quic: Option<String>,
+}
+
+/// A child process that is killed (SIGKILL) if still running when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub ready: Ready,
+    pub token: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn start(m: &Member, env: &[(String, String)], log_dir: &Path) -> Result<Proc> {
+        std::fs::create_dir_all(log_dir)?;
+        let ready_file = m.data_dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready_file);
+        let log = log_dir.join(format!("{}.log", m.id));
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut cmd = Command::new(&m.command[0]);
+        cmd.args(&m.command[1..])
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {:?}", m.command))?;
+        let mut p = Proc {
+            name: m.id.clone(),
+            child,
+            ready: Ready {
+                pid: 0,
+                api: String::new(),
+                quic: None,
+            },
+            token: m.token.clone(),
+            log,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = p.child.try_wait()? {
+                bail!(
+                    "{} exited early with {status}; log:\n{}",
+                    p.name,
+                    p.log_tail()
+                );
+            }
+            if let Ok(bytes) = std::fs::read(&ready_file)
+                && let Ok(v) = serde_json::from_slice::<Value>(&bytes)
+                && v["pid"].as_u64() == Some(u64::from(p.child.id()))
+            {
+                p.ready = Ready {
+                    pid: p.child.id(),
+                    api: v["api"].as_str().context("ready.api")?.to_string(),
+                    quic: v["quic"].as_str().map(str::to_string),
+                };
+                return Ok(p);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} not ready after {READY_TIMEOUT:?}; log:\n{}",
+                    p.name,
+                    p.log_tail()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.ready.api, path)
+    }
+
+    /// The last lines of the process log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit; returns whether it exited with status 0.
+    pub fn terminate(&mut self) -> Result<bool> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.child.id());
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st.success());
+            }
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                self.child.wait()?;
+                bail!("{} did not exit within 15 s of SIGTERM", self.name);
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// An HTTP client for one process's API, with its bearer token.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+/// A response reduced to what tests look at.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Api {
+    pub fn new(p: &Proc) -> Api {
+        Api {
+            base: format!("http://{}", p.ready.api),
+            token: p.token.clone(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<Resp> {
+        let r = rb.bearer_auth(&self.token).send().await?;
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow!("non-JSON body ({e}): {}", String::from_utf8_lossy(&bytes)))?
+        };
+        Ok(Resp { status, body })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Resp> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> Result<Resp> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value, idem: Option<&str>) -> Result<Resp> {
+        let mut rb = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(k) = idem {
+            rb = rb.header("Idempotency-Key", k);
+        }
+        self.send(rb).await
+    }
+}
+
+/// Polls `f` until it returns `Some`, failing after `timeout` with `what` in the message.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Reads central's whole event feed, page by page (bounded number of pages).
+pub async fn read_feed(central: &Api) -> Result<Vec<Value>> {
+    let mut after = 0u64;
+    let mut all = Vec::new();
+    for _ in 0..10_000 {
+        let r = central
+            .get(&format!("/v1/events?after={after}&limit=1000"))
+            .await?;
+        if r.status != 200 {
+            bail!("feed returned {}: {}", r.status, r.body);
+        }
+        let events = r.body["events"].as_array().context("events")?.clone();
+        let next = r.body["next"].as_u64().context("next")?;
+        if events.is_empty() {
+            return Ok(all);
+        }
+        if next <= after {
+            bail!("feed cursor did not advance: {after} -> {next}");
+        }
+        all.extend(events);
+        after = next;
+    }
+    bail!("feed longer than 10,000 pages")
+}
+
+/// A small master-data set: two SKUs with list prices and one customer price, two customers,
+/// ATP for every given site.
+pub fn demo_master(sites: &[&str]) -> (Value, Value, Value) {
+    let prices = serde_json::json!([
+        {"sku": "BOLT-M8", "customer": null, "unit_price": "0.25", "currency": "EUR"},
+        {"sku": "GEAR-12T", "customer": null, "unit_price": "12.50", "currency": "EUR"},
+        {"sku": "GEAR-12T", "customer": "ACME", "unit_price": "11.00", "currency": "EUR"},
+    ]);
+    let customers = serde_json::json!([
+        {"id": "ACME", "name": "Acme Corp", "credit_limit": "50000", "on_hold": false},
+        {"id": "GLOBEX", "name": "Globex", "credit_limit": "1000", "on_hold": true},
+    ]);
+    let atp: Vec<Value> = sites
+        .iter()
+        .flat_map(|s| {
+            [
+                serde_json::json!({"sku": "BOLT-M8", "site": s, "available": 10000}),
+                serde_json::json!({"sku": "GEAR-12T", "site": s, "available": 40}),
+            ]
+        })
+        .collect();
+    (prices, Value::Array(atp), customers)
+}
+
+/// Pushes `demo_master` to central and returns the resulting revision.
+pub async fn push_demo_master(central: &Api, sites: &[&str]) -> Result<u64> {
+    let (prices, atp, customers) = demo_master(sites);
+    let mut rev = 0;
+    for (path, body) in [
+        ("/v1/master/prices", &prices),
+        ("/v1/master/atp", &atp),
+        ("/v1/master/customers", &customers),
+    ] {
+        let r = central.put(path, body).await?;
+        if r.status != 200 {
+            bail!("PUT {path} returned {}: {}", r.status, r.body);
+        }
+        rev = r.body["revision"].as_u64().context("revision")?;
+    }
+    Ok(rev)
+}
+
+/// Waits until the agent reports `master_rev >= rev`.
+pub async fn wait_master(agent: &Api, rev: u64) -> Result<()> {
+    eventually("agent master revision", CONVERGE_TIMEOUT, || async {
+        let h = agent.get("/v1/health").await?;
+        Ok((h.body["master_rev"].as_u64().unwrap_or(0) >= rev).then_some(()))
+    })
+    .await
+}
+
+/// Waits until the agent's outbox is empty and it reports being connected.
+pub async fn wait_drained(agent: &Api) -> Result<()> {
+    eventually("agent outbox drained", CONVERGE_TIMEOUT, || async {
+        let h = agent.get("/v1/health").await?;
+        Ok(
+            (h.body["outbox_depth"].as_u64() == Some(0)
+                && h.body["connected"] == Value::Bool(true))
+            .then_some(()),
+        )
+    })
+    .await
+}

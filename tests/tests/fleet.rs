@@ -1,0 +1,167 @@
+//! The local fleet command: `outpost-central dev up` starts central and three agents as separate
+//! processes, seeds demo master data that reaches the sites, and stops everything on Ctrl-C.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use outpost_tests::*;
+use serde_json::Value;
+
+fn alive(pid: u64) -> bool {
+    // A reaped process has no /proc entry; a zombie still shows state Z.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Err(_) => false,
+    }
+}
+
+fn read_json(p: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+}
+
+/// Goal: one command brings up a working fleet and Ctrl-C takes it down cleanly.
+/// Method: run `dev up` on an empty directory with ephemeral ports; wait for fleet.json and every
+/// ready file; check the seeded catalogue is served at each site and that a site's order reaches
+/// central's feed; send SIGINT; check `dev up` exits 0 and every child process is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_up_runs_a_fleet_until_ctrl_c() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("outpost-devup").tempdir()?;
+    let log = std::fs::File::create(dir.path().join("dev-up.log"))?;
+    let mut up = Command::new(bin("outpost-central"))
+        .args(["dev", "up", "--dir"])
+        .arg(dir.path().join("fleet"))
+        .args(["--base-port", "0", "--agent-bin"])
+        .arg(bin("outpost-agent"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    // If the test fails half-way, Ctrl-C the fleet so no process outlives the test.
+    let guard = InterruptOnDrop(up.id());
+
+    let fleet_path = dir.path().join("fleet").join("fleet.json");
+    let deadline = Instant::now() + READY_TIMEOUT * 2;
+    let (fleet, readies) = loop {
+        if let Some(st) = up.try_wait()? {
+            bail!("dev up exited early: {st}");
+        }
+        if let Some(f) = read_json(&fleet_path) {
+            let mut dirs = vec![
+                f["central"]["data_dir"]
+                    .as_str()
+                    .context("data_dir")?
+                    .to_string(),
+            ];
+            for s in f["sites"].as_array().context("sites")? {
+                dirs.push(s["data_dir"].as_str().context("data_dir")?.to_string());
+            }
+            let readies: Vec<Value> = dirs
+                .iter()
+                .filter_map(|d| read_json(&Path::new(d).join("ready.json")))
+                .collect();
+            if readies.len() == dirs.len() {
+                break (f, readies);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("fleet not up in time");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let ids: Vec<&str> = fleet["sites"]
+        .as_array()
+        .context("sites")?
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["plant-1", "plant-2", "warehouse-1"]);
+    let pids: Vec<u64> = readies.iter().filter_map(|r| r["pid"].as_u64()).collect();
+    assert_eq!(
+        pids.len(),
+        4,
+        "central and three agents, each its own process"
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let central = Api {
+        base: format!("http://{}", readies[0]["api"].as_str().context("api")?),
+        token: fleet["central"]["token"]
+            .as_str()
+            .context("token")?
+            .to_string(),
+        http: http.clone(),
+    };
+    for (i, site) in fleet["sites"]
+        .as_array()
+        .context("sites")?
+        .iter()
+        .enumerate()
+    {
+        let a = Api {
+            base: format!("http://{}", readies[i + 1]["api"].as_str().context("api")?),
+            token: site["token"].as_str().context("token")?.to_string(),
+            http: http.clone(),
+        };
+        // The demo catalogue is seeded through central and must reach every site.
+        let ok = eventually("seeded ATP at the site", CONVERGE_TIMEOUT, || async {
+            let r = a.get("/v1/health").await?;
+            Ok(
+                (r.body["master_rev"].as_u64().unwrap_or(0) > 0 && r.body["connected"] == true)
+                    .then_some(r),
+            )
+        })
+        .await?;
+        assert_eq!(ok.status, 200);
+        if i == 0 {
+            let sku = "GEAR-12T";
+            let atp = a.get(&format!("/v1/atp/{sku}")).await?;
+            assert_eq!(atp.status, 200, "demo SKU {sku} is seeded: {}", atp.body);
+        }
+    }
+    let sites = central.get("/v1/sites").await?;
+    assert_eq!(
+        sites.body.as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        sites.body
+    );
+
+    // Ctrl-C.
+    let st = Command::new("kill")
+        .args(["-INT", &up.id().to_string()])
+        .status()?;
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = up.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            bail!("dev up did not exit within 30 s of SIGINT");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "dev up exits 0 on Ctrl-C: {status}");
+    for pid in pids {
+        let gone = Instant::now() + Duration::from_secs(10);
+        while alive(pid) && Instant::now() < gone {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!alive(pid), "child {pid} still running after dev up exited");
+    }
+    std::mem::forget(guard); // dev up has exited and been reaped; its pid must not be signalled.
+    Ok(())
+}
+
+/// Sends SIGINT to `dev up` when dropped, which makes it stop its children.
+struct InterruptOnDrop(u32);
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.to_string()])
+            .status();
+    }
+}
