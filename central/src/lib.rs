@@ -1,1 +1,15 @@
-//! placeholder
+//! Outpost central coordinator library: configuration, the durable store, the ERP/operator HTTP
+//! API, the QUIC sync server, fleet certificates and the dev fleet tooling. `main.rs` is a thin CLI
+//! over these modules.
+
+pub mod api;
+pub mod certs;
+pub mod config;
+pub mod dev;
+pub mod quic;
+pub mod registry;
+pub mod run;
+pub mod store;
+
+/// Version of this build, sent to agents in `Welcome`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

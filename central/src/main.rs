@@ -1,1 +1,267 @@
-fn main() {}
+//! `outpost-central` command line: parses flags, sets up tracing and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outpost_central::certs::{self, DEFAULT_CENTRAL_NAME};
+use outpost_central::config::{CentralConfig, LoadConfigError};
+use outpost_central::dev::{self, DEFAULT_BASE_PORT, DEFAULT_SITES, InitOptions, UpOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "outpost-central",
+    version,
+    about = "Outpost central coordinator"
+)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run central (HTTP API + QUIC sync server) until SIGINT/SIGTERM.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Load and validate a config file; print "config OK" or every problem (exit 1).
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create the fleet CA and certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCmd,
+    },
+    /// Development fleet on this machine.
+    Dev {
+        #[command(subcommand)]
+        command: DevCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create the fleet CA: OUT/ca.pem and OUT/ca.key.
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue central's server certificate: OUT/central.pem and OUT/central.key.
+    Central {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = DEFAULT_CENTRAL_NAME)]
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a site's client certificate: OUT/<site>.pem and OUT/<site>.key.
+    Site {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCmd {
+    /// Write certificates, configs, tokens, data dirs and fleet.json into DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = DEFAULT_SITES)]
+        sites: usize,
+        /// Central API on P, QUIC on P+1, site i's API on P+2+i; 0 makes every port ephemeral.
+        #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
+        base_port: u16,
+        /// Overwrite an existing fleet.
+        #[arg(long)]
+        force: bool,
+        /// The agent binary (default: outpost-agent next to this executable).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+    },
+    /// Start central and every agent of DIR (running init first if needed), seed a demo
+    /// catalogue, and stop them all on Ctrl-C.
+    Up {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = DEFAULT_SITES)]
+        sites: usize,
+        #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
+        base_port: u16,
+        /// Do not seed the demo catalogue.
+        #[arg(long)]
+        no_seed: bool,
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+    },
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    // Colour codes only on a terminal: `dev up` sends each process's output to a log file.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(path: &std::path::Path) -> Result<CentralConfig, ExitCode> {
+    match CentralConfig::load(path) {
+        Ok(cfg) => Ok(cfg),
+        Err(LoadConfigError::Invalid { path, problems }) => {
+            eprintln!("config {} is invalid:", path.display());
+            for p in problems {
+                eprintln!("  {p}");
+            }
+            Err(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match run(cli.command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Serve { config } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            outpost_central::run::serve(cfg, outpost_central::run::shutdown_signal()).await?;
+        }
+        Cmd::CheckConfig { config } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            // The TLS material must load too, or `serve` would fail at start.
+            if let Err(e) = outpost_central::quic::server_config(&cfg.quic) {
+                eprintln!("config {} is invalid:\n  quic: {e}", config.display());
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("config OK");
+        }
+        Cmd::Certs { command } => match command {
+            CertsCmd::Ca { out, force } => {
+                let f = certs::create_ca(&out, force).context("certs ca")?;
+                println!("wrote {} and {}", f.cert.display(), f.key.display());
+            }
+            CertsCmd::Central {
+                ca_dir,
+                out,
+                name,
+                force,
+            } => {
+                let f =
+                    certs::issue_central(&ca_dir, &out, &name, force).context("certs central")?;
+                println!("wrote {} and {}", f.cert.display(), f.key.display());
+            }
+            CertsCmd::Site {
+                ca_dir,
+                site,
+                out,
+                force,
+            } => {
+                let f = certs::issue_site(&ca_dir, &site, &out, force).context("certs site")?;
+                println!("wrote {} and {}", f.cert.display(), f.key.display());
+            }
+        },
+        Cmd::Dev { command } => match command {
+            DevCmd::Init {
+                dir,
+                sites,
+                base_port,
+                force,
+                agent_bin,
+            } => {
+                let opts = InitOptions {
+                    dir,
+                    sites,
+                    base_port,
+                    force,
+                    agent_bin,
+                };
+                let fleet = dev::init(&opts).context("dev init")?;
+                let dir = std::path::absolute(&opts.dir)?;
+                println!(
+                    "wrote {} (central + {} sites: {})",
+                    dir.join(dev::FLEET_FILE).display(),
+                    fleet.sites.len(),
+                    fleet
+                        .sites
+                        .iter()
+                        .map(|s| s.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                if base_port == 0 {
+                    println!(
+                        "ports are ephemeral (0): the real ones are in each data_dir/ready.json"
+                    );
+                }
+            }
+            DevCmd::Up {
+                dir,
+                sites,
+                base_port,
+                no_seed,
+                agent_bin,
+            } => {
+                let opts = UpOptions {
+                    init: InitOptions {
+                        dir,
+                        sites,
+                        base_port,
+                        force: false,
+                        agent_bin,
+                    },
+                    seed: !no_seed,
+                };
+                dev::up(&opts).await.context("dev up")?;
+            }
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -145,10 +145,12 @@ async fn a_certificate_from_another_ca_is_refused_at_the_handshake() -> Result<(
         Ok(msg) => panic!("central answered a rogue certificate with {msg:?}"),
         Err(e) => {
             let text = format!("{e:#}");
+            eprintln!("refused as expected: {text}");
             assert!(
                 !text.contains("timed out") && !text.contains("deadline"),
                 "refusal must be an explicit handshake error, not a timeout: {text}"
             );
+            assert!(text.contains("certificate"), "the reason names the certificate: {text}");
         }
     }
 

@@ -1,0 +1,788 @@
+//! Central's HTTP API for the ERP and operators (axum): master-data upserts, the event feed, the
+//! fleet view and health. I/O shell over the store and the session registry; every error is the
+//! JSON shape `{"error": {"code", "message"}}` with a stable code.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use outpost_protocol::{AtpRecord, CustomerRecord, EventBody, MasterChange, Money, PriceRecord};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+
+use crate::registry::Registry;
+use crate::store::{ReadError, Store, StoreUnavailable, StoredEvent, UpsertMasterError};
+
+/// Most items in one master-data upsert: one request, one transaction; larger loads are split by
+/// the caller so that a single commit stays short.
+pub const MAX_MASTER_ITEMS: usize = 10_000;
+/// Default page size of `GET /v1/events`.
+pub const DEFAULT_EVENTS_LIMIT: u64 = 100;
+/// Largest page of `GET /v1/events`: bounds one response to a few hundred KiB.
+pub const MAX_EVENTS_LIMIT: u64 = 1_000;
+/// Longest a request may take end to end (a full master upsert waits for one group commit).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most validation problems spelled out in one 422 message; the count of the rest is given.
+pub const MAX_REPORTED_PROBLEMS: usize = 20;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub registry: Arc<Registry>,
+    pub token: Arc<str>,
+}
+
+/// An API error: status, stable machine-readable code and a human sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid bearer token",
+        )
+    }
+    fn validation(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            message,
+        )
+    }
+    fn bad_json(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_json", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreUnavailable> for ApiError {
+    fn from(e: StoreUnavailable) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Unavailable(u) => u.into(),
+            ReadError::Corrupt(m) => {
+                tracing::error!(error = %m, "corrupt record in the store");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "a stored record could not be read",
+                )
+            }
+        }
+    }
+}
+
+/// A JSON body extractor whose rejections are API errors: 413 `body_too_large` when the body
+/// exceeds the limit, 400 `bad_json` for anything unparsable, of the wrong type or with unknown
+/// fields. The content type is not required: the body is JSON by contract.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
+            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body exceeds the configured limit (api.max_body_bytes)",
+                )
+            } else {
+                ApiError::bad_json(format!("cannot read the request body: {}", rej.body_text()))
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_json(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Compares two byte strings in time independent of where they differ (the length of the
+/// configured token is not secret).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// Checks the bearer token before anything else runs, so that an unauthenticated body is never
+/// read.
+async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(t) if constant_time_eq(t.as_bytes(), st.token.as_bytes()) => next.run(req).await,
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// Gives responses that some layer produced without a body (timeouts, axum's own rejections)
+/// the JSON error shape.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        let code = match status {
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+            StatusCode::REQUEST_TIMEOUT => "timeout",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            s if s.is_server_error() => "internal",
+            _ => "bad_request",
+        };
+        let mut out = ApiError::new(
+            status,
+            code,
+            status.canonical_reason().unwrap_or("error").to_string(),
+        )
+        .into_response();
+        if let Some(allow) = resp.headers().get(header::ALLOW) {
+            out.headers_mut().insert(header::ALLOW, allow.clone());
+        }
+        return out;
+    }
+    resp
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+/// The API router with its layers: JSON errors outermost, then the request timeout, then
+/// authentication, then the body limit that the extractors enforce.
+pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/master/prices", put(put_prices))
+        .route("/v1/master/atp", put(put_atp))
+        .route("/v1/master/customers", put(put_customers))
+        .route("/v1/master/revision", get(get_revision))
+        .route("/v1/events", get(get_events))
+        .route("/v1/sites", get(get_sites))
+        .route("/v1/health", get(get_health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(middleware::from_fn(json_errors))
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceIn {
+    sku: String,
+    #[serde(default)]
+    customer: Option<String>,
+    unit_price: Money,
+    currency: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AtpIn {
+    sku: String,
+    site: String,
+    available: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomerIn {
+    id: String,
+    name: String,
+    credit_limit: Money,
+    on_hold: bool,
+}
+
+async fn put_prices(
+    State(st): State<ApiState>,
+    ApiJson(items): ApiJson<Vec<PriceIn>>,
+) -> Result<Json<Value>, ApiError> {
+    let changes = items
+        .into_iter()
+        .map(|p| {
+            MasterChange::Price(PriceRecord {
+                sku: p.sku,
+                customer: p.customer,
+                unit_price: p.unit_price,
+                currency: p.currency,
+            })
+        })
+        .collect();
+    upsert(&st, changes).await
+}
+
+async fn put_atp(
+    State(st): State<ApiState>,
+    ApiJson(items): ApiJson<Vec<AtpIn>>,
+) -> Result<Json<Value>, ApiError> {
+    let changes = items
+        .into_iter()
+        .map(|a| {
+            MasterChange::Atp(AtpRecord {
+                sku: a.sku,
+                site: a.site,
+                available: a.available,
+            })
+        })
+        .collect();
+    upsert(&st, changes).await
+}
+
+async fn put_customers(
+    State(st): State<ApiState>,
+    ApiJson(items): ApiJson<Vec<CustomerIn>>,
+) -> Result<Json<Value>, ApiError> {
+    let changes = items
+        .into_iter()
+        .map(|c| {
+            MasterChange::Customer(CustomerRecord {
+                id: c.id,
+                name: c.name,
+                credit_limit: c.credit_limit,
+                on_hold: c.on_hold,
+            })
+        })
+        .collect();
+    upsert(&st, changes).await
+}
+
+fn describe_problems(problems: &[(usize, String)]) -> String {
+    let mut parts: Vec<String> = problems
+        .iter()
+        .take(MAX_REPORTED_PROBLEMS)
+        .map(|(i, p)| format!("[{i}]: {p}"))
+        .collect();
+    if problems.len() > MAX_REPORTED_PROBLEMS {
+        parts.push(format!(
+            "and {} more",
+            problems.len() - MAX_REPORTED_PROBLEMS
+        ));
+    }
+    parts.join("; ")
+}
+
+async fn upsert(st: &ApiState, changes: Vec<MasterChange>) -> Result<Json<Value>, ApiError> {
+    if changes.is_empty() || changes.len() > MAX_MASTER_ITEMS {
+        return Err(ApiError::validation(format!(
+            "the body must be a JSON array of 1..={MAX_MASTER_ITEMS} items, got {}",
+            changes.len()
+        )));
+    }
+    let problems: Vec<(usize, String)> = changes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.validate().err().map(|e| (i, e.to_string())))
+        .collect();
+    if !problems.is_empty() {
+        return Err(ApiError::validation(describe_problems(&problems)));
+    }
+    match st.store.upsert_master(changes).await {
+        Ok(applied) => Ok(Json(
+            json!({"revision": applied.revision, "changes": applied.changes}),
+        )),
+        Err(UpsertMasterError::Invalid(v)) => {
+            let problems: Vec<_> = v.into_iter().map(|(i, e)| (i, e.to_string())).collect();
+            Err(ApiError::validation(describe_problems(&problems)))
+        }
+        Err(UpsertMasterError::Unavailable(u)) => Err(u.into()),
+    }
+}
+
+async fn get_revision(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"revision": st.store.revision()?})))
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    after: Option<u64>,
+    limit: Option<u64>,
+}
+
+async fn get_events(
+    State(st): State<ApiState>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| {
+        ApiError::validation(format!(
+            "after and limit must be non-negative integers: {}",
+            e.body_text()
+        ))
+    })?;
+    let after = q.after.unwrap_or(0);
+    let limit = q.limit.unwrap_or(DEFAULT_EVENTS_LIMIT);
+    if !(1..=MAX_EVENTS_LIMIT).contains(&limit) {
+        return Err(ApiError::validation(format!(
+            "limit must be 1..={MAX_EVENTS_LIMIT}, got {limit}"
+        )));
+    }
+    let events = st.store.events_after(after, limit as usize)?;
+    let next = events.last().map(|e| e.cursor).unwrap_or(after);
+    let events: Vec<Value> = events.iter().map(event_json).collect();
+    Ok(Json(json!({"events": events, "next": next})))
+}
+
+/// Largest timestamp rendered (9999-12-31T23:59:59.999Z); remote clocks are not trusted to stay
+/// inside what RFC 3339 can express.
+const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+
+/// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds), clamped to the range
+/// RFC 3339 can express.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let ms = ms.clamp(0, MAX_RFC3339_MS) as u64;
+    let t = UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let ms = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis().min(MAX_RFC3339_MS as u128) as i64)
+        .unwrap_or(0);
+    rfc3339_ms(ms)
+}
+
+/// One feed entry: the envelope's fields, then the body's fields flattened beside them.
+pub fn event_json(e: &StoredEvent) -> Value {
+    let env = &e.event;
+    let mut m = Map::new();
+    m.insert("cursor".into(), json!(e.cursor));
+    m.insert("site".into(), json!(e.site));
+    m.insert("seq".into(), json!(env.seq));
+    m.insert("id".into(), json!(env.event_id));
+    m.insert("site_time".into(), json!(rfc3339_ms(env.at_ms)));
+    match &env.body {
+        EventBody::Order(o) => {
+            m.insert("kind".into(), json!("order"));
+            m.insert("order_id".into(), json!(o.order_id));
+            m.insert("customer_id".into(), json!(o.customer_id));
+            m.insert("status".into(), json!(o.status));
+            m.insert("lines".into(), json!(o.lines));
+        }
+        EventBody::Milestone(ms) => {
+            m.insert("kind".into(), json!("milestone"));
+            m.insert("shipment_id".into(), json!(ms.shipment_id));
+            m.insert("milestone".into(), json!(ms.milestone.as_str()));
+            m.insert("scanner_id".into(), json!(ms.scanner_id));
+            m.insert("at".into(), json!(ms.at));
+        }
+    }
+    Value::Object(m)
+}
+
+async fn get_sites(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let stored = st.store.sites()?;
+    let live = st.registry.snapshot();
+    let mut rows = std::collections::BTreeMap::<String, (bool, Option<SystemTime>, u64)>::new();
+    for s in stored {
+        let seen = s
+            .record
+            .map(|r| UNIX_EPOCH + Duration::from_millis(r.last_seen_ms.max(0) as u64));
+        rows.insert(s.site, (false, seen, s.hwm));
+    }
+    let now = SystemTime::now();
+    for (site, l) in live {
+        let row = rows.entry(site).or_insert((false, None, 0));
+        row.0 = l.connected;
+        // A connected site is being heard from now (QUIC keep-alives prove it); otherwise the
+        // later of the durable and the in-memory last contact.
+        let seen = if l.connected { Some(now) } else { l.last_seen };
+        row.1 = row.1.max(seen);
+    }
+    let out: Vec<Value> = rows
+        .into_iter()
+        .map(|(site, (connected, seen, hwm))| {
+            json!({
+                "site": site,
+                "connected": connected,
+                "last_seen": seen.map(rfc3339),
+                "acked_seq": hwm,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(out)))
+}
+
+async fn get_health(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({
+        "status": "ok",
+        "revision": st.store.revision()?,
+        "sites_connected": st.registry.connected_count(),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::{EventEnvelope, Milestone, MilestoneKind};
+    use tokio::net::TcpListener;
+
+    const TOKEN: &str = "test-token-0123456789abcdef";
+
+    struct Harness {
+        base: String,
+        client: reqwest::Client,
+        store: Store,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn start(max_body: usize) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("central.redb")).unwrap();
+        let state = ApiState {
+            store: store.clone(),
+            registry: Arc::new(Registry::new()),
+            token: Arc::from(TOKEN),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(state, max_body);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Harness {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            store,
+            _dir: dir,
+        }
+    }
+
+    impl Harness {
+        fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+            self.client
+                .request(method, format!("{}{path}", self.base))
+                .bearer_auth(TOKEN)
+        }
+    }
+
+    async fn error_code(resp: reqwest::Response) -> (u16, String, String) {
+        let status = resp.status().as_u16();
+        let v: Value = resp.json().await.unwrap();
+        (
+            status,
+            v["error"]["code"].as_str().unwrap().to_string(),
+            v["error"]["message"].as_str().unwrap().to_string(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn missing_or_wrong_token_is_401_even_for_unknown_routes() {
+        let h = start(1 << 20).await;
+        let no_token = h
+            .client
+            .get(format!("{}/v1/health", h.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(no_token).await.0, 401);
+        let wrong = h
+            .client
+            .put(format!("{}/v1/master/prices", h.base))
+            .bearer_auth("test-token-0123456789abcdeX")
+            .body("[]")
+            .send()
+            .await
+            .unwrap();
+        let (s, code, _) = error_code(wrong).await;
+        assert_eq!((s, code.as_str()), (401, "unauthorized"));
+        let unknown = h
+            .client
+            .get(format!("{}/nope", h.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unknown.status().as_u16(), 401);
+        let ok = h
+            .req(reqwest::Method::GET, "/v1/health")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status().as_u16(), 200);
+        let v: Value = ok.json().await.unwrap();
+        assert_eq!(
+            v,
+            json!({"status": "ok", "revision": 0, "sites_connected": 0})
+        );
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        h.store.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_body_is_413_json_and_nothing_is_stored() {
+        let h = start(1024).await;
+        let items: Vec<Value> = (0..100)
+            .map(|i| json!({"sku": format!("SKU-{i}"), "customer": null, "unit_price": "1.00", "currency": "EUR"}))
+            .collect();
+        let resp = h
+            .req(reqwest::Method::PUT, "/v1/master/prices")
+            .json(&items)
+            .send()
+            .await
+            .unwrap();
+        let (s, code, _) = error_code(resp).await;
+        assert_eq!((s, code.as_str()), (413, "body_too_large"));
+        assert_eq!(h.store.revision().unwrap(), 0);
+        h.store.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invalid_items_are_422_naming_the_index_and_bad_json_is_400() {
+        let h = start(1 << 20).await;
+        let body = json!([
+            {"sku": "BOLT-M8", "customer": null, "unit_price": "0.12", "currency": "EUR"},
+            {"sku": "BOLT-M8", "customer": "C1", "unit_price": "0.10", "currency": "EUR"},
+            {"sku": "bad sku!", "unit_price": "1", "currency": "EUR"},
+            {"sku": "NUT-M8", "unit_price": "-1", "currency": "EUR"},
+        ]);
+        let resp = h
+            .req(reqwest::Method::PUT, "/v1/master/prices")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (s, code, msg) = error_code(resp).await;
+        assert_eq!((s, code.as_str()), (422, "validation_failed"));
+        assert!(msg.contains("[2]") && msg.contains("[3]"), "{msg}");
+        assert!(!msg.contains("[0]") && !msg.contains("[1]"), "{msg}");
+        assert_eq!(h.store.revision().unwrap(), 0, "nothing stored on 422");
+
+        let resp = h
+            .req(reqwest::Method::PUT, "/v1/master/prices")
+            .json(&json!([]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(resp).await.1, "validation_failed");
+
+        for bad in [
+            "{not json",
+            r#"[{"sku": "A", "unit_price": "1", "currency": "EUR", "extra": 1}]"#,
+            r#"[{"sku": 5, "unit_price": "1", "currency": "EUR"}]"#,
+        ] {
+            let resp = h
+                .req(reqwest::Method::PUT, "/v1/master/prices")
+                .body(bad)
+                .send()
+                .await
+                .unwrap();
+            let (s, code, _) = error_code(resp).await;
+            assert_eq!((s, code.as_str()), (400, "bad_json"), "{bad}");
+        }
+
+        let resp = h
+            .req(reqwest::Method::PUT, "/v1/master/atp")
+            .json(&json!([{"sku": "BOLT-M8", "site": "plant-1", "available": 40}]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v, json!({"revision": 1, "changes": 1}));
+
+        let resp = h
+            .req(reqwest::Method::DELETE, "/v1/master/atp")
+            .send()
+            .await
+            .unwrap();
+        let (s, code, _) = error_code(resp).await;
+        assert_eq!((s, code.as_str()), (405, "method_not_allowed"));
+        let resp = h
+            .req(reqwest::Method::GET, "/v1/nope")
+            .send()
+            .await
+            .unwrap();
+        let (s, code, _) = error_code(resp).await;
+        assert_eq!((s, code.as_str()), (404, "not_found"));
+        h.store.close().await;
+    }
+
+    #[test]
+    fn order_events_flatten_with_money_as_strings() {
+        use outpost_protocol::{Order, OrderLine};
+        let e = StoredEvent {
+            cursor: 7,
+            site: "plant-1".into(),
+            event: EventEnvelope {
+                site: "plant-1".into(),
+                seq: 3,
+                event_id: "plant-1-o3".into(),
+                at_ms: -5,
+                body: EventBody::Order(Order {
+                    order_id: "plant-1-o3".into(),
+                    customer_id: "C-ACME".into(),
+                    status: "captured".into(),
+                    lines: vec![OrderLine {
+                        sku: "BOLT-M8".into(),
+                        qty: 40,
+                        unit_price: Money(1_000),
+                        currency: "EUR".into(),
+                    }],
+                }),
+            },
+        };
+        assert_eq!(
+            event_json(&e),
+            json!({
+                "cursor": 7, "site": "plant-1", "seq": 3, "kind": "order", "id": "plant-1-o3",
+                "site_time": "1970-01-01T00:00:00.000Z", "order_id": "plant-1-o3",
+                "customer_id": "C-ACME", "status": "captured",
+                "lines": [{"sku": "BOLT-M8", "qty": 40, "unit_price": "0.10", "currency": "EUR"}]
+            })
+        );
+        assert_eq!(rfc3339_ms(i64::MAX), "9999-12-31T23:59:59.999Z");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_are_paged_by_cursor_completely_and_flattened() {
+        let h = start(1 << 20).await;
+        let batch: Vec<EventEnvelope> = (1..=25)
+            .map(|seq| EventEnvelope {
+                site: "plant-1".into(),
+                seq,
+                event_id: format!("ev-{seq}"),
+                at_ms: 1_767_225_600_000,
+                body: EventBody::Milestone(Milestone {
+                    shipment_id: "SH-1".into(),
+                    milestone: MilestoneKind::Loaded,
+                    scanner_id: "scan-7".into(),
+                    at: "2026-01-01T00:00:00Z".into(),
+                }),
+            })
+            .collect();
+        h.store.ingest("plant-1", batch).await.unwrap();
+
+        let mut after = 0u64;
+        let mut seqs = Vec::new();
+        loop {
+            let resp = h
+                .req(
+                    reqwest::Method::GET,
+                    &format!("/v1/events?after={after}&limit=10"),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            let v: Value = resp.json().await.unwrap();
+            let events = v["events"].as_array().unwrap();
+            let next = v["next"].as_u64().unwrap();
+            if events.is_empty() {
+                assert_eq!(next, after, "next stays at after when the page is empty");
+                break;
+            }
+            assert!(events.len() <= 10);
+            assert_eq!(next, events.last().unwrap()["cursor"].as_u64().unwrap());
+            for e in events {
+                seqs.push(e["seq"].as_u64().unwrap());
+            }
+            after = next;
+        }
+        assert_eq!(seqs, (1..=25).collect::<Vec<_>>());
+
+        let v: Value = h
+            .req(reqwest::Method::GET, "/v1/events?limit=1")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            v["events"][0],
+            json!({
+                "cursor": 1, "site": "plant-1", "seq": 1, "kind": "milestone", "id": "ev-1",
+                "site_time": "2026-01-01T00:00:00.000Z", "shipment_id": "SH-1",
+                "milestone": "loaded", "scanner_id": "scan-7", "at": "2026-01-01T00:00:00Z"
+            })
+        );
+        for bad in [
+            "/v1/events?limit=0",
+            "/v1/events?limit=1001",
+            "/v1/events?after=x",
+        ] {
+            let resp = h.req(reqwest::Method::GET, bad).send().await.unwrap();
+            assert_eq!(error_code(resp).await.1, "validation_failed", "{bad}");
+        }
+        let sites: Value = h
+            .req(reqwest::Method::GET, "/v1/sites")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(sites[0]["site"], "plant-1");
+        assert_eq!(sites[0]["acked_seq"], 25);
+        assert_eq!(sites[0]["connected"], false);
+        assert!(sites[0]["last_seen"].is_string());
+        h.store.close().await;
+    }
+}

@@ -1,0 +1,220 @@
+//! Wiring of `outpost-central serve`: opens the store, binds the HTTP and QUIC listeners, writes
+//! the ready file, runs until told to stop, then shuts down in order. I/O shell.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::api::{ApiState, router};
+use crate::config::CentralConfig;
+use crate::quic::{SyncContext, TlsSetupError};
+use crate::registry::Registry;
+use crate::store::{OpenStoreError, Store};
+
+/// Name of the ready file in the data directory.
+pub const READY_FILE: &str = "ready.json";
+/// How long in-flight HTTP requests may take to finish after shutdown starts.
+pub const HTTP_DRAIN: Duration = Duration::from_secs(5);
+/// How long the QUIC side may take to say goodbye to every session and close.
+pub const QUIC_DRAIN: Duration = Duration::from_secs(8);
+
+/// Contents of `data_dir/ready.json`, written once every listener is bound.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    pub pid: u32,
+    pub api: String,
+    pub quic: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot prepare {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] OpenStoreError),
+    #[error("invalid listen address: {0}")]
+    Addr(#[from] std::net::AddrParseError),
+    #[error("cannot bind the HTTP API on {addr}: {source}")]
+    BindApi {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot bind QUIC on {addr}: {source}")]
+    BindQuic {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error("cannot write the ready file {path}: {source}")]
+    Ready {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Writes `path` atomically: a temporary file in the same directory, fsync, rename, fsync of the
+/// directory.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Runs central until `shutdown` completes, then stops accepting, drains HTTP (bounded), ends
+/// every sync session with a Refuse, closes the QUIC endpoint, closes the store and removes the
+/// ready file.
+pub async fn serve(
+    cfg: CentralConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let ready_path = cfg.ready_path();
+    let data_err = |source| ServeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&cfg.data_dir).map_err(data_err)?;
+    // A stale ready file from a crashed run must not be mistaken for this one.
+    remove_if_present(&ready_path).map_err(data_err)?;
+
+    let store = Store::open(&cfg.store_path())?;
+    let registry = Arc::new(Registry::new());
+
+    let api_addr = cfg.api_addr()?;
+    let quic_addr = cfg.quic_addr()?;
+    let listener = tokio::net::TcpListener::bind(api_addr)
+        .await
+        .map_err(|source| ServeError::BindApi {
+            addr: api_addr,
+            source,
+        })?;
+    let server_config = crate::quic::server_config(&cfg.quic)?;
+    let endpoint = quinn::Endpoint::server(server_config, quic_addr).map_err(|source| {
+        ServeError::BindQuic {
+            addr: quic_addr,
+            source,
+        }
+    })?;
+    let api_bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::BindApi {
+            addr: api_addr,
+            source,
+        })?;
+    let quic_bound = endpoint
+        .local_addr()
+        .map_err(|source| ServeError::BindQuic {
+            addr: quic_addr,
+            source,
+        })?;
+
+    let ready = Ready {
+        pid: std::process::id(),
+        api: api_bound.to_string(),
+        quic: quic_bound.to_string(),
+    };
+    let ready_json = serde_json::to_vec(&ready).expect("Ready serialises");
+    write_atomic(&ready_path, &ready_json).map_err(|source| ServeError::Ready {
+        path: ready_path.clone(),
+        source,
+    })?;
+    tracing::info!(api = %api_bound, quic = %quic_bound, data_dir = %cfg.data_dir.display(), version = crate::VERSION, "listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let state = ApiState {
+        store: store.clone(),
+        registry: registry.clone(),
+        token: Arc::from(cfg.api.token.as_str()),
+    };
+    let app = router(state, cfg.api.max_body_bytes as usize);
+    let mut http_stop = stop_rx.clone();
+    let mut http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let ctx = SyncContext {
+        store: store.clone(),
+        registry,
+    };
+    let mut quic = tokio::spawn(crate::quic::run(endpoint, ctx, stop_rx));
+
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        r = &mut http => {
+            tracing::error!("the HTTP server stopped unexpectedly");
+            failure = Some(match r {
+                Ok(Err(e)) => ServeError::Http(e),
+                _ => ServeError::Http(std::io::Error::other("the HTTP server task ended")),
+            });
+        }
+        _ = &mut quic => tracing::error!("the QUIC server stopped unexpectedly"),
+    }
+    let _ = stop_tx.send(true);
+    if !http.is_finished() && tokio::time::timeout(HTTP_DRAIN, &mut http).await.is_err() {
+        tracing::warn!("HTTP requests did not finish in time; dropping them");
+        http.abort();
+    }
+    if !quic.is_finished() && tokio::time::timeout(QUIC_DRAIN, &mut quic).await.is_err() {
+        tracing::warn!("the QUIC server did not stop in time");
+        quic.abort();
+    }
+    store.close().await;
+    if let Err(e) = remove_if_present(&ready_path) {
+        tracing::warn!(error = %e, "cannot remove the ready file");
+    }
+    tracing::info!("stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops central");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
