@@ -1,1 +1,15 @@
-//! placeholder
+//! Outpost site agent as a library: configuration, durable store, local HTTP API and the sync
+//! client, wired together by `run`. The binary in `main.rs` is a thin CLI over this.
+
+pub mod api;
+pub mod config;
+pub mod run;
+pub mod store;
+pub mod sync;
+pub mod tls;
+
+#[cfg(test)]
+mod testutil;
+
+pub use config::{LoadConfigError, Settings};
+pub use run::{RunError, run};

@@ -1,0 +1,178 @@
+//! Process wiring for `outpost-agent run`: opens the store, binds the API, starts the sync task,
+//! writes the ready file, and shuts everything down in order on SIGINT/SIGTERM. Async shell; owns
+//! the process's sockets, files and signals.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::api::{self, ApiState};
+use crate::config::Settings;
+use crate::store::{OpenStoreError, Store};
+use crate::sync::SyncClient;
+use crate::tls::TlsError;
+
+/// Longest in-flight HTTP requests may take to finish after a shutdown signal.
+pub const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Longest the sync task may take to close its connection after a shutdown signal.
+pub const SYNC_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot prepare {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] OpenStoreError),
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot write the ready file {path}: {source}")]
+    Ready {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(settings: Settings) -> Result<(), RunError> {
+    let data_dir = &settings.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|source| RunError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let ready_path = settings.ready_path();
+    // A stale ready file from a crashed run would make pollers believe we are up already.
+    remove_ready(&ready_path).map_err(|source| RunError::Ready {
+        path: ready_path.clone(),
+        source,
+    })?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(RunError::Signals)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(RunError::Signals)?;
+
+    let (store, writer) = Store::open(&settings.store_path(), &settings.site_id)?;
+    let connected = Arc::new(AtomicBool::new(false));
+    let sync = SyncClient::new(
+        settings.sync.clone(),
+        settings.site_id.clone(),
+        store.clone(),
+        connected.clone(),
+    )?;
+    let listener = tokio::net::TcpListener::bind(settings.api.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: settings.api.listen,
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: settings.api.listen,
+        source,
+    })?;
+    let app = api::router(ApiState {
+        store: store.clone(),
+        site: settings.site_id.clone(),
+        tokens: Arc::new(settings.api.tokens.clone()),
+        connected,
+        max_body_bytes: settings.api.max_body_bytes,
+    });
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut http_shutdown = shutdown_rx.clone();
+    let mut server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|s| *s).await;
+            })
+            .into_future(),
+    );
+    let mut sync_task = tokio::spawn(sync.run(shutdown_rx));
+
+    write_ready(&ready_path, api_addr).map_err(|source| RunError::Ready {
+        path: ready_path.clone(),
+        source,
+    })?;
+    tracing::info!(
+        site.id = %settings.site_id,
+        api = %api_addr,
+        central = %settings.sync.central_addr,
+        store = %settings.store_path().display(),
+        "listening"
+    );
+
+    let mut failure = None;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM received; shutting down"),
+        _ = sigint.recv() => tracing::info!("SIGINT received; shutting down"),
+        r = &mut server => {
+            let e = match r {
+                Ok(Ok(())) => std::io::Error::other("the server stopped unexpectedly"),
+                Ok(Err(e)) => e,
+                Err(e) => std::io::Error::other(e.to_string()),
+            };
+            tracing::error!(error = %e, "HTTP server failed; shutting down");
+            failure = Some(RunError::Serve(e));
+        }
+    }
+    // The ready file goes first: from now on nobody should send us new work.
+    let _ = remove_ready(&ready_path);
+    let _ = shutdown_tx.send(true);
+    if failure.is_none()
+        && tokio::time::timeout(HTTP_SHUTDOWN_GRACE, &mut server)
+            .await
+            .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within {HTTP_SHUTDOWN_GRACE:?}");
+        server.abort();
+    }
+    if tokio::time::timeout(SYNC_SHUTDOWN_GRACE, &mut sync_task)
+        .await
+        .is_err()
+    {
+        sync_task.abort();
+    }
+    drop(store);
+    writer.shutdown().await;
+    tracing::info!("stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+fn remove_ready(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `{"pid": N, "api": "ip:port"}` atomically: a temporary file, fsync, rename, fsync of
+/// the directory, so a poller never reads a partial file.
+pub fn write_ready(path: &Path, api: SocketAddr) -> std::io::Result<()> {
+    use std::io::Write;
+    let body = serde_json::json!({"pid": std::process::id(), "api": api.to_string()});
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(body.to_string().as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

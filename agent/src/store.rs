@@ -1,0 +1,1725 @@
+//! The agent's durable store (redb): master-data cache, outbox, order, idempotency and milestone
+//! records. Blocking I/O side: every write goes through one dedicated writer thread that groups
+//! concurrent operations into one durable transaction (group commit) and answers each operation
+//! only after that transaction committed; reads run directly on the caller's thread.
+
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, UNIX_EPOCH};
+
+use outpost_protocol::{
+    CustomerRecord, EventBody, EventEnvelope, MAX_ORDER_LINES, MAX_QTY, MasterBatch, MasterChange,
+    Milestone, MilestoneKind, Money, Order, OrderLine, validate_id, validate_text,
+};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// Version of the table layout below. Bumped on any incompatible change; an agent refuses to open
+/// a store written with another version instead of misreading it.
+pub const SCHEMA_VERSION: u64 = 1;
+/// Depth of the queue in front of the writer thread. When it is full, callers wait (the HTTP
+/// request is simply slower); 4,096 is ~16 full groups, far more than a 2-core box produces
+/// while one fsync is in flight.
+pub const WRITE_QUEUE_DEPTH: usize = 4096;
+/// Most operations committed in one transaction. Larger groups add latency for the first caller
+/// and copy-on-write work, with little gain past a few hundred (see performance.md §4.2).
+pub const MAX_GROUP: usize = 256;
+/// Most events waiting in the outbox. Past this the agent refuses new writes (503) rather than
+/// filling the disk: about 1.5 GB at 300 bytes an event, weeks of a busy site's traffic.
+pub const MAX_OUTBOX_EVENTS: u64 = 5_000_000;
+/// How often the writer tries to reopen the database after a failed commit before giving up
+/// until the next group.
+const REOPEN_ATTEMPTS: u32 = 20;
+/// Pause between reopen attempts: readers may still hold the old handle for a moment.
+const REOPEN_PAUSE: Duration = Duration::from_millis(25);
+/// Order status given to every order captured at a site.
+pub const STATUS_CAPTURED: &str = "captured";
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// (sku, customer id or "" for the list price) → postcard `PriceValue`.
+const PRICES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("prices");
+/// sku → available quantity at this site.
+const ATP: TableDefinition<&str, i64> = TableDefinition::new("atp");
+/// customer id → postcard `CustomerRecord`.
+const CUSTOMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("customers");
+/// seq → postcard `EventEnvelope`; rows at or below `acked_seq` are deleted.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// order id → postcard `OrderRecord`; kept after the ack so the order can still be read.
+const ORDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("orders");
+/// Idempotency-Key → postcard `IdemRecord`.
+const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+/// milestone event id → postcard `MilestoneRecord`.
+const MILESTONES: TableDefinition<&str, &[u8]> = TableDefinition::new("milestones");
+
+const K_SCHEMA: &str = "schema_version";
+const K_MASTER_REV: &str = "master_rev";
+const K_LAST_SEQ: &str = "last_seq";
+const K_ACKED_SEQ: &str = "acked_seq";
+
+/// A price as cached: the amount and its currency.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PriceValue {
+    pub unit_price: Money,
+    pub currency: String,
+}
+
+/// An order as submitted to the API, before validation and pricing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewOrder {
+    pub customer_id: String,
+    pub lines: Vec<NewLine>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewLine {
+    pub sku: String,
+    pub qty: i64,
+}
+
+/// An order as stored and returned by the API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OrderRecord {
+    pub order: Order,
+    pub seq: u64,
+    pub at_ms: i64,
+}
+
+impl OrderRecord {
+    pub fn created_at(&self) -> String {
+        rfc3339_millis(self.at_ms)
+    }
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC (`2026-11-26T10:00:00.123Z`).
+pub fn rfc3339_millis(at_ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(at_ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// A shipment milestone as submitted to the API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewMilestone {
+    pub event_id: String,
+    pub shipment_id: String,
+    pub milestone: MilestoneKind,
+    pub scanner_id: String,
+    pub at: String,
+}
+
+/// A milestone as stored: the request and the seq it was given.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MilestoneRecord {
+    pub request: NewMilestone,
+    pub seq: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdemRecord {
+    /// Canonical encoding of the request the key was first used with.
+    fingerprint: Vec<u8>,
+    order_id: String,
+}
+
+/// Whether a write created something or found the identical earlier request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome<T> {
+    Created(T),
+    Existing(T),
+}
+
+impl<T> Outcome<T> {
+    pub fn into_inner(self) -> T {
+        match self {
+            Outcome::Created(t) | Outcome::Existing(t) => t,
+        }
+    }
+
+    pub fn is_created(&self) -> bool {
+        matches!(self, Outcome::Created(_))
+    }
+}
+
+/// Why a write was refused or failed. Every variant but `Unavailable` means nothing was written.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WriteError {
+    #[error("{0}")]
+    Validation(String),
+    #[error("unknown customer {0:?}")]
+    UnknownCustomer(String),
+    #[error("unknown SKU {0:?}")]
+    UnknownSku(String),
+    #[error("SKU {sku:?} has no list price and no price for customer {customer:?}")]
+    NoPrice { sku: String, customer: String },
+    #[error("this Idempotency-Key was already used for a different request")]
+    IdempotencyKeyReused,
+    #[error("event id {0:?} was already used for a different milestone")]
+    EventIdReused(String),
+    #[error("the outbox holds {0} events, the most allowed; writes resume as central catches up")]
+    OutboxFull(u64),
+    #[error("master batch refused: {0}")]
+    BadMasterBatch(String),
+    #[error("central acknowledged seq {through} but the last local seq is {last}")]
+    AckBeyondLast { through: u64, last: u64 },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Why a read failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReadError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenStoreError {
+    #[error("cannot create {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is already open (is another agent running on this data directory?)")]
+    AlreadyOpen { path: PathBuf },
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: redb::Error },
+    #[error("{path} has schema version {found}, this agent reads version {SCHEMA_VERSION}")]
+    SchemaVersion { path: PathBuf, found: u64 },
+    #[error("cannot start the store writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The counters and marks shown by `GET /v1/health`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Marks {
+    pub master_rev: u64,
+    pub last_seq: u64,
+    pub acked_seq: u64,
+}
+
+impl Marks {
+    pub fn outbox_depth(&self) -> u64 {
+        self.last_seq.saturating_sub(self.acked_seq)
+    }
+}
+
+/// Writer statistics, for tests and diagnostics.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Operations answered (whatever their result).
+    pub ops: AtomicU64,
+    /// Write transactions committed.
+    pub commits: AtomicU64,
+    /// Groups that failed as a whole (storage error or failed commit).
+    pub failed_groups: AtomicU64,
+    /// Database reopens after a failure.
+    pub reopens: AtomicU64,
+}
+
+enum Op {
+    CreateOrder {
+        key: String,
+        order: NewOrder,
+        at_ms: i64,
+        reply: oneshot::Sender<Result<Reply, WriteError>>,
+    },
+    RecordMilestone {
+        milestone: NewMilestone,
+        at_ms: i64,
+        reply: oneshot::Sender<Result<Reply, WriteError>>,
+    },
+    ApplyMaster {
+        batch: MasterBatch,
+        reply: oneshot::Sender<Result<Reply, WriteError>>,
+    },
+    MarkAcked {
+        through: u64,
+        reply: oneshot::Sender<Result<Reply, WriteError>>,
+    },
+    Shutdown,
+}
+
+enum Reply {
+    Order(Outcome<OrderRecord>),
+    Milestone(Outcome<MilestoneRecord>),
+    Master(bool),
+    Acked(u64),
+}
+
+/// Opens the database file (and prepares its tables); called at start and after a failure.
+type Opener = Box<dyn Fn() -> Result<Database, OpenStoreError> + Send + Sync>;
+
+struct Shared {
+    opener: Opener,
+    site: String,
+    /// `None` while the writer reopens the database after a failure; readers then get
+    /// `Unavailable`. An `Arc` so that a reader's handle outlives a swap without blocking it.
+    db: RwLock<Option<Arc<Database>>>,
+    /// Woken after a commit that added outbox events.
+    new_events: Notify,
+    stats: WriterStats,
+}
+
+/// Handle to the store: cheap to clone; reads run on the caller, writes go to the writer thread.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Op>,
+}
+
+/// Owns the writer thread; `shutdown` stops it after the operations already queued.
+pub struct StoreWriter {
+    tx: mpsc::Sender<Op>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+fn storage<E: std::fmt::Display>(e: E) -> ReadError {
+    ReadError::Unavailable(e.to_string())
+}
+
+fn corrupt<E: std::fmt::Display>(e: E) -> ReadError {
+    ReadError::Corrupt(e.to_string())
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path` for site `site` and starts the writer thread.
+    pub fn open(path: &Path, site: &str) -> Result<(Store, StoreWriter), OpenStoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| OpenStoreError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let path = path.to_path_buf();
+        Self::open_with(site, Box::new(move || open_db(&path)))
+    }
+
+    /// `open` with a custom opener (tests inject storage faults through it).
+    fn open_with(site: &str, opener: Opener) -> Result<(Store, StoreWriter), OpenStoreError> {
+        let db = opener()?;
+        let shared = Arc::new(Shared {
+            opener,
+            site: site.to_string(),
+            db: RwLock::new(Some(Arc::new(db))),
+            new_events: Notify::new(),
+            stats: WriterStats::default(),
+        });
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
+        let writer_shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run_writer(writer_shared, rx))
+            .map_err(OpenStoreError::Thread)?;
+        Ok((
+            Store {
+                shared,
+                tx: tx.clone(),
+            },
+            StoreWriter { tx, handle },
+        ))
+    }
+
+    pub fn site(&self) -> &str {
+        &self.shared.site
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.shared.stats
+    }
+
+    /// Woken (one permit) after each commit that added outbox events.
+    pub fn new_events(&self) -> &Notify {
+        &self.shared.new_events
+    }
+
+    fn db(&self) -> Result<Arc<Database>, ReadError> {
+        let slot = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.clone()
+            .ok_or_else(|| ReadError::Unavailable("the database is being reopened".into()))
+    }
+
+    fn read_txn(&self) -> Result<redb::ReadTransaction, ReadError> {
+        self.db()?.begin_read().map_err(storage)
+    }
+
+    async fn submit(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<Reply, WriteError>>) -> Op,
+    ) -> Result<Reply, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        let stopped = || WriteError::Unavailable("the store writer has stopped".into());
+        self.tx.send(make(reply)).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Stores an order under an idempotency key, or returns the order first stored under it.
+    pub async fn create_order(
+        &self,
+        key: &str,
+        order: NewOrder,
+        at_ms: i64,
+    ) -> Result<Outcome<OrderRecord>, WriteError> {
+        let key = key.to_string();
+        match self
+            .submit(|reply| Op::CreateOrder {
+                key,
+                order,
+                at_ms,
+                reply,
+            })
+            .await?
+        {
+            Reply::Order(o) => Ok(o),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// Stores a milestone, or returns the one stored earlier under the same event id.
+    pub async fn record_milestone(
+        &self,
+        milestone: NewMilestone,
+        at_ms: i64,
+    ) -> Result<Outcome<MilestoneRecord>, WriteError> {
+        match self
+            .submit(|reply| Op::RecordMilestone {
+                milestone,
+                at_ms,
+                reply,
+            })
+            .await?
+        {
+            Reply::Milestone(m) => Ok(m),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// Applies a master batch and its revision in one transaction. `Ok(false)`: the batch was
+    /// stale (`through_rev` not above the applied revision) and changed nothing.
+    pub async fn apply_master(&self, batch: MasterBatch) -> Result<bool, WriteError> {
+        match self
+            .submit(|reply| Op::ApplyMaster { batch, reply })
+            .await?
+        {
+            Reply::Master(applied) => Ok(applied),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// Records that central committed every event through `through`: deletes those outbox rows
+    /// and moves `acked_seq`. Returns the acked mark after the operation (never goes back).
+    pub async fn mark_acked(&self, through: u64) -> Result<u64, WriteError> {
+        match self
+            .submit(|reply| Op::MarkAcked { through, reply })
+            .await?
+        {
+            Reply::Acked(a) => Ok(a),
+            _ => Err(mismatch()),
+        }
+    }
+
+    pub fn marks(&self) -> Result<Marks, ReadError> {
+        let txn = self.read_txn()?;
+        let meta = txn.open_table(META).map_err(storage)?;
+        let get = |k: &str| -> Result<u64, ReadError> {
+            Ok(meta
+                .get(k)
+                .map_err(storage)?
+                .map(|g| g.value())
+                .unwrap_or(0))
+        };
+        Ok(Marks {
+            master_rev: get(K_MASTER_REV)?,
+            last_seq: get(K_LAST_SEQ)?,
+            acked_seq: get(K_ACKED_SEQ)?,
+        })
+    }
+
+    /// Number of rows in the outbox (equals `marks().outbox_depth()`; kept to check that).
+    pub fn outbox_rows(&self) -> Result<u64, ReadError> {
+        let txn = self.read_txn()?;
+        let t = txn.open_table(OUTBOX).map_err(storage)?;
+        t.len().map_err(storage)
+    }
+
+    /// Available quantity of `sku` at this site, with the master revision it reflects.
+    pub fn atp(&self, sku: &str) -> Result<Option<(i64, u64)>, ReadError> {
+        let txn = self.read_txn()?;
+        let atp = txn.open_table(ATP).map_err(storage)?;
+        let Some(v) = atp.get(sku).map_err(storage)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        let meta = txn.open_table(META).map_err(storage)?;
+        let rev = meta
+            .get(K_MASTER_REV)
+            .map_err(storage)?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        Ok(Some((v, rev)))
+    }
+
+    /// The price of `sku` for `customer` if one exists, else the list price.
+    pub fn price(
+        &self,
+        sku: &str,
+        customer: Option<&str>,
+    ) -> Result<Option<PriceValue>, ReadError> {
+        let txn = self.read_txn()?;
+        let prices = txn.open_table(PRICES).map_err(storage)?;
+        lookup_price(&prices, sku, customer.unwrap_or("")).map_err(|e| match e {
+            Fail::Storage(s) => ReadError::Unavailable(s),
+            Fail::Reject(WriteError::Corrupt(s)) => ReadError::Corrupt(s),
+            Fail::Reject(e) => ReadError::Corrupt(e.to_string()),
+        })
+    }
+
+    pub fn customer(&self, id: &str) -> Result<Option<CustomerRecord>, ReadError> {
+        let txn = self.read_txn()?;
+        let t = txn.open_table(CUSTOMERS).map_err(storage)?;
+        let Some(g) = t.get(id).map_err(storage)? else {
+            return Ok(None);
+        };
+        postcard::from_bytes(g.value()).map(Some).map_err(corrupt)
+    }
+
+    /// An order and whether central has acknowledged it (`seq <= acked_seq`).
+    pub fn order(&self, order_id: &str) -> Result<Option<(OrderRecord, bool)>, ReadError> {
+        let txn = self.read_txn()?;
+        let orders = txn.open_table(ORDERS).map_err(storage)?;
+        let Some(g) = orders.get(order_id).map_err(storage)? else {
+            return Ok(None);
+        };
+        let rec: OrderRecord = postcard::from_bytes(g.value()).map_err(corrupt)?;
+        let meta = txn.open_table(META).map_err(storage)?;
+        let acked = meta
+            .get(K_ACKED_SEQ)
+            .map_err(storage)?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        let synced = rec.seq <= acked;
+        Ok(Some((rec, synced)))
+    }
+
+    /// The outbox events in `range`, in sequence order. A missing row is corruption: rows are
+    /// only deleted at or below `acked_seq`, and callers never ask for those.
+    pub fn outbox_range(
+        &self,
+        range: RangeInclusive<u64>,
+    ) -> Result<Vec<EventEnvelope>, ReadError> {
+        let txn = self.read_txn()?;
+        let t = txn.open_table(OUTBOX).map_err(storage)?;
+        let mut out = Vec::with_capacity(
+            usize::try_from(range.end().saturating_sub(*range.start()) + 1).unwrap_or(0),
+        );
+        let mut expected = *range.start();
+        for row in t.range(range.clone()).map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            if k.value() != expected {
+                return Err(ReadError::Corrupt(format!(
+                    "outbox row {expected} is missing (found {})",
+                    k.value()
+                )));
+            }
+            out.push(postcard::from_bytes(v.value()).map_err(corrupt)?);
+            expected += 1;
+        }
+        if expected != range.end() + 1 {
+            return Err(ReadError::Corrupt(format!(
+                "outbox rows {expected}..={} are missing",
+                range.end()
+            )));
+        }
+        Ok(out)
+    }
+}
+
+fn mismatch() -> WriteError {
+    WriteError::Unavailable(
+        "internal error: the writer answered with another operation's result".into(),
+    )
+}
+
+impl StoreWriter {
+    /// Stops the writer after every operation queued so far, closes the database and waits for
+    /// the thread. Operations submitted afterwards fail with `Unavailable`.
+    pub async fn shutdown(self) {
+        let _ = self.tx.send(Op::Shutdown).await;
+        drop(self.tx);
+        let handle = self.handle;
+        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+    }
+}
+
+fn open_db(path: &Path) -> Result<Database, OpenStoreError> {
+    let db = Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => OpenStoreError::AlreadyOpen {
+            path: path.to_path_buf(),
+        },
+        e => OpenStoreError::Open {
+            path: path.to_path_buf(),
+            source: e.into(),
+        },
+    })?;
+    prepare_db(db, path)
+}
+
+/// Creates every table and checks (or, on a new file, writes) the schema version.
+fn prepare_db(db: Database, path: &Path) -> Result<Database, OpenStoreError> {
+    let open_err = |e: redb::Error| OpenStoreError::Open {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| open_err(e.into()))?;
+    let found = {
+        // Creating every table up front lets readers open them without a "does not exist" case.
+        let mut meta = txn.open_table(META).map_err(|e| open_err(e.into()))?;
+        txn.open_table(PRICES).map_err(|e| open_err(e.into()))?;
+        txn.open_table(ATP).map_err(|e| open_err(e.into()))?;
+        txn.open_table(CUSTOMERS).map_err(|e| open_err(e.into()))?;
+        txn.open_table(OUTBOX).map_err(|e| open_err(e.into()))?;
+        txn.open_table(ORDERS).map_err(|e| open_err(e.into()))?;
+        txn.open_table(IDEMPOTENCY)
+            .map_err(|e| open_err(e.into()))?;
+        txn.open_table(MILESTONES).map_err(|e| open_err(e.into()))?;
+        let found = meta
+            .get(K_SCHEMA)
+            .map_err(|e| open_err(e.into()))?
+            .map(|g| g.value());
+        if found.is_none() {
+            meta.insert(K_SCHEMA, SCHEMA_VERSION)
+                .map_err(|e| open_err(e.into()))?;
+        }
+        found
+    };
+    if let Some(found) = found
+        && found != SCHEMA_VERSION
+    {
+        return Err(OpenStoreError::SchemaVersion {
+            path: path.to_path_buf(),
+            found,
+        });
+    }
+    txn.commit().map_err(|e| open_err(e.into()))?;
+    Ok(db)
+}
+
+/// Failure of one operation inside a group: a refusal (nothing written, the rest of the group
+/// goes on) or a storage failure (the whole group is abandoned).
+enum Fail {
+    Reject(WriteError),
+    Storage(String),
+}
+
+impl From<redb::StorageError> for Fail {
+    fn from(e: redb::StorageError) -> Self {
+        Fail::Storage(e.to_string())
+    }
+}
+
+impl From<postcard::Error> for Fail {
+    /// Stored records are only decoded while an operation checks its inputs, before it writes,
+    /// so a corrupt record fails that operation alone (retrying or reopening cannot fix it).
+    fn from(e: postcard::Error) -> Self {
+        Fail::Reject(WriteError::Corrupt(e.to_string()))
+    }
+}
+
+impl From<WriteError> for Fail {
+    fn from(e: WriteError) -> Self {
+        Fail::Reject(e)
+    }
+}
+
+/// Every table, opened once per group.
+struct Tables<'txn> {
+    meta: Table<'txn, &'static str, u64>,
+    prices: Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    atp: Table<'txn, &'static str, i64>,
+    customers: Table<'txn, &'static str, &'static [u8]>,
+    outbox: Table<'txn, u64, &'static [u8]>,
+    orders: Table<'txn, &'static str, &'static [u8]>,
+    idempotency: Table<'txn, &'static str, &'static [u8]>,
+    milestones: Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, redb::TableError> {
+        Ok(Tables {
+            meta: txn.open_table(META)?,
+            prices: txn.open_table(PRICES)?,
+            atp: txn.open_table(ATP)?,
+            customers: txn.open_table(CUSTOMERS)?,
+            outbox: txn.open_table(OUTBOX)?,
+            orders: txn.open_table(ORDERS)?,
+            idempotency: txn.open_table(IDEMPOTENCY)?,
+            milestones: txn.open_table(MILESTONES)?,
+        })
+    }
+
+    fn meta(&self, k: &str) -> Result<u64, Fail> {
+        Ok(self.meta.get(k)?.map(|g| g.value()).unwrap_or(0))
+    }
+
+    /// The next sequence number, refusing when the outbox is full.
+    fn next_seq(&self) -> Result<u64, Fail> {
+        let last = self.meta(K_LAST_SEQ)?;
+        let acked = self.meta(K_ACKED_SEQ)?;
+        let depth = last.saturating_sub(acked);
+        if depth >= MAX_OUTBOX_EVENTS {
+            return Err(WriteError::OutboxFull(depth).into());
+        }
+        Ok(last + 1)
+    }
+
+    fn append_event(&mut self, env: &EventEnvelope) -> Result<(), Fail> {
+        let bytes = postcard::to_allocvec(env)?;
+        self.outbox.insert(env.seq, bytes.as_slice())?;
+        self.meta.insert(K_LAST_SEQ, env.seq)?;
+        Ok(())
+    }
+}
+
+fn lookup_price<T: ReadableTable<(&'static str, &'static str), &'static [u8]>>(
+    prices: &T,
+    sku: &str,
+    customer: &str,
+) -> Result<Option<PriceValue>, Fail> {
+    if !customer.is_empty()
+        && let Some(g) = prices.get((sku, customer))?
+    {
+        return Ok(Some(postcard::from_bytes(g.value())?));
+    }
+    match prices.get((sku, ""))? {
+        Some(g) => Ok(Some(postcard::from_bytes(g.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Whether any price (list or customer) or ATP row mentions `sku`.
+fn sku_known(t: &Tables<'_>, sku: &str) -> Result<bool, Fail> {
+    if t.atp.get(sku)?.is_some() {
+        return Ok(true);
+    }
+    let mut range = t.prices.range((sku, "")..)?;
+    match range.next() {
+        Some(row) => {
+            let (k, _) = row?;
+            Ok(k.value().0 == sku)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Shape checks on an order; domain checks (customer, prices) need the tables.
+pub fn validate_new_order(o: &NewOrder) -> Result<(), WriteError> {
+    let v = |e: outpost_protocol::ValidationError| WriteError::Validation(e.to_string());
+    validate_id("customer_id", &o.customer_id).map_err(v)?;
+    if o.lines.is_empty() || o.lines.len() > MAX_ORDER_LINES {
+        return Err(WriteError::Validation(format!(
+            "lines: an order has 1..={MAX_ORDER_LINES} lines, got {}",
+            o.lines.len()
+        )));
+    }
+    for (i, l) in o.lines.iter().enumerate() {
+        validate_id("sku", &l.sku)
+            .map_err(|e| WriteError::Validation(format!("lines[{i}].{e}")))?;
+        if !(1..=MAX_QTY).contains(&l.qty) {
+            return Err(WriteError::Validation(format!(
+                "lines[{i}].qty must be 1..={MAX_QTY}, got {}",
+                l.qty
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Shape checks on a milestone. Event ids of the form `{site}-o{digits}` are reserved: they are
+/// the ids of this site's orders, and event ids are unique per site.
+pub fn validate_new_milestone(site: &str, m: &NewMilestone) -> Result<(), WriteError> {
+    let v = |e: outpost_protocol::ValidationError| WriteError::Validation(e.to_string());
+    validate_id("event_id", &m.event_id).map_err(v)?;
+    validate_id("shipment_id", &m.shipment_id).map_err(v)?;
+    validate_id("scanner_id", &m.scanner_id).map_err(v)?;
+    validate_text("at", &m.at).map_err(v)?;
+    if humantime::parse_rfc3339_weak(&m.at).is_err() {
+        return Err(WriteError::Validation(format!(
+            "at: {:?} is not an RFC 3339 timestamp (e.g. 2026-11-26T10:00:00Z)",
+            m.at.chars().take(40).collect::<String>()
+        )));
+    }
+    if let Some(rest) = m
+        .event_id
+        .strip_prefix(site)
+        .and_then(|r| r.strip_prefix("-o"))
+        && !rest.is_empty()
+        && rest.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(WriteError::Validation(format!(
+            "event_id: {:?} is reserved for this site's order ids",
+            m.event_id
+        )));
+    }
+    Ok(())
+}
+
+fn create_order(
+    t: &mut Tables<'_>,
+    site: &str,
+    key: &str,
+    req: &NewOrder,
+    at_ms: i64,
+) -> Result<Outcome<OrderRecord>, Fail> {
+    let fingerprint = postcard::to_allocvec(req)?;
+    if let Some(g) = t.idempotency.get(key)? {
+        let idem: IdemRecord = postcard::from_bytes(g.value())?;
+        if idem.fingerprint != fingerprint {
+            return Err(WriteError::IdempotencyKeyReused.into());
+        }
+        let Some(o) = t.orders.get(idem.order_id.as_str())? else {
+            return Err(WriteError::Corrupt(format!(
+                "idempotency record points at missing order {}",
+                idem.order_id
+            ))
+            .into());
+        };
+        return Ok(Outcome::Existing(postcard::from_bytes(o.value())?));
+    }
+    validate_new_order(req)?;
+    if t.customers.get(req.customer_id.as_str())?.is_none() {
+        return Err(WriteError::UnknownCustomer(req.customer_id.clone()).into());
+    }
+    let mut lines = Vec::with_capacity(req.lines.len());
+    for l in &req.lines {
+        let Some(p) = lookup_price(&t.prices, &l.sku, &req.customer_id)? else {
+            return Err(if sku_known(t, &l.sku)? {
+                WriteError::NoPrice {
+                    sku: l.sku.clone(),
+                    customer: req.customer_id.clone(),
+                }
+            } else {
+                WriteError::UnknownSku(l.sku.clone())
+            }
+            .into());
+        };
+        lines.push(OrderLine {
+            sku: l.sku.clone(),
+            qty: l.qty,
+            unit_price: p.unit_price,
+            currency: p.currency,
+        });
+    }
+    // Every check passed: from here on the operation only writes.
+    let seq = t.next_seq()?;
+    let order = Order {
+        order_id: format!("{site}-o{seq}"),
+        customer_id: req.customer_id.clone(),
+        status: STATUS_CAPTURED.to_string(),
+        lines,
+    };
+    let env = EventEnvelope {
+        site: site.to_string(),
+        seq,
+        event_id: order.order_id.clone(),
+        at_ms,
+        body: EventBody::Order(order.clone()),
+    };
+    let record = OrderRecord { order, seq, at_ms };
+    t.append_event(&env)?;
+    t.orders.insert(
+        record.order.order_id.as_str(),
+        postcard::to_allocvec(&record)?.as_slice(),
+    )?;
+    let idem = IdemRecord {
+        fingerprint,
+        order_id: record.order.order_id.clone(),
+    };
+    t.idempotency
+        .insert(key, postcard::to_allocvec(&idem)?.as_slice())?;
+    Ok(Outcome::Created(record))
+}
+
+fn record_milestone(
+    t: &mut Tables<'_>,
+    site: &str,
+    req: &NewMilestone,
+    at_ms: i64,
+) -> Result<Outcome<MilestoneRecord>, Fail> {
+    if let Some(g) = t.milestones.get(req.event_id.as_str())? {
+        let rec: MilestoneRecord = postcard::from_bytes(g.value())?;
+        if &rec.request != req {
+            return Err(WriteError::EventIdReused(req.event_id.clone()).into());
+        }
+        return Ok(Outcome::Existing(rec));
+    }
+    validate_new_milestone(site, req)?;
+    let seq = t.next_seq()?;
+    let env = EventEnvelope {
+        site: site.to_string(),
+        seq,
+        event_id: req.event_id.clone(),
+        at_ms,
+        body: EventBody::Milestone(Milestone {
+            shipment_id: req.shipment_id.clone(),
+            milestone: req.milestone,
+            scanner_id: req.scanner_id.clone(),
+            at: req.at.clone(),
+        }),
+    };
+    let rec = MilestoneRecord {
+        request: req.clone(),
+        seq,
+    };
+    t.append_event(&env)?;
+    t.milestones.insert(
+        req.event_id.as_str(),
+        postcard::to_allocvec(&rec)?.as_slice(),
+    )?;
+    Ok(Outcome::Created(rec))
+}
+
+fn apply_master(t: &mut Tables<'_>, site: &str, batch: &MasterBatch) -> Result<bool, Fail> {
+    let rev = t.meta(K_MASTER_REV)?;
+    if batch.through_rev <= rev {
+        return Ok(false);
+    }
+    let bad = |m: String| Fail::Reject(WriteError::BadMasterBatch(m));
+    if batch.from_rev > rev {
+        // Applying it would skip the changes in between; the session is restarted instead and
+        // central resends from the applied revision.
+        return Err(bad(format!(
+            "batch starts after revision {} but this site has applied only {rev}",
+            batch.from_rev
+        )));
+    }
+    if batch.changes.len() > outpost_protocol::MAX_CHANGES_PER_FRAME {
+        return Err(bad(format!("{} changes in one batch", batch.changes.len())));
+    }
+    // Check everything before writing anything, so a bad batch leaves no trace.
+    for (i, c) in batch.changes.iter().enumerate() {
+        c.validate()
+            .map_err(|e| bad(format!("change {i} is invalid: {e}")))?;
+    }
+    for c in &batch.changes {
+        match c {
+            MasterChange::Price(p) => {
+                let v = PriceValue {
+                    unit_price: p.unit_price,
+                    currency: p.currency.clone(),
+                };
+                let customer = p.customer.as_deref().unwrap_or("");
+                t.prices.insert(
+                    (p.sku.as_str(), customer),
+                    postcard::to_allocvec(&v)?.as_slice(),
+                )?;
+            }
+            MasterChange::Atp(a) => {
+                // Central only sends this site's rows; another site's row would be wrong here.
+                if a.site == site {
+                    t.atp.insert(a.sku.as_str(), a.available)?;
+                }
+            }
+            MasterChange::Customer(c) => {
+                t.customers
+                    .insert(c.id.as_str(), postcard::to_allocvec(c)?.as_slice())?;
+            }
+        }
+    }
+    t.meta.insert(K_MASTER_REV, batch.through_rev)?;
+    Ok(true)
+}
+
+/// Returns the acked mark afterwards and whether it moved.
+fn mark_acked(t: &mut Tables<'_>, through: u64) -> Result<(u64, bool), Fail> {
+    let acked = t.meta(K_ACKED_SEQ)?;
+    if through <= acked {
+        return Ok((acked, false));
+    }
+    let last = t.meta(K_LAST_SEQ)?;
+    if through > last {
+        return Err(WriteError::AckBeyondLast { through, last }.into());
+    }
+    t.outbox.retain_in(..=through, |_, _| false)?;
+    t.meta.insert(K_ACKED_SEQ, through)?;
+    Ok((through, true))
+}
+
+type Pending = (
+    oneshot::Sender<Result<Reply, WriteError>>,
+    Result<Reply, WriteError>,
+);
+
+fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut ops = Vec::with_capacity(MAX_GROUP);
+        let mut stop = matches!(first, Op::Shutdown);
+        if !stop {
+            ops.push(first);
+        }
+        while !stop && ops.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(Op::Shutdown) => stop = true,
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        if !ops.is_empty() {
+            execute_group(&shared, ops);
+        }
+        if stop {
+            break;
+        }
+    }
+    // Operations still queued after a shutdown are dropped: their callers get `Unavailable`.
+    rx.close();
+    let db = shared
+        .db
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(db) = db.and_then(|db| Arc::try_unwrap(db).ok())
+        && let Err(e) = db.close()
+    {
+        tracing::warn!(error = %e, "closing the store failed");
+    }
+}
+
+fn execute_group(shared: &Shared, ops: Vec<Op>) {
+    let n = ops.len() as u64;
+    match run_group(shared, ops) {
+        Ok(GroupDone {
+            pending,
+            new_events,
+            committed,
+        }) => {
+            if committed {
+                shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+            }
+            for (reply, result) in pending {
+                let _ = reply.send(result);
+            }
+            if new_events {
+                shared.new_events.notify_one();
+            }
+        }
+        Err((replies, reason)) => {
+            shared.stats.failed_groups.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %reason, ops = n, "store write failed; every operation in the group gets store_unavailable");
+            for reply in replies {
+                let _ = reply.send(Err(WriteError::Unavailable(reason.clone())));
+            }
+            reopen(shared);
+        }
+    }
+    shared.stats.ops.fetch_add(n, Ordering::Relaxed);
+}
+
+type GroupFailure = (Vec<oneshot::Sender<Result<Reply, WriteError>>>, String);
+
+/// A group that went through: each operation's result, to be sent now that it is durable.
+struct GroupDone {
+    pending: Vec<Pending>,
+    /// Outbox events were added (the sync task is woken).
+    new_events: bool,
+    /// A transaction was committed (false when every operation was a refusal or a repeat).
+    committed: bool,
+}
+
+/// Runs every operation of a group in one write transaction and commits it once. On success,
+/// returns each operation's result (to be sent only now, after the commit) and whether outbox
+/// events were added; on a storage failure, every reply sender with the reason.
+fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
+    let mut pending: Vec<Pending> = Vec::with_capacity(ops.len());
+    let senders = |pending: Vec<Pending>, rest: Vec<Op>| -> Vec<_> {
+        pending
+            .into_iter()
+            .map(|(s, _)| s)
+            .chain(rest.into_iter().filter_map(op_reply))
+            .collect()
+    };
+    let db = match current_db(shared) {
+        Some(db) => db,
+        None => {
+            return Err((
+                senders(pending, ops),
+                "the database could not be reopened".into(),
+            ));
+        }
+    };
+    let mut txn = match db.begin_write() {
+        Ok(t) => t,
+        Err(e) => return Err((senders(pending, ops), e.to_string())),
+    };
+    if let Err(e) = txn.set_durability(Durability::Immediate) {
+        return Err((senders(pending, ops), e.to_string()));
+    }
+    let mut new_events = false;
+    let mut wrote = false;
+    {
+        let mut tables = match Tables::open(&txn) {
+            Ok(t) => t,
+            Err(e) => return Err((senders(pending, ops), e.to_string())),
+        };
+        let mut iter = ops.into_iter();
+        while let Some(op) = iter.next() {
+            let (reply, result) = match op {
+                Op::CreateOrder {
+                    key,
+                    order,
+                    at_ms,
+                    reply,
+                } => {
+                    let r = create_order(&mut tables, &shared.site, &key, &order, at_ms);
+                    if matches!(r, Ok(Outcome::Created(_))) {
+                        new_events = true;
+                        wrote = true;
+                    }
+                    (reply, r.map(Reply::Order))
+                }
+                Op::RecordMilestone {
+                    milestone,
+                    at_ms,
+                    reply,
+                } => {
+                    let r = record_milestone(&mut tables, &shared.site, &milestone, at_ms);
+                    if matches!(r, Ok(Outcome::Created(_))) {
+                        new_events = true;
+                        wrote = true;
+                    }
+                    (reply, r.map(Reply::Milestone))
+                }
+                Op::ApplyMaster { batch, reply } => {
+                    let r = apply_master(&mut tables, &shared.site, &batch);
+                    wrote |= matches!(r, Ok(true));
+                    (reply, r.map(Reply::Master))
+                }
+                Op::MarkAcked { through, reply } => {
+                    let r = mark_acked(&mut tables, through);
+                    wrote |= matches!(r, Ok((_, true)));
+                    (reply, r.map(|(acked, _)| Reply::Acked(acked)))
+                }
+                Op::Shutdown => continue,
+            };
+            match result {
+                Ok(v) => pending.push((reply, Ok(v))),
+                Err(Fail::Reject(e)) => pending.push((reply, Err(e))),
+                Err(Fail::Storage(reason)) => {
+                    let mut all = senders(std::mem::take(&mut pending), iter.collect());
+                    all.push(reply);
+                    return Err((all, reason));
+                }
+            }
+        }
+    }
+    if !wrote {
+        // Only refusals and repeats: nothing to make durable.
+        if let Err(e) = txn.abort() {
+            return Err((senders(pending, Vec::new()), e.to_string()));
+        }
+        return Ok(GroupDone {
+            pending,
+            new_events: false,
+            committed: false,
+        });
+    }
+    match txn.commit() {
+        Ok(()) => Ok(GroupDone {
+            pending,
+            new_events,
+            committed: true,
+        }),
+        Err(e) => Err((senders(pending, Vec::new()), e.to_string())),
+    }
+}
+
+fn op_reply(op: Op) -> Option<oneshot::Sender<Result<Reply, WriteError>>> {
+    match op {
+        Op::CreateOrder { reply, .. }
+        | Op::RecordMilestone { reply, .. }
+        | Op::ApplyMaster { reply, .. }
+        | Op::MarkAcked { reply, .. } => Some(reply),
+        Op::Shutdown => None,
+    }
+}
+
+/// The open database, reopening it first if a previous failure closed it.
+fn current_db(shared: &Shared) -> Option<Arc<Database>> {
+    let current = shared
+        .db
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    if current.is_some() {
+        return current;
+    }
+    reopen(shared);
+    shared
+        .db
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// redb refuses further use of a handle after an I/O error, so after a failed group the writer
+/// drops the handle and opens the file again (which also runs redb's recovery).
+fn reopen(shared: &Shared) {
+    let old = shared
+        .db
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    drop(old);
+    for attempt in 1..=REOPEN_ATTEMPTS {
+        match (shared.opener)() {
+            Ok(db) => {
+                *shared
+                    .db
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(db));
+                shared.stats.reopens.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(attempt, "store reopened after a failure");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(attempt, error = %e, "store reopen failed");
+                std::thread::sleep(REOPEN_PAUSE);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::catalogue;
+    use outpost_protocol::AtpRecord;
+
+    const SITE: &str = "plant-1";
+
+    fn open(dir: &Path) -> (Store, StoreWriter) {
+        Store::open(&dir.join("agent.redb"), SITE).unwrap()
+    }
+
+    fn order(customer: &str, lines: &[(&str, i64)]) -> NewOrder {
+        NewOrder {
+            customer_id: customer.into(),
+            lines: lines
+                .iter()
+                .map(|(s, q)| NewLine {
+                    sku: s.to_string(),
+                    qty: *q,
+                })
+                .collect(),
+        }
+    }
+
+    fn milestone(id: &str, kind: MilestoneKind) -> NewMilestone {
+        NewMilestone {
+            event_id: id.into(),
+            shipment_id: "SH-1".into(),
+            milestone: kind,
+            scanner_id: "scanner-7".into(),
+            at: "2026-11-26T10:00:00Z".into(),
+        }
+    }
+
+    /// Goal: the same Idempotency-Key with the same body gives back the same order; with another
+    /// body it is refused and nothing is stored.
+    #[tokio::test]
+    async fn idempotent_order_creation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        assert!(store.apply_master(catalogue(0, 3)).await.unwrap());
+
+        let o = order("ACME", &[("GEAR-12T", 2)]);
+        let first = store.create_order("k1", o.clone(), 1_000).await.unwrap();
+        assert!(first.is_created());
+        let first = first.into_inner();
+        assert_eq!(first.order.order_id, "plant-1-o1");
+        assert_eq!(first.order.lines[0].unit_price, Money::parse("11").unwrap());
+        let again = store.create_order("k1", o.clone(), 2_000).await.unwrap();
+        assert_eq!(again, Outcome::Existing(first.clone()));
+
+        let other = order("ACME", &[("GEAR-12T", 3)]);
+        assert_eq!(
+            store.create_order("k1", other, 3_000).await,
+            Err(WriteError::IdempotencyKeyReused)
+        );
+        let m = store.marks().unwrap();
+        assert_eq!((m.last_seq, m.outbox_depth()), (1, 1));
+        assert_eq!(store.outbox_rows().unwrap(), 1);
+        let (rec, synced) = store.order("plant-1-o1").unwrap().unwrap();
+        assert_eq!(rec, first);
+        assert!(!synced);
+        let events = store.outbox_range(1..=1).unwrap();
+        assert_eq!(events[0].event_id, "plant-1-o1");
+        assert_eq!(events[0].at_ms, 1_000);
+        writer.shutdown().await;
+    }
+
+    /// Goal: every refusal stores nothing: unknown customer, unknown SKU, SKU without a price
+    /// for this customer, bad shapes.
+    #[tokio::test]
+    async fn refused_orders_store_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        store.apply_master(catalogue(0, 3)).await.unwrap();
+        let cases = [
+            (order("NOBODY", &[("GEAR-12T", 1)]), "unknown customer"),
+            (order("ACME", &[("NOPE", 1)]), "unknown SKU"),
+            (order("ACME", &[("SPECIAL", 1)]), "no list price"),
+            (order("ACME", &[("GEAR-12T", 0)]), "qty"),
+            (order("ACME", &[]), "lines"),
+            (order("bad id!", &[("GEAR-12T", 1)]), "customer_id"),
+        ];
+        for (i, (o, needle)) in cases.into_iter().enumerate() {
+            let err = store
+                .create_order(&format!("k{i}"), o, 1)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        assert!(matches!(
+            store
+                .create_order("x", order("ACME", &[("NOPE", 1)]), 1)
+                .await,
+            Err(WriteError::UnknownSku(_))
+        ));
+        assert!(matches!(
+            store
+                .create_order("y", order("ACME", &[("SPECIAL", 1)]), 1)
+                .await,
+            Err(WriteError::NoPrice { .. })
+        ));
+        assert_eq!(store.marks().unwrap().last_seq, 0);
+        assert_eq!(store.outbox_rows().unwrap(), 0);
+        // A refused key is not consumed: it can be used for a valid order afterwards.
+        let ok = store
+            .create_order("k0", order("ACME", &[("GEAR-12T", 1)]), 1)
+            .await
+            .unwrap();
+        assert!(ok.is_created());
+        writer.shutdown().await;
+    }
+
+    /// Goal: a milestone event id is recorded once; the same body again returns the original,
+    /// another body under the same id is refused.
+    #[tokio::test]
+    async fn milestone_dedupe() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let m = milestone("evt-1", MilestoneKind::Loaded);
+        let first = store.record_milestone(m.clone(), 5).await.unwrap();
+        assert!(first.is_created());
+        let again = store.record_milestone(m.clone(), 6).await.unwrap();
+        assert_eq!(again, Outcome::Existing(first.clone().into_inner()));
+        let changed = milestone("evt-1", MilestoneKind::Departed);
+        assert_eq!(
+            store.record_milestone(changed, 7).await,
+            Err(WriteError::EventIdReused("evt-1".into()))
+        );
+        let mut bad_time = milestone("evt-2", MilestoneKind::Picked);
+        bad_time.at = "yesterday".into();
+        assert!(matches!(
+            store.record_milestone(bad_time, 8).await,
+            Err(WriteError::Validation(_))
+        ));
+        let reserved = milestone("plant-1-o9", MilestoneKind::Picked);
+        assert!(matches!(
+            store.record_milestone(reserved, 8).await,
+            Err(WriteError::Validation(_))
+        ));
+        assert_eq!(store.marks().unwrap().last_seq, 1);
+        let ev = store.outbox_range(1..=1).unwrap();
+        assert!(
+            matches!(&ev[0].body, EventBody::Milestone(x) if x.milestone == MilestoneKind::Loaded)
+        );
+        writer.shutdown().await;
+    }
+
+    /// Goal: a master batch is applied together with its revision; a stale batch changes
+    /// nothing; a batch with a gap or an invalid change is refused whole.
+    #[tokio::test]
+    async fn master_batches_apply_with_their_revision_and_stale_ones_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        assert!(store.apply_master(catalogue(0, 6)).await.unwrap());
+        assert_eq!(store.marks().unwrap().master_rev, 6);
+        assert_eq!(store.atp("GEAR-12T").unwrap(), Some((40, 6)));
+        let p = store.price("GEAR-12T", Some("ACME")).unwrap().unwrap();
+        assert_eq!(p.unit_price.to_string(), "11.00");
+        let p = store.price("GEAR-12T", Some("GLOBEX")).unwrap().unwrap();
+        assert_eq!(p.unit_price.to_string(), "12.50");
+        assert_eq!(
+            store
+                .price("GEAR-12T", None)
+                .unwrap()
+                .unwrap()
+                .unit_price
+                .to_string(),
+            "12.50"
+        );
+        assert_eq!(store.price("SPECIAL", None).unwrap(), None);
+        assert_eq!(store.customer("ACME").unwrap().unwrap().name, "Acme Corp");
+
+        // Stale: through_rev <= applied revision.
+        let mut stale = catalogue(2, 6);
+        if let MasterChange::Atp(a) = &mut stale.changes[3] {
+            a.available = 1;
+        }
+        assert!(!store.apply_master(stale).await.unwrap());
+        assert_eq!(store.atp("GEAR-12T").unwrap(), Some((40, 6)));
+
+        // A gap (from_rev beyond the applied revision) is refused and changes nothing.
+        let gap = MasterBatch {
+            from_rev: 8,
+            through_rev: 9,
+            changes: vec![],
+        };
+        assert!(matches!(
+            store.apply_master(gap).await,
+            Err(WriteError::BadMasterBatch(_))
+        ));
+        // One invalid change refuses the whole batch.
+        let mut bad = catalogue(6, 12);
+        if let MasterChange::Atp(a) = &mut bad.changes[3] {
+            a.available = 2;
+        }
+        bad.changes.push(MasterChange::Atp(AtpRecord {
+            sku: "".into(),
+            site: SITE.into(),
+            available: 1,
+        }));
+        assert!(store.apply_master(bad).await.is_err());
+        assert_eq!(store.atp("GEAR-12T").unwrap(), Some((40, 6)));
+        assert_eq!(store.marks().unwrap().master_rev, 6);
+
+        // An empty batch (changes for other sites filtered out) still moves the revision.
+        let empty = MasterBatch {
+            from_rev: 6,
+            through_rev: 10,
+            changes: vec![],
+        };
+        assert!(store.apply_master(empty).await.unwrap());
+        assert_eq!(store.marks().unwrap().master_rev, 10);
+        writer.shutdown().await;
+    }
+
+    /// Goal: an ack deletes exactly the acknowledged outbox rows, keeps the order records
+    /// (now marked synced), never moves back, and an ack beyond the last seq is refused.
+    #[tokio::test]
+    async fn ack_deletes_outbox_rows_and_depth_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        store.apply_master(catalogue(0, 1)).await.unwrap();
+        for i in 0..5 {
+            store
+                .create_order(&format!("k{i}"), order("ACME", &[("GEAR-12T", 1)]), 1)
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.marks().unwrap().outbox_depth(), 5);
+        assert_eq!(store.mark_acked(3).await.unwrap(), 3);
+        let m = store.marks().unwrap();
+        assert_eq!((m.acked_seq, m.outbox_depth()), (3, 2));
+        assert_eq!(store.outbox_rows().unwrap(), 2);
+        assert_eq!(store.outbox_range(4..=5).unwrap().len(), 2);
+        assert!(store.outbox_range(3..=4).is_err(), "acked rows are gone");
+        assert!(store.order("plant-1-o1").unwrap().unwrap().1, "synced");
+        assert!(!store.order("plant-1-o4").unwrap().unwrap().1);
+        assert_eq!(store.mark_acked(2).await.unwrap(), 3, "never goes back");
+        assert!(matches!(
+            store.mark_acked(9).await,
+            Err(WriteError::AckBeyondLast { .. })
+        ));
+        writer.shutdown().await;
+    }
+
+    /// Goal: everything committed survives closing and reopening the store.
+    #[tokio::test]
+    async fn reopen_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, writer) = open(dir.path());
+            store.apply_master(catalogue(0, 4)).await.unwrap();
+            store
+                .create_order("k", order("ACME", &[("GEAR-12T", 1)]), 1)
+                .await
+                .unwrap();
+            store
+                .record_milestone(milestone("e1", MilestoneKind::Picked), 2)
+                .await
+                .unwrap();
+            store.mark_acked(1).await.unwrap();
+            drop(store);
+            writer.shutdown().await;
+        }
+        let (store, writer) = open(dir.path());
+        assert_eq!(
+            store.marks().unwrap(),
+            Marks {
+                master_rev: 4,
+                last_seq: 2,
+                acked_seq: 1
+            }
+        );
+        assert_eq!(store.outbox_rows().unwrap(), 1);
+        assert_eq!(store.atp("GEAR-12T").unwrap(), Some((40, 4)));
+        assert!(store.order("plant-1-o1").unwrap().is_some());
+        // The idempotency and milestone records survived too.
+        let again = store
+            .create_order("k", order("ACME", &[("GEAR-12T", 1)]), 9)
+            .await
+            .unwrap();
+        assert!(!again.is_created());
+        let m = store
+            .record_milestone(milestone("e1", MilestoneKind::Picked), 9)
+            .await
+            .unwrap();
+        assert!(!m.is_created());
+        // Sequence numbers continue after the reopen.
+        let next = store
+            .create_order("k2", order("ACME", &[("GEAR-12T", 1)]), 9)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(next.seq, 3);
+        writer.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_same_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, writer) = open(dir.path());
+        assert!(matches!(
+            Store::open(&dir.path().join("agent.redb"), SITE),
+            Err(OpenStoreError::AlreadyOpen { .. })
+        ));
+        writer.shutdown().await;
+    }
+
+    /// Goal: group commit. Many concurrent writers from several tasks all succeed, get distinct
+    /// sequence numbers, and the writer needs fewer transactions than operations.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_grouped_into_fewer_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        store.apply_master(catalogue(0, 1)).await.unwrap();
+        let commits_before = store.stats().commits.load(Ordering::Relaxed);
+        const TASKS: usize = 8;
+        const PER_TASK: usize = 50;
+        let mut set = tokio::task::JoinSet::new();
+        for t in 0..TASKS {
+            let store = store.clone();
+            set.spawn(async move {
+                let mut inner = tokio::task::JoinSet::new();
+                for i in 0..PER_TASK {
+                    let store = store.clone();
+                    inner.spawn(async move {
+                        if i % 2 == 0 {
+                            store
+                                .create_order(
+                                    &format!("t{t}-{i}"),
+                                    order("ACME", &[("GEAR-12T", 1)]),
+                                    1,
+                                )
+                                .await
+                                .map(|o| o.into_inner().seq)
+                        } else {
+                            store
+                                .record_milestone(
+                                    milestone(&format!("t{t}-e{i}"), MilestoneKind::Packed),
+                                    1,
+                                )
+                                .await
+                                .map(|m| m.into_inner().seq)
+                        }
+                    });
+                }
+                let mut seqs = Vec::new();
+                while let Some(r) = inner.join_next().await {
+                    seqs.push(r.unwrap().unwrap());
+                }
+                seqs
+            });
+        }
+        let mut seqs = Vec::new();
+        while let Some(r) = set.join_next().await {
+            seqs.extend(r.unwrap());
+        }
+        seqs.sort_unstable();
+        let total = (TASKS * PER_TASK) as u64;
+        assert_eq!(
+            seqs,
+            (1..=total).collect::<Vec<_>>(),
+            "distinct, gap-free seqs"
+        );
+        let commits = store.stats().commits.load(Ordering::Relaxed) - commits_before;
+        assert!(
+            commits < total,
+            "{commits} commits for {total} operations: no grouping happened"
+        );
+        assert_eq!(store.marks().unwrap().last_seq, total);
+        writer.shutdown().await;
+    }
+
+    /// A file backend whose writes and syncs fail while `fail` is set, like a disk that fills
+    /// up or goes away. Locking is left unsupported (redb then uses exclusive-writer mode).
+    #[derive(Debug)]
+    struct FlakyBackend {
+        inner: redb::backends::FileBackend,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FlakyBackend {
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                Err(std::io::Error::other("injected I/O failure"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl redb::StorageBackend for FlakyBackend {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    /// Goal: a failed commit answers every operation of its group with `Unavailable` (no 2xx
+    /// for anything not durable), the writer reopens the database, and once the disk works
+    /// again writes resume with nothing lost and nothing half-written.
+    /// Method: a backend that fails writes on demand.
+    #[tokio::test]
+    async fn failed_commit_is_unavailable_then_the_writer_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.redb");
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, f) = (path.clone(), fail.clone());
+        let opener: Opener = Box::new(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .map_err(|e| OpenStoreError::CreateDir {
+                    path: p.clone(),
+                    source: e,
+                })?;
+            let backend = FlakyBackend {
+                inner: redb::backends::FileBackend::new(file).map_err(|e| {
+                    OpenStoreError::Open {
+                        path: p.clone(),
+                        source: e.into(),
+                    }
+                })?,
+                fail: f.clone(),
+            };
+            let db = Database::builder()
+                .create_with_backend(backend)
+                .map_err(|e| OpenStoreError::Open {
+                    path: p.clone(),
+                    source: e.into(),
+                })?;
+            prepare_db(db, &p)
+        });
+        let (store, writer) = Store::open_with(SITE, opener).unwrap();
+        let first = store
+            .record_milestone(milestone("ok-1", MilestoneKind::Picked), 1)
+            .await
+            .unwrap();
+        assert!(first.is_created());
+
+        fail.store(true, Ordering::SeqCst);
+        let failing = store
+            .record_milestone(milestone("lost", MilestoneKind::Picked), 2)
+            .await;
+        assert!(
+            matches!(failing, Err(WriteError::Unavailable(_))),
+            "{failing:?}"
+        );
+        assert!(store.stats().failed_groups.load(Ordering::Relaxed) >= 1);
+        fail.store(false, Ordering::SeqCst);
+
+        // The writer recovers by itself: the next write succeeds and continues the sequence.
+        let mut next = None;
+        for _ in 0..50 {
+            match store
+                .record_milestone(milestone("ok-2", MilestoneKind::Packed), 3)
+                .await
+            {
+                Ok(o) => {
+                    next = Some(o.into_inner());
+                    break;
+                }
+                Err(WriteError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let next = next.expect("writes resume after the disk recovers");
+        assert_eq!(next.seq, 2, "the failed write left no trace");
+        assert!(store.stats().reopens.load(Ordering::Relaxed) >= 1);
+        assert_eq!(store.marks().unwrap().last_seq, 2);
+        // The failed milestone can be submitted again: nothing of it was stored.
+        let retry = store
+            .record_milestone(milestone("lost", MilestoneKind::Picked), 4)
+            .await
+            .unwrap();
+        assert!(retry.is_created());
+        drop(store);
+        writer.shutdown().await;
+
+        // And everything acknowledged is on disk, through a plain reopen.
+        let (store, writer) = open(dir.path());
+        assert_eq!(store.marks().unwrap().last_seq, 3);
+        assert_eq!(store.outbox_rows().unwrap(), 3);
+        writer.shutdown().await;
+    }
+
+    /// Goal: after shutdown, writes fail with `Unavailable` instead of hanging.
+    #[tokio::test]
+    async fn writes_after_shutdown_fail_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        writer.shutdown().await;
+        assert!(matches!(
+            store
+                .record_milestone(milestone("e", MilestoneKind::Picked), 1)
+                .await,
+            Err(WriteError::Unavailable(_))
+        ));
+    }
+}

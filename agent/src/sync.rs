@@ -1,0 +1,848 @@
+//! The sync client: one QUIC connection to central at a time (mutual TLS, ALPN), a Hello/Welcome
+//! exchange, then the outbox uploaded in sequence order through the protocol's `Uploader` while
+//! central's acks and master data are applied to the store. Reconnects forever with capped
+//! exponential backoff and full jitter. Async network shell around the pure `Uploader`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use outpost_protocol::io::{read_frame, write_frame};
+use outpost_protocol::session::Uploader;
+use outpost_protocol::{
+    AgentMsg, CentralMsg, EventEnvelope, FrameError, Hello, PROTOCOL_VERSION, Refuse, RefuseCode,
+};
+use quinn::VarInt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tracing::Instrument;
+
+use crate::config::SyncSettings;
+use crate::store::{ReadError, Store, WriteError};
+use crate::tls::{self, TlsError};
+
+/// Per-stream receive window: big enough for a full window of events in flight on a WAN
+/// (performance.md §2: quinn's 1.25 MB default caps one stream at ~200 Mbit/s at 50 ms RTT).
+pub const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+/// Connection-level receive window (one stream is used, so the same as the stream's).
+pub const RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+/// Send buffer for the connection: matches the peer's windows so one flight can fill them.
+pub const SEND_WINDOW: u64 = 8 * 1024 * 1024;
+/// Most bytes of encoded frames gathered before one `write_all`: several `Events` frames per
+/// write amortise the per-write cost (performance.md §4.4: 5× more messages per second).
+pub const MAX_COALESCE_BYTES: usize = 1024 * 1024;
+/// Longest a single write to central may block. Flow control blocks a write while central is
+/// busy committing; a live connection that accepts nothing for this long is treated as stuck.
+/// A dead one is noticed sooner, by the QUIC idle timeout.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Depth of the queue of central's messages between the reader task and the session loop. When
+/// full, the reader stops reading and QUIC flow control slows central down.
+pub const INBOUND_QUEUE_DEPTH: usize = 16;
+/// Longest the endpoint waits for connections to close cleanly at shutdown.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Application close codes sent to central.
+const CLOSE_SHUTDOWN: u32 = 0;
+const CLOSE_PROTOCOL_VIOLATION: u32 = 1;
+const CLOSE_LOCAL_ERROR: u32 = 2;
+
+/// Why a session ended (other than a shutdown).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot resolve {addr}: {detail}")]
+    Resolve { addr: String, detail: String },
+    #[error("cannot bind a UDP socket: {0}")]
+    Bind(std::io::Error),
+    #[error("cannot start a connection: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("frame error: {0}")]
+    Frame(#[from] FrameError),
+    #[error("write to central failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("central refused the session ({:?}): {}", .0.code, .0.reason)]
+    Refused(Refuse),
+    #[error("central broke the protocol: {0}")]
+    Protocol(String),
+    #[error("central ended the session")]
+    Closed,
+    #[error("cannot continue the upload: {0}")]
+    Diverged(String),
+    #[error("store error: {0}")]
+    StoreRead(#[from] ReadError),
+    #[error("store error: {0}")]
+    StoreWrite(#[from] WriteError),
+}
+
+/// Capped exponential backoff with full jitter: the n-th delay is uniform in
+/// `0..=min(max, initial * 2^n)`. Pure; the randomness is passed in.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The cap for the next attempt (before jitter).
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// The next delay, given a uniform sample in `[0, 1)`.
+    pub fn next_delay(&mut self, unit: f64) -> Duration {
+        let cap = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        cap.mul_f64(unit.clamp(0.0, 1.0))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+/// The rustls + transport configuration for connections to central.
+pub fn client_config(s: &SyncSettings) -> Result<quinn::ClientConfig, TlsError> {
+    let crypto = tls::quic_client_crypto(tls::client_config(&s.ca_cert, &s.cert, &s.key)?)?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(s.keep_alive))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(s.idle_timeout)
+                .map_err(|e| TlsError::Quic(e.to_string()))?,
+        ))
+        // The agent opens the one stream; central opens none and sends no datagrams.
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .datagram_receive_buffer_size(None)
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW);
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// The long-lived sync task.
+pub struct SyncClient {
+    settings: SyncSettings,
+    site: String,
+    store: Store,
+    connected: Arc<AtomicBool>,
+    client_config: quinn::ClientConfig,
+    endpoint: Option<(bool, quinn::Endpoint)>,
+}
+
+/// How a session ended without error.
+enum SessionEnd {
+    /// Central closed the stream cleanly after a Welcome.
+    Closed,
+}
+
+/// Aborts the session's helper tasks when the session ends, however it ends.
+struct TaskGuard(Vec<JoinHandle<()>>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+impl SyncClient {
+    pub fn new(
+        settings: SyncSettings,
+        site: String,
+        store: Store,
+        connected: Arc<AtomicBool>,
+    ) -> Result<Self, TlsError> {
+        let client_config = client_config(&settings)?;
+        Ok(SyncClient {
+            settings,
+            site,
+            store,
+            connected,
+            client_config,
+            endpoint: None,
+        })
+    }
+
+    /// Runs sessions until `shutdown` turns true, then closes the endpoint.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        let mut failures: u32 = 0;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let mut welcomed = false;
+            let span = tracing::info_span!("sync_session", site.id = %self.site, central = %self.settings.central_addr);
+            let result = tokio::select! {
+                r = self.session(&mut welcomed).instrument(span) => Some(r),
+                _ = shutdown.changed() => None,
+            };
+            let Some(result) = result else { break };
+            self.connected.store(false, Ordering::Relaxed);
+            if welcomed {
+                backoff.reset();
+                failures = 0;
+            }
+            match result {
+                Ok(SessionEnd::Closed) => {
+                    tracing::warn!("central closed the session; reconnecting");
+                }
+                Err(e) => {
+                    failures += 1;
+                    log_failure(&e, welcomed, failures);
+                }
+            }
+            let delay = backoff.next_delay(rand::random::<f64>());
+            tracing::debug!(
+                ?delay,
+                attempt = backoff.attempt(),
+                "reconnecting after backoff"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Waiting for the close to reach central only matters for a live session; a handshake
+        // towards an unreachable central would just hold up the shutdown.
+        let was_connected = self.connected.swap(false, Ordering::Relaxed);
+        if let Some((_, ep)) = self.endpoint.take() {
+            ep.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"agent shutting down");
+            if was_connected && timeout(CLOSE_TIMEOUT, ep.wait_idle()).await.is_err() {
+                tracing::debug!("connections did not close within {CLOSE_TIMEOUT:?}");
+            }
+        }
+    }
+
+    /// An endpoint of the address family of `addr`, created on first use.
+    fn endpoint_for(&mut self, addr: SocketAddr) -> Result<quinn::Endpoint, SyncError> {
+        let v6 = addr.is_ipv6();
+        if let Some((fam, ep)) = &self.endpoint
+            && *fam == v6
+        {
+            return Ok(ep.clone());
+        }
+        let bind: SocketAddr = if v6 {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let ep = quinn::Endpoint::client(bind).map_err(SyncError::Bind)?;
+        self.endpoint = Some((v6, ep.clone()));
+        Ok(ep)
+    }
+
+    async fn resolve(&self) -> Result<SocketAddr, SyncError> {
+        let addr = &self.settings.central_addr;
+        if let Ok(a) = addr.parse::<SocketAddr>() {
+            return Ok(a);
+        }
+        let err = |detail: String| SyncError::Resolve {
+            addr: addr.clone(),
+            detail,
+        };
+        let mut addrs = timeout(self.settings.connect_timeout, tokio::net::lookup_host(addr))
+            .await
+            .map_err(|_| SyncError::Timeout("resolving central's address"))?
+            .map_err(|e| err(e.to_string()))?;
+        addrs.next().ok_or_else(|| err("no addresses".into()))
+    }
+
+    /// One session: connect, hello, then upload and apply until something ends it.
+    async fn session(&mut self, welcomed: &mut bool) -> Result<SessionEnd, SyncError> {
+        let limit = self.settings.connect_timeout;
+        let addr = self.resolve().await?;
+        let endpoint = self.endpoint_for(addr)?;
+        let connecting = endpoint.connect_with(
+            self.client_config.clone(),
+            addr,
+            &self.settings.central_name,
+        )?;
+        let conn = timeout(limit, connecting)
+            .await
+            .map_err(|_| SyncError::Timeout("connecting to central"))??;
+        let result = self.converse(&conn, welcomed).await;
+        match &result {
+            Err(SyncError::Protocol(reason)) | Err(SyncError::Diverged(reason)) => conn.close(
+                VarInt::from_u32(CLOSE_PROTOCOL_VIOLATION),
+                truncate(reason).as_bytes(),
+            ),
+            Err(SyncError::StoreRead(_)) | Err(SyncError::StoreWrite(_)) => {
+                conn.close(VarInt::from_u32(CLOSE_LOCAL_ERROR), b"agent store error")
+            }
+            _ => conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"session ended"),
+        }
+        result
+    }
+
+    async fn converse(
+        &mut self,
+        conn: &quinn::Connection,
+        welcomed: &mut bool,
+    ) -> Result<SessionEnd, SyncError> {
+        let limit = self.settings.connect_timeout;
+        let (mut send, mut recv) = timeout(limit, conn.open_bi())
+            .await
+            .map_err(|_| SyncError::Timeout("opening the stream"))??;
+        let marks = self.store.marks()?;
+        let hello = AgentMsg::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            site: self.site.clone(),
+            master_rev: marks.master_rev,
+            last_seq: marks.last_seq,
+        });
+        timeout(limit, write_frame(&mut send, &hello))
+            .await
+            .map_err(|_| SyncError::Timeout("sending hello"))??;
+        let reply: Option<CentralMsg> = timeout(limit, read_frame(&mut recv))
+            .await
+            .map_err(|_| SyncError::Timeout("waiting for central's welcome"))??;
+        let welcome = match reply {
+            Some(CentralMsg::Welcome(w)) => w,
+            Some(CentralMsg::Refuse(r)) => return Err(SyncError::Refused(r)),
+            Some(other) => {
+                return Err(SyncError::Protocol(format!(
+                    "expected Welcome or Refuse, got {}",
+                    msg_name(&other)
+                )));
+            }
+            None => return Err(SyncError::Closed),
+        };
+        if welcome.protocol_version != PROTOCOL_VERSION {
+            return Err(SyncError::Protocol(format!(
+                "central answered with protocol version {}, this agent speaks {PROTOCOL_VERSION}",
+                welcome.protocol_version
+            )));
+        }
+        *welcomed = true;
+
+        // Central's durable mark decides where the upload resumes; it can never be behind what
+        // it acknowledged before (those outbox rows are gone) nor ahead of what exists here.
+        let marks = self.store.marks()?;
+        if welcome.acked_seq < marks.acked_seq {
+            return Err(SyncError::Diverged(format!(
+                "central reports seq {} as its high-water mark but already acknowledged {}; \
+                 events {}..={} were deleted here after that ack and cannot be resent \
+                 (was central restored from an old backup?)",
+                welcome.acked_seq,
+                marks.acked_seq,
+                welcome.acked_seq + 1,
+                marks.acked_seq
+            )));
+        }
+        let mut up = Uploader::new(self.settings.window_events, self.settings.batch_max_events);
+        up.handle_welcome(welcome.acked_seq, marks.last_seq)
+            .map_err(|e| SyncError::Diverged(e.to_string()))?;
+        self.store.mark_acked(welcome.acked_seq).await?;
+        self.connected.store(true, Ordering::Relaxed);
+        tracing::info!(
+            acked_seq = welcome.acked_seq,
+            last_seq = marks.last_seq,
+            master_rev = marks.master_rev,
+            central_rev = welcome.master_rev,
+            central_version = %welcome.central_version,
+            "connected to central"
+        );
+
+        let (in_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE_DEPTH);
+        // No timeout on each read: central may rightly say nothing for long stretches. A dead
+        // link is detected by the QUIC idle timeout (keep-alives hold a healthy one open), which
+        // fails the read.
+        let reader = tokio::spawn(
+            async move {
+                loop {
+                    let msg = read_frame::<CentralMsg, _>(&mut recv).await;
+                    let end = !matches!(msg, Ok(Some(_)));
+                    if in_tx.send(msg).await.is_err() || end {
+                        break;
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        let (ack_tx, ack_rx) = watch::channel(welcome.acked_seq);
+        let acker = tokio::spawn(persist_acks(self.store.clone(), ack_rx).in_current_span());
+        let _guard = TaskGuard(vec![reader, acker]);
+
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            // Send everything the window allows, several frames per write.
+            let last_seq = self.store.marks()?.last_seq;
+            while let Some(range) = up.poll_send(last_seq) {
+                let events = self.store.outbox_range(range.clone())?;
+                let frames = encode_batches(&events)?;
+                for (through, frame) in frames {
+                    buf.extend_from_slice(&frame);
+                    up.handle_sent(through);
+                    if buf.len() >= MAX_COALESCE_BYTES {
+                        write_all(&mut send, &buf).await?;
+                        buf.clear();
+                    }
+                }
+                tracing::trace!(?range, "events sent");
+            }
+            if !buf.is_empty() {
+                write_all(&mut send, &buf).await?;
+                buf.clear();
+            }
+
+            tokio::select! {
+                msg = inbound.recv() => {
+                    match msg {
+                        Some(Ok(Some(msg))) => self.handle_central(msg, &mut up, &ack_tx).await?,
+                        Some(Ok(None)) | None => return Ok(SessionEnd::Closed),
+                        Some(Err(e)) if e.is_protocol_violation() => {
+                            return Err(SyncError::Protocol(e.to_string()));
+                        }
+                        Some(Err(e)) => return Err(reader_error(conn, e)),
+                    }
+                }
+                _ = self.store.new_events().notified() => {}
+            }
+        }
+    }
+
+    async fn handle_central(
+        &mut self,
+        msg: CentralMsg,
+        up: &mut Uploader,
+        ack_tx: &watch::Sender<u64>,
+    ) -> Result<(), SyncError> {
+        match msg {
+            CentralMsg::Ack { through_seq } => {
+                let advanced = up
+                    .handle_ack(through_seq)
+                    .map_err(|e| SyncError::Protocol(e.to_string()))?;
+                if advanced {
+                    // Persisted by the acker task, so the upload does not wait for the fsync.
+                    ack_tx.send_replace(through_seq);
+                }
+                Ok(())
+            }
+            CentralMsg::Master(batch) => {
+                let (from, through, n) = (batch.from_rev, batch.through_rev, batch.changes.len());
+                match self.store.apply_master(batch).await {
+                    Ok(applied) => {
+                        tracing::debug!(from, through, changes = n, applied, "master batch");
+                        Ok(())
+                    }
+                    Err(WriteError::BadMasterBatch(reason)) => Err(SyncError::Protocol(reason)),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            CentralMsg::Refuse(r) => Err(SyncError::Refused(r)),
+            CentralMsg::Welcome(_) => Err(SyncError::Protocol(
+                "a second Welcome in one session".into(),
+            )),
+        }
+    }
+}
+
+/// Persists the latest acknowledged seq, coalescing acks that arrive during a commit.
+async fn persist_acks(store: Store, mut rx: watch::Receiver<u64>) {
+    while rx.changed().await.is_ok() {
+        let through = *rx.borrow_and_update();
+        if let Err(e) = store.mark_acked(through).await {
+            // The rows stay in the outbox; the next Welcome carries central's mark again.
+            tracing::warn!(error = %e, through, "could not record central's ack");
+            break;
+        }
+    }
+}
+
+/// Encodes `events` as one `Events` frame, or several if one would exceed the frame limit
+/// (large orders). Returns each frame with the last seq it carries.
+fn encode_batches(events: &[EventEnvelope]) -> Result<Vec<(u64, Vec<u8>)>, SyncError> {
+    let mut out = Vec::new();
+    let mut stack: Vec<&[EventEnvelope]> = vec![events];
+    while let Some(slice) = stack.pop() {
+        let Some(last) = slice.last() else { continue };
+        match outpost_protocol::encode(&AgentMsg::Events(slice.to_vec())) {
+            Ok(frame) => out.push((last.seq, frame)),
+            Err(FrameError::TooLarge { .. }) if slice.len() > 1 => {
+                let (a, b) = slice.split_at(slice.len() / 2);
+                // Pushed in reverse so `a` is encoded (and sent) first.
+                stack.push(b);
+                stack.push(a);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+async fn write_all(send: &mut quinn::SendStream, buf: &[u8]) -> Result<(), SyncError> {
+    timeout(WRITE_TIMEOUT, send.write_all(buf))
+        .await
+        .map_err(|_| SyncError::Timeout("writing to central"))??;
+    Ok(())
+}
+
+/// A transport error from the reader: prefer the connection's own close reason (it says
+/// whether central closed it, the idle timeout fired, or it was reset).
+fn reader_error(conn: &quinn::Connection, e: FrameError) -> SyncError {
+    match conn.close_reason() {
+        Some(reason) => SyncError::Connection(reason),
+        None => SyncError::Frame(e),
+    }
+}
+
+fn msg_name(m: &CentralMsg) -> &'static str {
+    match m {
+        CentralMsg::Welcome(_) => "Welcome",
+        CentralMsg::Refuse(_) => "Refuse",
+        CentralMsg::Ack { .. } => "Ack",
+        CentralMsg::Master(_) => "Master",
+    }
+}
+
+/// QUIC close reasons must fit in a packet; keep them short.
+fn truncate(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+/// Logs a failed session once per streak at warn (error for conditions an operator must fix),
+/// and repeats of the same streak at debug, so an outage does not flood the log.
+fn log_failure(e: &SyncError, welcomed: bool, failures: u32) {
+    let operator_must_act = matches!(
+        e,
+        SyncError::Diverged(_)
+            | SyncError::Refused(Refuse {
+                code: RefuseCode::IncompatibleVersion | RefuseCode::WrongSite,
+                ..
+            })
+    );
+    if operator_must_act {
+        tracing::error!(error = %e, failures, "sync session failed");
+    } else if welcomed || failures == 1 {
+        tracing::warn!(error = %e, "sync session ended; retrying with backoff");
+    } else {
+        tracing::debug!(error = %e, failures, "sync session failed again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewMilestone, StoreWriter};
+    use crate::testutil::{Pki, catalogue};
+    use outpost_protocol::{EventBody, Milestone, MilestoneKind, Welcome};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::path::Path;
+
+    const CENTRAL_NAME: &str = "central.outpost.local";
+
+    /// A scripted central: mTLS with the fleet CA, ALPN, one stream per connection.
+    fn fake_central(pki: &Pki) -> quinn::Endpoint {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let (cert, key) = pki.server(CENTRAL_NAME);
+        let mut scfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        scfg.alpn_protocols = vec![outpost_protocol::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(scfg).unwrap();
+        quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn settings(dir: &Path, pki: &Pki, central: SocketAddr) -> SyncSettings {
+        pki.write_site_files(dir, "plant-1");
+        SyncSettings {
+            central_addr: central.to_string(),
+            central_name: CENTRAL_NAME.into(),
+            ca_cert: dir.join("ca.pem"),
+            cert: dir.join("plant-1.pem"),
+            key: dir.join("plant-1.key"),
+            connect_timeout: Duration::from_secs(3),
+            keep_alive: Duration::from_millis(200),
+            idle_timeout: Duration::from_secs(2),
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(50),
+            batch_max_events: 4,
+            window_events: 8,
+        }
+    }
+
+    fn scan(id: &str) -> NewMilestone {
+        NewMilestone {
+            event_id: id.into(),
+            shipment_id: "SH-1".into(),
+            milestone: MilestoneKind::Picked,
+            scanner_id: "scanner-1".into(),
+            at: "2026-11-26T10:00:00Z".into(),
+        }
+    }
+
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// Accepts one session, checks the hello, welcomes with `acked`, pushes `master`, then acks
+    /// every contiguous batch until the agent closes or `stop` fires. Returns the seqs received.
+    async fn serve_session(
+        ep: &quinn::Endpoint,
+        acked: u64,
+        master: Option<outpost_protocol::MasterBatch>,
+        seen: Arc<std::sync::Mutex<Vec<u64>>>,
+        stop_after: Option<u64>,
+    ) -> quinn::Connection {
+        let conn = ep.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let hello: AgentMsg = read_frame(&mut recv).await.unwrap().unwrap();
+        let AgentMsg::Hello(h) = hello else {
+            panic!("expected hello")
+        };
+        assert_eq!(h.site, "plant-1");
+        assert_eq!(h.protocol_version, PROTOCOL_VERSION);
+        write_frame(
+            &mut send,
+            &CentralMsg::Welcome(Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                central_version: "test".into(),
+                acked_seq: acked,
+                master_rev: 5,
+            }),
+        )
+        .await
+        .unwrap();
+        if let Some(m) = master {
+            write_frame(&mut send, &CentralMsg::Master(m))
+                .await
+                .unwrap();
+        }
+        let conn2 = conn.clone();
+        tokio::spawn(async move {
+            let mut hwm = acked;
+            while let Ok(Some(AgentMsg::Events(batch))) = read_frame::<AgentMsg, _>(&mut recv).await
+            {
+                let plan = outpost_protocol::session::plan_ingest("plant-1", hwm, &batch).unwrap();
+                seen.lock()
+                    .unwrap()
+                    .extend(batch[plan.duplicates..].iter().map(|e| e.seq));
+                hwm = plan.new_hwm;
+                if stop_after.is_some_and(|s| hwm >= s) {
+                    // Drop the link without acking: the agent must resend after reconnecting.
+                    conn2.close(VarInt::from_u32(9), b"test cut");
+                    return;
+                }
+                if write_frame(&mut send, &CentralMsg::Ack { through_seq: hwm })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        conn
+    }
+
+    /// Goal: against a scripted central over real QUIC + mTLS, the agent uploads its whole
+    /// outbox in order within the window, records acks durably, applies master data with its
+    /// revision, uploads new events as they are committed, survives a cut link by resuming from
+    /// central's mark, and reports `connected` accordingly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_acks_master_and_resumes_after_a_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let central = fake_central(&pki);
+        let addr = central.local_addr().unwrap();
+        let (store, writer): (Store, StoreWriter) =
+            Store::open(&dir.path().join("agent.redb"), "plant-1").unwrap();
+        for i in 0..30 {
+            store
+                .record_milestone(scan(&format!("e{i}")), 1)
+                .await
+                .unwrap();
+        }
+        let connected = Arc::new(AtomicBool::new(false));
+        let client = SyncClient::new(
+            settings(dir.path(), &pki, addr),
+            "plant-1".into(),
+            store.clone(),
+            connected.clone(),
+        )
+        .unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(client.run(stop_rx));
+
+        // First session: central has nothing; it cuts the link once 12 events arrived, unacked.
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _c1 = serve_session(&central, 0, Some(catalogue(0, 5)), seen.clone(), Some(12)).await;
+        eventually("master applied", || store.marks().unwrap().master_rev == 5).await;
+        assert_eq!(store.atp("GEAR-12T").unwrap(), Some((40, 5)));
+        eventually("first batches", || seen.lock().unwrap().len() >= 12).await;
+
+        // Second session: central says it durably has 10 of them; the agent resends from 11.
+        let seen2 = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _c2 = serve_session(&central, 10, None, seen2.clone(), None).await;
+        eventually("outbox drained", || store.marks().unwrap().acked_seq == 30).await;
+        assert_eq!(*seen2.lock().unwrap(), (11..=30).collect::<Vec<_>>());
+        assert!(connected.load(Ordering::Relaxed));
+        assert_eq!(store.outbox_rows().unwrap(), 0);
+
+        // A new local commit is uploaded without any polling delay.
+        store.record_milestone(scan("late"), 2).await.unwrap();
+        eventually("new event acked", || store.marks().unwrap().acked_seq == 31).await;
+        assert_eq!(seen2.lock().unwrap().last(), Some(&31));
+
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("sync task stops on shutdown")
+            .unwrap();
+        assert!(!connected.load(Ordering::Relaxed));
+        writer.shutdown().await;
+    }
+
+    /// Goal: a refusal ends the session and the agent retries with backoff; an unreachable
+    /// central leaves `connected` false and the agent keeps trying.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_sessions_are_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let central = fake_central(&pki);
+        let addr = central.local_addr().unwrap();
+        let (store, writer) = Store::open(&dir.path().join("agent.redb"), "plant-1").unwrap();
+        let connected = Arc::new(AtomicBool::new(false));
+        let client = SyncClient::new(
+            settings(dir.path(), &pki, addr),
+            "plant-1".into(),
+            store.clone(),
+            connected.clone(),
+        )
+        .unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(client.run(stop_rx));
+        for _ in 0..3 {
+            let conn = central.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let _hello: AgentMsg = read_frame(&mut recv).await.unwrap().unwrap();
+            write_frame(
+                &mut send,
+                &CentralMsg::Refuse(Refuse {
+                    code: RefuseCode::Superseded,
+                    reason: "test".into(),
+                }),
+            )
+            .await
+            .unwrap();
+            let _ = send.finish();
+            assert!(!connected.load(Ordering::Relaxed));
+        }
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        writer.shutdown().await;
+    }
+
+    #[test]
+    fn backoff_is_capped_exponential_with_full_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(2000));
+        let ceilings: Vec<u128> = (0..8)
+            .map(|_| {
+                let c = b.ceiling().as_millis();
+                assert!(b.next_delay(0.999_999).as_millis() <= c);
+                c
+            })
+            .collect();
+        assert_eq!(ceilings, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert_eq!(
+            b.next_delay(0.0),
+            Duration::ZERO,
+            "full jitter reaches zero"
+        );
+        for _ in 0..100 {
+            b.next_delay(0.5);
+        }
+        assert_eq!(b.ceiling(), Duration::from_millis(2000), "no overflow");
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    fn big_event(seq: u64, bytes: usize) -> EventEnvelope {
+        EventEnvelope {
+            site: "plant-1".into(),
+            seq,
+            event_id: format!("e{seq}"),
+            at_ms: 0,
+            body: EventBody::Milestone(Milestone {
+                shipment_id: "S".into(),
+                milestone: MilestoneKind::Picked,
+                scanner_id: "s".into(),
+                at: "x".repeat(bytes),
+            }),
+        }
+    }
+
+    /// Goal: a batch whose frame would exceed the frame limit is split, in order, and every
+    /// event is carried exactly once.
+    #[test]
+    fn oversized_batches_are_split_in_order() {
+        let events: Vec<_> = (1..=10).map(|s| big_event(s, 1024 * 1024)).collect();
+        let frames = encode_batches(&events).unwrap();
+        assert!(frames.len() > 1);
+        let mut seqs = Vec::new();
+        for (through, f) in &frames {
+            assert!(f.len() - 4 <= outpost_protocol::MAX_FRAME_BYTES);
+            let msg: AgentMsg = outpost_protocol::decode_body(&f[4..]).unwrap();
+            let AgentMsg::Events(evs) = msg else { panic!() };
+            assert_eq!(evs.last().unwrap().seq, *through);
+            seqs.extend(evs.iter().map(|e| e.seq));
+        }
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+        let small: Vec<_> = (1..=3).map(|s| big_event(s, 10)).collect();
+        assert_eq!(encode_batches(&small).unwrap().len(), 1);
+    }
+}
