@@ -160,7 +160,10 @@ mod tests {
             Err(FrameError::TooLarge { .. })
         ));
         assert!(decode_len(u32::MAX.to_be_bytes()).is_err());
-        assert_eq!(decode_len((MAX_FRAME_BYTES as u32).to_be_bytes()).unwrap(), MAX_FRAME_BYTES);
+        assert_eq!(
+            decode_len((MAX_FRAME_BYTES as u32).to_be_bytes()).unwrap(),
+            MAX_FRAME_BYTES
+        );
     }
 
     #[test]

@@ -58,7 +58,9 @@ mod tests {
     #[tokio::test]
     async fn reads_back_what_was_written_and_refuses_oversize() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        write_frame(&mut a, &CentralMsg::Ack { through_seq: 9 }).await.unwrap();
+        write_frame(&mut a, &CentralMsg::Ack { through_seq: 9 })
+            .await
+            .unwrap();
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         drop(a);
         let got: Option<CentralMsg> = read_frame(&mut b).await.unwrap();

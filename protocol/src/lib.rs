@@ -3,9 +3,9 @@
 //! storage, no clock (time is passed in).
 
 pub mod frame;
+pub mod identity;
 #[cfg(feature = "io")]
 pub mod io;
-pub mod identity;
 pub mod messages;
 pub mod money;
 pub mod session;

@@ -203,10 +203,7 @@ pub enum ValidationError {
     #[error("{field} is longer than {max} characters")]
     TooLong { field: &'static str, max: usize },
     #[error("{field} is out of range: {detail}")]
-    OutOfRange {
-        field: &'static str,
-        detail: String,
-    },
+    OutOfRange { field: &'static str, detail: String },
 }
 
 /// Checks an identifier: 1..=`MAX_ID_LEN` characters from `[A-Za-z0-9._:-]`.

@@ -47,8 +47,16 @@ impl Money {
         {
             return Err(err());
         }
-        let int_v: i64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| err())? };
-        let mut frac_v: i64 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| err())? };
+        let int_v: i64 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| err())?
+        };
+        let mut frac_v: i64 = if frac.is_empty() {
+            0
+        } else {
+            frac.parse().map_err(|_| err())?
+        };
         frac_v *= 10_i64.pow(MONEY_SCALE - frac.len() as u32);
         let v = int_v
             .checked_mul(FACTOR)
@@ -132,7 +140,15 @@ mod tests {
             assert_eq!(m.units(), units, "{s}");
             assert_eq!(m.to_string(), shown, "{s}");
         }
-        for bad in ["", ".", "1.23456", "1e3", "abc", "1.2.3", "99999999999999999"] {
+        for bad in [
+            "",
+            ".",
+            "1.23456",
+            "1e3",
+            "abc",
+            "1.2.3",
+            "99999999999999999",
+        ] {
             assert!(Money::parse(bad).is_err(), "{bad} accepted");
         }
     }
@@ -151,6 +167,9 @@ mod tests {
     #[test]
     fn postcard_carries_raw_units() {
         let bytes = postcard::to_allocvec(&Money(123_456)).unwrap();
-        assert_eq!(postcard::from_bytes::<Money>(&bytes).unwrap(), Money(123_456));
+        assert_eq!(
+            postcard::from_bytes::<Money>(&bytes).unwrap(),
+            Money(123_456)
+        );
     }
 }

@@ -5,8 +5,8 @@
 
 use std::ops::RangeInclusive;
 
-use crate::messages::{EventEnvelope, Hello, MAX_EVENTS_PER_BATCH, Refuse, RefuseCode};
 use crate::PROTOCOL_VERSION;
+use crate::messages::{EventEnvelope, Hello, MAX_EVENTS_PER_BATCH, Refuse, RefuseCode};
 
 /// A protocol violation by the peer: the session is closed with this reason.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -32,7 +32,10 @@ pub struct Uploader {
 impl Uploader {
     /// `window`: most events in flight (sent, not acked); `max_batch`: most events per frame.
     pub fn new(window: u64, max_batch: u64) -> Self {
-        assert!(window >= 1 && max_batch >= 1, "window and batch must be positive");
+        assert!(
+            window >= 1 && max_batch >= 1,
+            "window and batch must be positive"
+        );
         let max_batch = max_batch.min(MAX_EVENTS_PER_BATCH as u64);
         Uploader {
             acked: 0,
@@ -43,7 +46,11 @@ impl Uploader {
     }
 
     /// Starts a session from central's durable high-water mark. Everything after it is (re)sent.
-    pub fn handle_welcome(&mut self, central_acked: u64, last_local_seq: u64) -> Result<(), SessionError> {
+    pub fn handle_welcome(
+        &mut self,
+        central_acked: u64,
+        last_local_seq: u64,
+    ) -> Result<(), SessionError> {
         if central_acked > last_local_seq {
             return Err(SessionError::CentralAhead {
                 central: central_acked,
@@ -81,7 +88,10 @@ impl Uploader {
 
     /// The shell transmitted events through `through`.
     pub fn handle_sent(&mut self, through: u64) {
-        assert!(through >= self.sent, "sent mark never goes back within a session");
+        assert!(
+            through >= self.sent,
+            "sent mark never goes back within a session"
+        );
         self.sent = through;
     }
 
@@ -145,7 +155,11 @@ pub enum IngestError {
 ///
 /// Events at or below `hwm` are duplicates of a re-upload after a lost ack and must form a prefix;
 /// the rest must continue exactly at `hwm + 1` without gaps.
-pub fn plan_ingest(site: &str, hwm: u64, events: &[EventEnvelope]) -> Result<IngestPlan, IngestError> {
+pub fn plan_ingest(
+    site: &str,
+    hwm: u64,
+    events: &[EventEnvelope],
+) -> Result<IngestPlan, IngestError> {
     if events.len() > MAX_EVENTS_PER_BATCH {
         return Err(IngestError::TooMany(events.len()));
     }
@@ -167,7 +181,10 @@ pub fn plan_ingest(site: &str, hwm: u64, events: &[EventEnvelope]) -> Result<Ing
         if let Some(exp) = expected
             && e.seq != exp
         {
-            return Err(IngestError::Gap { expected: exp, got: e.seq });
+            return Err(IngestError::Gap {
+                expected: exp,
+                got: e.seq,
+            });
         }
         if e.seq <= hwm {
             duplicates += 1;
@@ -181,7 +198,10 @@ pub fn plan_ingest(site: &str, hwm: u64, events: &[EventEnvelope]) -> Result<Ing
         }
         expected = Some(e.seq + 1);
     }
-    Ok(IngestPlan { duplicates, new_hwm })
+    Ok(IngestPlan {
+        duplicates,
+        new_hwm,
+    })
 }
 
 #[cfg(test)]
@@ -235,16 +255,31 @@ mod tests {
         let batch: Vec<_> = (3..=6).map(|s| ev("plant-1", s)).collect();
         assert_eq!(
             plan_ingest("plant-1", 4, &batch),
-            Ok(IngestPlan { duplicates: 2, new_hwm: 6 })
+            Ok(IngestPlan {
+                duplicates: 2,
+                new_hwm: 6
+            })
         );
         assert_eq!(
             plan_ingest("plant-1", 9, &batch),
-            Ok(IngestPlan { duplicates: 4, new_hwm: 9 })
+            Ok(IngestPlan {
+                duplicates: 4,
+                new_hwm: 9
+            })
         );
-        assert!(matches!(plan_ingest("plant-1", 1, &batch), Err(IngestError::Gap { expected: 2, got: 3 })));
+        assert!(matches!(
+            plan_ingest("plant-1", 1, &batch),
+            Err(IngestError::Gap {
+                expected: 2,
+                got: 3
+            })
+        ));
         let mut foreign = batch.clone();
         foreign[1].site = "plant-2".into();
-        assert!(matches!(plan_ingest("plant-1", 2, &foreign), Err(IngestError::ForeignSite { .. })));
+        assert!(matches!(
+            plan_ingest("plant-1", 2, &foreign),
+            Err(IngestError::ForeignSite { .. })
+        ));
         let holes = vec![ev("plant-1", 1), ev("plant-1", 3)];
         assert!(plan_ingest("plant-1", 0, &holes).is_err());
     }
@@ -259,7 +294,10 @@ mod tests {
             last_seq: 0,
         };
         assert!(check_hello("plant-1", &h).is_ok());
-        assert_eq!(check_hello("plant-2", &h).unwrap_err().code, RefuseCode::WrongSite);
+        assert_eq!(
+            check_hello("plant-2", &h).unwrap_err().code,
+            RefuseCode::WrongSite
+        );
         h.protocol_version = PROTOCOL_VERSION + 1;
         assert_eq!(
             check_hello("plant-1", &h).unwrap_err().code,

@@ -12,7 +12,7 @@ use serde_json::Value;
 fn alive(pid: u64) -> bool {
     // A reaped process has no /proc entry; a zombie still shows state Z.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Ok(s) => s.split_whitespace().nth(2).is_none_or(|st| st != "Z"),
         Err(_) => false,
     }
 }

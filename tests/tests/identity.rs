@@ -150,7 +150,10 @@ async fn a_certificate_from_another_ca_is_refused_at_the_handshake() -> Result<(
                 !text.contains("timed out") && !text.contains("deadline"),
                 "refusal must be an explicit handshake error, not a timeout: {text}"
             );
-            assert!(text.contains("certificate"), "the reason names the certificate: {text}");
+            assert!(
+                text.contains("certificate"),
+                "the reason names the certificate: {text}"
+            );
         }
     }
 
