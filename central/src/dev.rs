@@ -117,8 +117,6 @@ pub enum DevError {
     },
     #[error("seeding the demo catalogue failed: {0}")]
     Seed(String),
-    #[error("{name} exited unexpectedly ({status}); the rest of the fleet was stopped")]
-    ChildExited { name: String, status: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
@@ -457,8 +455,8 @@ fn ready_addr(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(Value::as_str).map(str::to_string)
 }
 
-/// Runs the dev fleet until Ctrl-C / SIGTERM (`Ok`) or until a child exits unexpectedly (`Err`,
-/// after stopping the others).
+/// Runs the dev fleet until Ctrl-C / SIGTERM, then stops every process it started. A process
+/// that exits on its own is reported with the command that restarts it; the others keep running.
 pub async fn up(opts: &UpOptions) -> Result<(), DevError> {
     let dir = absolute(&opts.init.dir)?;
     if !dir.join(FLEET_FILE).exists() {
@@ -551,19 +549,43 @@ async fn start_and_wait(
                 return Ok(());
             }
             _ = tick.tick() => {
-                for p in procs.iter_mut() {
-                    if let Some(status) = p.exited() {
-                        eprintln!(
-                            "{} exited unexpectedly ({status}); last lines of {}:\n{}",
-                            p.name,
-                            p.log.display(),
-                            p.tail()
-                        );
-                        return Err(DevError::ChildExited { name: p.name.clone(), status });
-                    }
-                }
+                // A process that dies is reported, not cascaded: the rest of the fleet keeps
+                // running, which is exactly what a site does when central goes away. The
+                // operator restarts it by hand with the command from fleet.json.
+                procs.retain_mut(|p| {
+                    let Some(status) = p.exited() else { return true };
+                    eprintln!(
+                        "{} exited ({status}); the rest of the fleet keeps running. Last lines of {}:\n{}\n\
+                         restart it with: {}",
+                        p.name,
+                        p.log.display(),
+                        p.tail(),
+                        restart_hint(fleet, &p.name, &central_quic),
+                    );
+                    false
+                });
             }
         }
+    }
+}
+
+/// The shell command that restarts fleet member `name` where the rest of the fleet expects it.
+fn restart_hint(fleet: &Fleet, name: &str, central_quic: &str) -> String {
+    let quote = |args: &[String]| {
+        args.iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if name == "central" {
+        return quote(&fleet.central.command);
+    }
+    match fleet.sites.iter().find(|s| s.id == name) {
+        Some(s) => format!(
+            "OUTPOST_SYNC__CENTRAL_ADDR={central_quic} {}",
+            quote(&s.command)
+        ),
+        None => String::from("(unknown fleet member)"),
     }
 }
 

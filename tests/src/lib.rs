@@ -56,7 +56,8 @@ pub struct Fleet {
     pub fleet_json: Value,
 }
 
-fn member(v: &Value, id: &str) -> Result<Member> {
+/// Reads one `fleet.json` entry (`central` or an element of `sites`).
+pub fn member(v: &Value, id: &str) -> Result<Member> {
     let command: Vec<String> = v["command"]
         .as_array()
         .context("command")?

@@ -129,6 +129,63 @@ async fn dev_up_runs_a_fleet_until_ctrl_c() -> Result<()> {
         sites.body
     );
 
+    // Central dies: the fleet keeps running and the site keeps taking orders.
+    let central_pid = readies[0]["pid"].as_u64().context("pid")?;
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &central_pid.to_string()])
+            .status()?
+            .success()
+    );
+    let site = &fleet["sites"][0];
+    let a = Api {
+        base: format!("http://{}", readies[1]["api"].as_str().context("api")?),
+        token: site["token"].as_str().context("token")?.to_string(),
+        http: http.clone(),
+    };
+    eventually("site notices central is gone", CONVERGE_TIMEOUT, || async {
+        Ok((a.get("/v1/health").await?.body["connected"] == false).then_some(()))
+    })
+    .await?;
+    let body =
+        serde_json::json!({"customer_id": "C-ACME", "lines": [{"sku": "GEAR-12T", "qty": 2}]});
+    let o = a
+        .post("/v1/orders", &body, Some("while-central-down"))
+        .await?;
+    assert_eq!(o.status, 201, "{}", o.body);
+    assert!(
+        up.try_wait()?.is_none(),
+        "dev up keeps the rest of the fleet running"
+    );
+
+    // The operator restarts central by hand where the agents expect it; the order arrives.
+    let pinned = Ready {
+        pid: 0,
+        api: readies[0]["api"].as_str().context("api")?.to_string(),
+        quic: readies[0]["quic"].as_str().map(str::to_string),
+    };
+    let f = Fleet {
+        dir: tempfile::tempdir()?,
+        central: member(&fleet["central"], "central")?,
+        sites: Vec::new(),
+        fleet_json: fleet.clone(),
+    };
+    let restarted = f.start_central(Some(&pinned))?;
+    let order_id = o.body["order_id"].as_str().context("order_id")?.to_string();
+    eventually(
+        "order written while central was down reaches the feed",
+        CONVERGE_TIMEOUT,
+        || async {
+            let feed = read_feed(&central).await?;
+            Ok(feed
+                .iter()
+                .any(|e| e["id"] == order_id.as_str())
+                .then_some(()))
+        },
+    )
+    .await?;
+    drop(restarted);
+
     // Ctrl-C.
     let st = Command::new("kill")
         .args(["-INT", &up.id().to_string()])
@@ -145,6 +202,7 @@ async fn dev_up_runs_a_fleet_until_ctrl_c() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "dev up exits 0 on Ctrl-C: {status}");
+    // Every process dev up started is gone (central was already killed above).
     for pid in pids {
         let gone = Instant::now() + Duration::from_secs(10);
         while alive(pid) && Instant::now() < gone {
