@@ -1,10 +1,9 @@
-//! The agent's local HTTP API (axum): reads from the store's cache, order and milestone capture
-//! through the store writer, JSON errors with stable codes. Async shell: handlers read redb
-//! directly (microseconds) and await the writer for writes.
+//! The agent's local HTTP API (axum): reads from the store's cache and allowances, order and
+//! milestone capture through the store writer (after an online allowance top-up when one would
+//! help), JSON errors with stable codes. Async shell: handlers read redb directly (microseconds)
+//! and await the writer for writes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -14,14 +13,17 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use outpost_protocol::{MilestoneKind, OrderLine};
+use outpost_protocol::{MilestoneKind, Pool};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::store::{
     MilestoneRecord, NewLine, NewMilestone, NewOrder, OrderRecord, ReadError, Store, WriteError,
+    now_ms, rfc3339_millis,
 };
+use crate::sync::LinkState;
+use crate::topup::TopUp;
 
 /// Longest accepted `Idempotency-Key`: room for a UUID, a ULID or a client's own composite key.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
@@ -34,8 +36,11 @@ pub struct ApiState {
     pub store: Store,
     pub site: String,
     pub tokens: Arc<Vec<String>>,
-    /// Whether the sync session with central is up (set by the sync task).
-    pub connected: Arc<AtomicBool>,
+    /// Whether the sync session with central is up and when central was last heard from (set by
+    /// the sync task).
+    pub link: Arc<LinkState>,
+    /// Asks central for more allowance while an order waits; `None`: never ask.
+    pub topup: Option<TopUp>,
     pub max_body_bytes: usize,
 }
 
@@ -168,6 +173,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/atp/{sku}", get(atp))
+        .route("/v1/allowances", get(allowances))
         .route("/v1/prices/{sku}", get(price))
         .route("/v1/customers/{id}", get(customer))
         .route("/v1/orders", post(create_order))
@@ -249,13 +255,6 @@ async fn guard(State(state): State<ApiState>, mut req: Request, next: Next) -> R
     next.run(req).await
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 /// A path id; anything that is not a valid id cannot exist, so it is a 404 on reads.
 fn path_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(id) = p.map_err(|e| ApiError::not_found(e.body_text()))?;
@@ -270,17 +269,19 @@ struct Health {
     master_rev: u64,
     last_seq: u64,
     acked_seq: u64,
+    stale_secs: Option<u64>,
 }
 
 async fn health(State(s): State<ApiState>) -> Result<axum::Json<Health>, ApiError> {
     let m = s.store.marks()?;
     Ok(axum::Json(Health {
         site: s.site.clone(),
-        connected: s.connected.load(Ordering::Relaxed),
+        connected: s.link.is_connected(),
         outbox_depth: m.outbox_depth(),
         master_rev: m.master_rev,
         last_seq: m.last_seq,
         acked_seq: m.acked_seq,
+        stale_secs: s.link.stale_secs(now_ms()),
     }))
 }
 
@@ -289,13 +290,54 @@ async fn atp(
     sku: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let sku = path_id(sku)?;
-    let Some((available, master_rev)) = s.store.atp(&sku)? else {
+    let Some(v) = s.store.atp_view(&sku)? else {
         return Err(ApiError::not_found(format!("no ATP for SKU {sku:?}")));
     };
-    Ok(
-        axum::Json(json!({"sku": sku, "available": available, "master_rev": master_rev}))
-            .into_response(),
-    )
+    // What the site can confirm on its own is its allowance, not the ERP's figure: the rest of
+    // the ERP's ATP may be escrowed for other sites or sold by central.
+    Ok(axum::Json(json!({
+        "sku": sku,
+        "available": v.allowance,
+        "allowance": v.allowance,
+        "erp_available": v.erp_available,
+        "master_rev": v.master_rev,
+        "as_of": v.as_of_ms.map(rfc3339_millis),
+        "stale_secs": s.link.stale_secs(now_ms()),
+    }))
+    .into_response())
+}
+
+fn pool_json(pool: &Pool, remaining: i64) -> serde_json::Value {
+    match pool {
+        Pool::Atp { sku } => json!({
+            "pool": pool.key(),
+            "kind": "atp",
+            "sku": sku,
+            "remaining": remaining,
+        }),
+        // Credit is kept in money units; `amount` is the same figure as a decimal string.
+        Pool::Credit { customer } => json!({
+            "pool": pool.key(),
+            "kind": "credit",
+            "customer": customer,
+            "remaining": remaining,
+            "amount": outpost_protocol::Money(remaining),
+        }),
+    }
+}
+
+async fn allowances(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let (pools, truncated) = s.store.allowances()?;
+    let m = s.store.marks()?;
+    let list: Vec<_> = pools.iter().map(|(p, r)| pool_json(p, *r)).collect();
+    Ok(axum::Json(json!({
+        "master_rev": m.master_rev,
+        "as_of": s.store.as_of_ms()?.map(rfc3339_millis),
+        "stale_secs": s.link.stale_secs(now_ms()),
+        "allowances": list,
+        "truncated": truncated,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -355,25 +397,75 @@ struct LineRequest {
 }
 
 #[derive(Serialize)]
+struct LineResponse<'a> {
+    sku: &'a str,
+    qty: i64,
+    unit_price: outpost_protocol::Money,
+    currency: &'a str,
+    promise: &'static str,
+    reason: &'a str,
+}
+
+#[derive(Serialize)]
 struct OrderResponse<'a> {
     order_id: &'a str,
     status: &'a str,
     customer_id: &'a str,
-    lines: &'a [OrderLine],
+    lines: Vec<LineResponse<'a>>,
     seq: u64,
     created_at: String,
+    offline: bool,
+    master_rev: u64,
+    erp_status: Option<&'static str>,
+    erp_reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     synced: Option<bool>,
 }
 
-fn order_json(r: &OrderRecord, synced: Option<bool>) -> serde_json::Value {
+/// How an order is shown.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OrderView {
+    /// The answer to `POST /v1/orders`, first time or retried: the order as it was captured, so
+    /// a retry gets exactly the original response (no ERP decision, no sync state).
+    Captured,
+    /// `GET /v1/orders/{id}`: the order now, with the ERP's decision and whether central has it.
+    Current { synced: bool },
+}
+
+fn order_json(r: &OrderRecord, view: OrderView) -> serde_json::Value {
+    let lines = r
+        .order
+        .lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| LineResponse {
+            sku: &l.sku,
+            qty: l.qty,
+            unit_price: l.unit_price,
+            currency: &l.currency,
+            promise: l.promise.as_str(),
+            reason: r.reasons.get(i).map_or("", String::as_str),
+        })
+        .collect();
+    let (erp_status, erp_reason, synced) = match view {
+        OrderView::Captured => (None, None, None),
+        OrderView::Current { synced } => (
+            r.erp_status.map(|s| s.as_str()),
+            r.erp_reason.as_deref(),
+            Some(synced),
+        ),
+    };
     serde_json::to_value(OrderResponse {
         order_id: &r.order.order_id,
         status: &r.order.status,
         customer_id: &r.order.customer_id,
-        lines: &r.order.lines,
+        lines,
         seq: r.seq,
         created_at: r.created_at(),
+        offline: r.order.offline,
+        master_rev: r.order.master_rev,
+        erp_status,
+        erp_reason,
         synced,
     })
     .unwrap_or_default()
@@ -415,14 +507,63 @@ async fn create_order(
             })
             .collect(),
     };
-    let outcome = s.store.create_order(&key, order, now_ms()).await?;
+    top_up_for(&s, &key, &order).await;
+    // Whether the site could reach central when it took the order, for central's reconciliation.
+    let offline = !s.link.is_connected();
+    let outcome = s.store.create_order(&key, order, now_ms(), offline).await?;
     let created = outcome.is_created();
     let rec = outcome.into_inner();
     if created {
-        tracing::info!(order.id = %rec.order.order_id, seq = rec.seq, "order captured");
+        tracing::info!(
+            order.id = %rec.order.order_id,
+            seq = rec.seq,
+            status = %rec.order.status,
+            offline,
+            "order captured"
+        );
     }
     // A retry gets the original response, status included.
-    Ok((StatusCode::CREATED, axum::Json(order_json(&rec, None))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(order_json(&rec, OrderView::Captured)),
+    )
+        .into_response())
+}
+
+/// While central is reachable, asks it for whatever allowance the order lacks, within the
+/// configured deadline. Best effort: any failure just leaves lines pending. The writer re-checks
+/// everything in the order's transaction, so a race with other orders cannot oversell. A retry
+/// of a stored order asks for nothing: its answer is already decided.
+async fn top_up_for(s: &ApiState, key: &str, order: &NewOrder) {
+    let Some(topup) = &s.topup else { return };
+    if !s.link.is_connected() || crate::store::validate_new_order(order).is_err() {
+        return;
+    }
+    match s.store.has_order_key(key) {
+        Ok(false) => {}
+        Ok(true) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "no top-up: cannot read the store");
+            return;
+        }
+    }
+    let needs = match s.store.shortfalls(order) {
+        Ok(n) if !n.is_empty() => n,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "no top-up: cannot read the store");
+            return;
+        }
+    };
+    let started = std::time::Instant::now();
+    let out = topup.request(needs).await;
+    tracing::debug!(
+        asked = out.asked,
+        granted = out.granted,
+        timed_out = out.timed_out,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "allowance top-up"
+    );
 }
 
 async fn get_order(
@@ -433,7 +574,7 @@ async fn get_order(
     let Some((rec, synced)) = s.store.order(&id)? else {
         return Err(ApiError::not_found(format!("no order {id:?}")));
     };
-    Ok(axum::Json(order_json(&rec, Some(synced))).into_response())
+    Ok(axum::Json(order_json(&rec, OrderView::Current { synced })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -483,9 +624,12 @@ async fn record_milestone(
 mod tests {
     use super::*;
     use crate::store::StoreWriter;
-    use crate::testutil::catalogue;
+    use crate::testutil::{catalogue, grants};
     use axum::body::Body;
     use axum::http::Request as HttpRequest;
+    use outpost_protocol::{
+        CustomerRecord, ErpStatus, MasterBatch, MasterChange, Money, OrderStatusUpdate,
+    };
     use serde_json::Value;
     use tower::ServiceExt;
 
@@ -503,11 +647,18 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (store, writer) = Store::open(&dir.path().join("agent.redb"), "plant-1").unwrap();
             store.apply_master(catalogue(0, 5)).await.unwrap();
+            // 10 gears and 100.00 of ACME's credit for this site.
+            let allowance = [
+                (Pool::atp("GEAR-12T"), 10),
+                (Pool::credit("ACME"), 1_000_000),
+            ];
+            store.apply_master(grants(5, 6, &allowance)).await.unwrap();
             let app = router(ApiState {
                 store: store.clone(),
                 site: "plant-1".into(),
                 tokens: Arc::new(vec![TOKEN.to_string()]),
-                connected: Arc::new(AtomicBool::new(false)),
+                link: Arc::new(LinkState::default()),
+                topup: None,
                 max_body_bytes: 65536,
             });
             Fixture {
@@ -601,7 +752,7 @@ mod tests {
         assert_eq!(st, 200);
         assert_eq!(v["site"], "plant-1");
         assert_eq!(v["connected"], false);
-        assert_eq!(v["master_rev"], 5);
+        assert_eq!(v["master_rev"], 6);
         f.close().await;
     }
 
@@ -747,10 +898,20 @@ mod tests {
         let (st, first) = f.post("/v1/orders", body, Some("key-1")).await;
         assert_eq!(st, 201, "{first}");
         assert_eq!(first["order_id"], "plant-1-o1");
-        assert_eq!(first["status"], "captured");
+        assert_eq!(first["status"], "confirmed");
         assert_eq!(first["lines"][0]["unit_price"], "11.00");
         assert_eq!(first["lines"][0]["currency"], "EUR");
+        assert_eq!(first["lines"][0]["promise"], "confirmed");
+        assert!(
+            first["lines"][0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("8 left")
+        );
         assert_eq!(first["seq"], 1);
+        assert_eq!(first["offline"], true, "no link to central in this fixture");
+        assert_eq!(first["master_rev"], 6);
+        assert!(first["erp_status"].is_null() && first["erp_reason"].is_null());
         assert!(first["created_at"].as_str().unwrap().ends_with('Z'));
         // Same body, different formatting: the same request.
         let spaced = r#"{ "lines": [ {"qty": 2, "sku": "GEAR-12T"} ], "customer_id": "ACME" }"#;
@@ -821,8 +982,10 @@ mod tests {
         let (st, v) = f.get("/v1/atp/GEAR-12T").await;
         assert_eq!(
             (st, v["available"].as_i64(), v["master_rev"].as_u64()),
-            (200, Some(40), Some(5))
+            (200, Some(10), Some(6)),
+            "available is the site's allowance: {v}"
         );
+        assert_eq!(v["erp_available"], 40);
         assert_eq!(f.get("/v1/atp/NOPE").await.0, 404);
         let (st, v) = f.get("/v1/customers/ACME").await;
         assert_eq!(
@@ -831,6 +994,95 @@ mod tests {
         );
         assert_eq!(v["on_hold"], false);
         assert_eq!(f.get("/v1/customers/NOBODY").await.0, 404);
+        f.close().await;
+    }
+
+    /// Goal: an order beyond the allowance answers per line (promise + reason) and as a whole
+    /// (status, offline); the allowance and ATP views show what is left, the ERP figure, the
+    /// revision and its age; the ERP's decision shows on GET while a retried POST still gets
+    /// the original response.
+    #[tokio::test]
+    async fn partial_orders_allowances_and_erp_status() {
+        let f = Fixture::new().await;
+        // 10 gears allowed: 6 fit, the next 6 do not (4 left), 3 fit. 9 × 11.00 = 99.00 fits
+        // the 100.00 of credit.
+        let body = r#"{"customer_id":"ACME","lines":[{"sku":"GEAR-12T","qty":6},{"sku":"GEAR-12T","qty":6},{"sku":"GEAR-12T","qty":3}]}"#;
+        let (st, first) = f.post("/v1/orders", body, Some("p-1")).await;
+        assert_eq!(st, 201, "{first}");
+        assert_eq!(first["status"], "partial");
+        let promises: Vec<&str> = first["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["promise"].as_str().unwrap())
+            .collect();
+        assert_eq!(promises, ["confirmed", "pending_allowance", "confirmed"]);
+        let reason = first["lines"][1]["reason"].as_str().unwrap();
+        assert!(reason.contains("has 4 left"), "{reason}");
+        assert_eq!(first["offline"], true);
+        assert!(first.get("synced").is_none());
+
+        let (st, v) = f.get("/v1/atp/GEAR-12T").await;
+        assert_eq!(st, 200);
+        assert_eq!(
+            (v["available"].as_i64(), v["allowance"].as_i64()),
+            (Some(1), Some(1))
+        );
+        assert_eq!(v["erp_available"], 40);
+        assert!(v["as_of"].as_str().unwrap().ends_with('Z'), "{v}");
+        assert!(v["stale_secs"].is_null(), "never heard from central: {v}");
+        let (st, v) = f.get("/v1/allowances").await;
+        assert_eq!(st, 200);
+        let list = v["allowances"].as_array().unwrap();
+        assert_eq!(list.len(), 2, "{v}");
+        assert_eq!(
+            (&list[0]["pool"], &list[0]["kind"], &list[0]["remaining"]),
+            (&json!("atp:GEAR-12T"), &json!("atp"), &json!(1))
+        );
+        assert_eq!(
+            (&list[1]["pool"], &list[1]["remaining"], &list[1]["amount"]),
+            (&json!("credit:ACME"), &json!(10_000), &json!("1.00"))
+        );
+
+        let decision = MasterBatch {
+            from_rev: 6,
+            through_rev: 7,
+            changes: vec![MasterChange::OrderStatus(OrderStatusUpdate {
+                site: "plant-1".into(),
+                order_id: "plant-1-o1".into(),
+                status: ErpStatus::NeedsReview,
+                reason: Some("line 2 pending".into()),
+            })],
+        };
+        f.store.apply_master(decision).await.unwrap();
+        let (_, o) = f.get("/v1/orders/plant-1-o1").await;
+        assert_eq!(o["erp_status"], "needs_review");
+        assert_eq!(o["erp_reason"], "line 2 pending");
+        assert_eq!(o["lines"], first["lines"]);
+        let (st, again) = f.post("/v1/orders", body, Some("p-1")).await;
+        assert_eq!(
+            (st, &again),
+            (201, &first),
+            "a retry gets the original response"
+        );
+
+        // A customer on hold: every line pending_hold, nothing consumed.
+        let hold = MasterBatch {
+            from_rev: 7,
+            through_rev: 8,
+            changes: vec![MasterChange::Customer(CustomerRecord {
+                id: "ACME".into(),
+                name: "Acme Corp".into(),
+                credit_limit: Money::parse("50000").unwrap(),
+                on_hold: true,
+            })],
+        };
+        f.store.apply_master(hold).await.unwrap();
+        let one = r#"{"customer_id":"ACME","lines":[{"sku":"GEAR-12T","qty":1}]}"#;
+        let (_, v) = f.post("/v1/orders", one, Some("p-2")).await;
+        assert_eq!(v["status"], "pending");
+        assert_eq!(v["lines"][0]["promise"], "pending_hold");
+        assert_eq!(f.get("/v1/atp/GEAR-12T").await.1["available"], 1);
         f.close().await;
     }
 

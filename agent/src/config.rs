@@ -58,6 +58,12 @@ pub const MAX_WINDOW_EVENTS: u64 = 1_000_000;
 pub const TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 50..=600_000;
 /// Largest accepted reconnect backoff cap: one hour.
 pub const MAX_BACKOFF_MS: u64 = 3_600_000;
+/// Default longest an order waits for central to grant more allowance: well under a second, so
+/// a floor operator barely notices, yet several WAN round trips.
+pub const DEFAULT_REQUEST_DEADLINE_MS: u64 = 300;
+/// Range of accepted allowance request deadlines. Past five seconds an order capture would feel
+/// hung; the site must keep working at local speed (guarantee 4).
+pub const REQUEST_DEADLINE_RANGE_MS: std::ops::RangeInclusive<u64> = 1..=5_000;
 
 /// The config file as written (`[api]`, `[sync]`). Every field has a default so that all missing
 /// keys are reported together by `validate` rather than one at a time by the deserializer.
@@ -68,6 +74,22 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub api: ApiConfig,
     pub sync: SyncConfig,
+    pub allowance: AllowanceConfig,
+}
+
+/// `[allowance]`: how the agent asks central for more allowance while an order waits.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllowanceConfig {
+    pub request_deadline_ms: u64,
+}
+
+impl Default for AllowanceConfig {
+    fn default() -> Self {
+        AllowanceConfig {
+            request_deadline_ms: DEFAULT_REQUEST_DEADLINE_MS,
+        }
+    }
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -142,6 +164,13 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub api: ApiSettings,
     pub sync: SyncSettings,
+    pub allowance: AllowanceSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct AllowanceSettings {
+    /// Longest an order waits for central's answer and the granted revision.
+    pub request_deadline: Duration,
 }
 
 #[derive(Clone)]
@@ -190,6 +219,7 @@ impl fmt::Debug for Settings {
             )
             .field("api.max_body_bytes", &self.api.max_body_bytes)
             .field("sync", &self.sync)
+            .field("allowance", &self.allowance)
             .finish()
     }
 }
@@ -242,7 +272,8 @@ impl LoadConfigError {
     }
 }
 
-const ROOT_KEYS: &[&str] = &["site_id", "data_dir", "api", "sync"];
+const ROOT_KEYS: &[&str] = &["site_id", "data_dir", "api", "sync", "allowance"];
+const ALLOWANCE_KEYS: &[&str] = &["request_deadline_ms"];
 const API_KEYS: &[&str] = &["listen", "tokens", "max_body_bytes"];
 const SYNC_KEYS: &[&str] = &[
     "central_addr",
@@ -337,6 +368,7 @@ fn unknown_keys(merged: &config::Config) -> Vec<Problem> {
         let known: Option<&[&str]> = match k.as_str() {
             "api" => Some(API_KEYS),
             "sync" => Some(SYNC_KEYS),
+            "allowance" => Some(ALLOWANCE_KEYS),
             _ => None,
         };
         if !ROOT_KEYS.contains(&k.as_str()) {
@@ -510,6 +542,18 @@ impl AgentConfig {
             );
         }
 
+        let deadline_ms = self.allowance.request_deadline_ms;
+        if !REQUEST_DEADLINE_RANGE_MS.contains(&deadline_ms) {
+            p.add(
+                "allowance.request_deadline_ms",
+                format!(
+                    "must be {}..={} ms, got {deadline_ms}",
+                    REQUEST_DEADLINE_RANGE_MS.start(),
+                    REQUEST_DEADLINE_RANGE_MS.end()
+                ),
+            );
+        }
+
         let problems = p.0;
         match listen {
             Some(listen) if problems.is_empty() => Ok(Settings {
@@ -534,6 +578,9 @@ impl AgentConfig {
                     backoff_max: Duration::from_millis(s.backoff_max_ms),
                     batch_max_events: s.batch_max_events,
                     window_events: s.window_events,
+                },
+                allowance: AllowanceSettings {
+                    request_deadline: Duration::from_millis(deadline_ms),
                 },
             }),
             _ => Err(problems),
@@ -659,6 +706,39 @@ key = "certs/{site}.key"
         assert_eq!(s.sync.window_events, 20_000);
         assert_eq!(s.api.listen.port(), 0);
         assert_eq!(s.store_path(), dir.path().join("data/plant-1/agent.redb"));
+        assert_eq!(s.allowance.request_deadline, Duration::from_millis(300));
+    }
+
+    /// Goal: `[allowance] request_deadline_ms` is optional, read from the file or the
+    /// environment, and refused outside 1..=5000 by its key.
+    #[test]
+    fn allowance_deadline_is_read_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let path = write_config(dir.path(), &pki, "plant-1", "");
+        let text =
+            std::fs::read_to_string(&path).unwrap() + "\n[allowance]\nrequest_deadline_ms = 750\n";
+        std::fs::write(&path, &text).unwrap();
+        let s = load_with_env(&path, BTreeMap::new()).unwrap();
+        assert_eq!(s.allowance.request_deadline, Duration::from_millis(750));
+        for bad in ["0", "5001"] {
+            let env: BTreeMap<String, String> = [(
+                "OUTPOST_ALLOWANCE__REQUEST_DEADLINE_MS".to_string(),
+                bad.to_string(),
+            )]
+            .into();
+            let all = load_with_env(&path, env).unwrap_err().problems().join("\n");
+            assert!(
+                all.contains("allowance.request_deadline_ms: must be 1..=5000"),
+                "{all}"
+            );
+        }
+        std::fs::write(&path, text.replace("request_deadline_ms", "deadline")).unwrap();
+        let all = load_with_env(&path, BTreeMap::new())
+            .unwrap_err()
+            .problems()
+            .join("\n");
+        assert!(all.contains("allowance.deadline: unknown key"), "{all}");
     }
 
     /// Goal: a broken config reports every problem at once, each by its key.

@@ -2,11 +2,13 @@
 //! client, wired together by `run`. The binary in `main.rs` is a thin CLI over this.
 
 pub mod api;
+pub mod capture;
 pub mod config;
 pub mod run;
 pub mod store;
 pub mod sync;
 pub mod tls;
+pub mod topup;
 
 #[cfg(test)]
 mod testutil;

@@ -5,16 +5,16 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, ApiState};
 use crate::config::Settings;
 use crate::store::{OpenStoreError, Store};
-use crate::sync::SyncClient;
+use crate::sync::{LinkState, SyncClient};
 use crate::tls::TlsError;
+use crate::topup::{ASK_QUEUE_DEPTH, TopUp};
 
 /// Longest in-flight HTTP requests may take to finish after a shutdown signal.
 pub const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -67,12 +67,24 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         .map_err(RunError::Signals)?;
 
     let (store, writer) = Store::open(&settings.store_path(), &settings.site_id)?;
-    let connected = Arc::new(AtomicBool::new(false));
+    // Until central is heard from again, the freshest sign of it is the last master batch.
+    let as_of = store
+        .as_of_ms()
+        .map_err(|e| OpenStoreError::Read(e.to_string()))?;
+    let link = Arc::new(LinkState::new(as_of));
+    let (ask_tx, ask_rx) = mpsc::channel(ASK_QUEUE_DEPTH);
+    let topup = TopUp::new(
+        ask_tx,
+        settings.allowance.request_deadline,
+        store.master_rev_watch(),
+        link.clone(),
+    );
     let sync = SyncClient::new(
         settings.sync.clone(),
         settings.site_id.clone(),
         store.clone(),
-        connected.clone(),
+        link.clone(),
+        ask_rx,
     )?;
     let listener = tokio::net::TcpListener::bind(settings.api.listen)
         .await
@@ -88,7 +100,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         store: store.clone(),
         site: settings.site_id.clone(),
         tokens: Arc::new(settings.api.tokens.clone()),
-        connected,
+        link,
+        topup: Some(topup),
         max_body_bytes: settings.api.max_body_bytes,
     });
 

@@ -1,28 +1,32 @@
-//! The agent's durable store (redb): master-data cache, outbox, order, idempotency and milestone
-//! records. Blocking I/O side: every write goes through one dedicated writer thread that groups
+//! The agent's durable store (redb): master-data cache, allowances, outbox, order, idempotency
+//! and milestone records. Blocking I/O side: every write goes through one dedicated writer thread that groups
 //! concurrent operations into one durable transaction (group commit) and answers each operation
 //! only after that transaction committed; reads run directly on the caller's thread.
 
+use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use outpost_protocol::{
-    CustomerRecord, EventBody, EventEnvelope, MAX_ORDER_LINES, MAX_QTY, MasterBatch, MasterChange,
-    Milestone, MilestoneKind, Money, Order, OrderLine, validate_id, validate_text,
+    AllowanceReturn, CustomerRecord, ErpStatus, EventBody, EventEnvelope, LinePromise,
+    MAX_ORDER_LINES, MAX_QTY, MasterBatch, MasterChange, Milestone, MilestoneKind, Money, Order,
+    OrderLine, Pool, SitePool, validate_id, validate_text,
 };
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
     TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use crate::capture;
 
 /// Version of the table layout below. Bumped on any incompatible change; an agent refuses to open
 /// a store written with another version instead of misreading it.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 /// Depth of the queue in front of the writer thread. When it is full, callers wait (the HTTP
 /// request is simply slower); 4,096 is ~16 full groups, far more than a 2-core box produces
 /// while one fsync is in flight.
@@ -38,14 +42,17 @@ pub const MAX_OUTBOX_EVENTS: u64 = 5_000_000;
 const REOPEN_ATTEMPTS: u32 = 20;
 /// Pause between reopen attempts: readers may still hold the old handle for a moment.
 const REOPEN_PAUSE: Duration = Duration::from_millis(25);
-/// Order status given to every order captured at a site.
-pub const STATUS_CAPTURED: &str = "captured";
+/// Most allowances listed by `allowances()`: one per SKU stocked and per customer, so a site has
+/// hundreds to a few thousand; the cap bounds one response should central ever grant many more.
+pub const MAX_ALLOWANCES_LISTED: usize = 10_000;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// (sku, customer id or "" for the list price) → postcard `PriceValue`.
 const PRICES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("prices");
 /// sku → available quantity at this site.
 const ATP: TableDefinition<&str, i64> = TableDefinition::new("atp");
+/// `Pool::key()` (`atp:SKU`, `credit:CUSTOMER`) → what remains of this site's allowance.
+const ALLOWANCES: TableDefinition<&str, i64> = TableDefinition::new("allowances");
 /// customer id → postcard `CustomerRecord`.
 const CUSTOMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("customers");
 /// seq → postcard `EventEnvelope`; rows at or below `acked_seq` are deleted.
@@ -61,6 +68,8 @@ const K_SCHEMA: &str = "schema_version";
 const K_MASTER_REV: &str = "master_rev";
 const K_LAST_SEQ: &str = "last_seq";
 const K_ACKED_SEQ: &str = "acked_seq";
+/// When the last master batch was applied, in ms since the epoch (0: never).
+const K_AS_OF: &str = "as_of_ms";
 
 /// A price as cached: the amount and its currency.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,12 +97,25 @@ pub struct OrderRecord {
     pub order: Order,
     pub seq: u64,
     pub at_ms: i64,
+    /// Why each line got its promise, in line order; stored so a retry reads the same words.
+    pub reasons: Vec<String>,
+    /// The ERP's decision, once central has sent it down (`None` until then).
+    pub erp_status: Option<ErpStatus>,
+    pub erp_reason: Option<String>,
 }
 
 impl OrderRecord {
     pub fn created_at(&self) -> String {
         rfc3339_millis(self.at_ms)
     }
+}
+
+/// The wall clock in milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Formats milliseconds since the epoch as RFC 3339 UTC (`2026-11-26T10:00:00.123Z`).
@@ -197,6 +219,8 @@ pub enum OpenStoreError {
     SchemaVersion { path: PathBuf, found: u64 },
     #[error("cannot start the store writer thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot read the store: {0}")]
+    Read(String),
 }
 
 /// The counters and marks shown by `GET /v1/health`.
@@ -211,6 +235,18 @@ impl Marks {
     pub fn outbox_depth(&self) -> u64 {
         self.last_seq.saturating_sub(self.acked_seq)
     }
+}
+
+/// What `GET /v1/atp/{sku}` shows: the site's allowance and the ERP's figure for the SKU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AtpView {
+    /// Remaining allowance of the SKU at this site (0 if central never granted any).
+    pub allowance: i64,
+    /// The ERP's last ATP figure for this SKU at this site, if central ever sent one.
+    pub erp_available: Option<i64>,
+    pub master_rev: u64,
+    /// When the last master batch was applied (ms since the epoch), if ever.
+    pub as_of_ms: Option<i64>,
 }
 
 /// Writer statistics, for tests and diagnostics.
@@ -231,6 +267,7 @@ enum Op {
         key: String,
         order: NewOrder,
         at_ms: i64,
+        offline: bool,
         reply: oneshot::Sender<Result<Reply, WriteError>>,
     },
     RecordMilestone {
@@ -240,6 +277,7 @@ enum Op {
     },
     ApplyMaster {
         batch: MasterBatch,
+        at_ms: i64,
         reply: oneshot::Sender<Result<Reply, WriteError>>,
     },
     MarkAcked {
@@ -267,6 +305,8 @@ struct Shared {
     db: RwLock<Option<Arc<Database>>>,
     /// Woken after a commit that added outbox events.
     new_events: Notify,
+    /// The applied master revision, published after each commit that moved it.
+    master_rev: watch::Sender<u64>,
     stats: WriterStats,
 }
 
@@ -307,11 +347,13 @@ impl Store {
     /// `open` with a custom opener (tests inject storage faults through it).
     fn open_with(site: &str, opener: Opener) -> Result<(Store, StoreWriter), OpenStoreError> {
         let db = opener()?;
+        let rev = read_meta(&db, K_MASTER_REV).map_err(|e| OpenStoreError::Read(e.to_string()))?;
         let shared = Arc::new(Shared {
             opener,
             site: site.to_string(),
             db: RwLock::new(Some(Arc::new(db))),
             new_events: Notify::new(),
+            master_rev: watch::Sender::new(rev),
             stats: WriterStats::default(),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
@@ -342,6 +384,11 @@ impl Store {
         &self.shared.new_events
     }
 
+    /// Follows the applied master revision (updated only after the commit that applied it).
+    pub fn master_rev_watch(&self) -> watch::Receiver<u64> {
+        self.shared.master_rev.subscribe()
+    }
+
     fn db(&self) -> Result<Arc<Database>, ReadError> {
         let slot = self
             .shared
@@ -366,12 +413,15 @@ impl Store {
         rx.await.map_err(|_| stopped())?
     }
 
-    /// Stores an order under an idempotency key, or returns the order first stored under it.
+    /// Stores an order under an idempotency key, confirming the lines the site's allowances cover
+    /// and consuming them in the same transaction, or returns the order first stored under the
+    /// key (consuming nothing more). `offline`: the site was not connected to central.
     pub async fn create_order(
         &self,
         key: &str,
         order: NewOrder,
         at_ms: i64,
+        offline: bool,
     ) -> Result<Outcome<OrderRecord>, WriteError> {
         let key = key.to_string();
         match self
@@ -379,6 +429,7 @@ impl Store {
                 key,
                 order,
                 at_ms,
+                offline,
                 reply,
             })
             .await?
@@ -407,11 +458,24 @@ impl Store {
         }
     }
 
-    /// Applies a master batch and its revision in one transaction. `Ok(false)`: the batch was
-    /// stale (`through_rev` not above the applied revision) and changed nothing.
+    /// Applies a master batch and its revision in one transaction, now. `Ok(false)`: the batch
+    /// was stale (`through_rev` not above the applied revision) and changed nothing.
     pub async fn apply_master(&self, batch: MasterBatch) -> Result<bool, WriteError> {
+        self.apply_master_at(batch, now_ms()).await
+    }
+
+    /// `apply_master`, recording `at_ms` as the time of the data (`as_of`).
+    pub async fn apply_master_at(
+        &self,
+        batch: MasterBatch,
+        at_ms: i64,
+    ) -> Result<bool, WriteError> {
         match self
-            .submit(|reply| Op::ApplyMaster { batch, reply })
+            .submit(|reply| Op::ApplyMaster {
+                batch,
+                at_ms,
+                reply,
+            })
             .await?
         {
             Reply::Master(applied) => Ok(applied),
@@ -455,7 +519,7 @@ impl Store {
         t.len().map_err(storage)
     }
 
-    /// Available quantity of `sku` at this site, with the master revision it reflects.
+    /// The ERP's ATP figure for `sku` at this site, with the master revision it reflects.
     pub fn atp(&self, sku: &str) -> Result<Option<(i64, u64)>, ReadError> {
         let txn = self.read_txn()?;
         let atp = txn.open_table(ATP).map_err(storage)?;
@@ -469,6 +533,129 @@ impl Store {
             .map(|g| g.value())
             .unwrap_or(0);
         Ok(Some((v, rev)))
+    }
+
+    /// The site's allowance of `sku` and the ERP's figure for it; `None` if central never sent
+    /// either for this SKU.
+    pub fn atp_view(&self, sku: &str) -> Result<Option<AtpView>, ReadError> {
+        let txn = self.read_txn()?;
+        let erp = txn.open_table(ATP).map_err(storage)?;
+        let erp_available = erp.get(sku).map_err(storage)?.map(|g| g.value());
+        let allowances = txn.open_table(ALLOWANCES).map_err(storage)?;
+        let allowance = allowances
+            .get(Pool::atp(sku).key().as_str())
+            .map_err(storage)?
+            .map(|g| g.value());
+        if erp_available.is_none() && allowance.is_none() {
+            return Ok(None);
+        }
+        let meta = txn.open_table(META).map_err(storage)?;
+        let get = |k: &str| -> Result<u64, ReadError> {
+            Ok(meta
+                .get(k)
+                .map_err(storage)?
+                .map(|g| g.value())
+                .unwrap_or(0))
+        };
+        Ok(Some(AtpView {
+            allowance: allowance.unwrap_or(0),
+            erp_available,
+            master_rev: get(K_MASTER_REV)?,
+            as_of_ms: as_of(get(K_AS_OF)?),
+        }))
+    }
+
+    /// When the last master batch was applied, if ever (ms since the epoch).
+    pub fn as_of_ms(&self) -> Result<Option<i64>, ReadError> {
+        let txn = self.read_txn()?;
+        let meta = txn.open_table(META).map_err(storage)?;
+        Ok(as_of(
+            meta.get(K_AS_OF)
+                .map_err(storage)?
+                .map(|g| g.value())
+                .unwrap_or(0),
+        ))
+    }
+
+    /// What remains of this site's allowance of `pool` (0 if none was ever granted).
+    pub fn allowance(&self, pool: &Pool) -> Result<i64, ReadError> {
+        let txn = self.read_txn()?;
+        let t = txn.open_table(ALLOWANCES).map_err(storage)?;
+        Ok(t.get(pool.key().as_str())
+            .map_err(storage)?
+            .map(|g| g.value())
+            .unwrap_or(0))
+    }
+
+    /// Every allowance this site holds, in key order, at most `MAX_ALLOWANCES_LISTED`; the flag
+    /// says whether more were left out.
+    pub fn allowances(&self) -> Result<(Vec<(Pool, i64)>, bool), ReadError> {
+        let txn = self.read_txn()?;
+        let t = txn.open_table(ALLOWANCES).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(storage)? {
+            if out.len() == MAX_ALLOWANCES_LISTED {
+                return Ok((out, true));
+            }
+            let (k, v) = row.map_err(storage)?;
+            let pool = parse_pool_key(k.value())
+                .ok_or_else(|| ReadError::Corrupt(format!("bad allowance key {:?}", k.value())))?;
+            out.push((pool, v.value()));
+        }
+        Ok((out, false))
+    }
+
+    /// Whether an order was already stored under this idempotency key.
+    pub fn has_order_key(&self, key: &str) -> Result<bool, ReadError> {
+        let txn = self.read_txn()?;
+        let t = txn.open_table(IDEMPOTENCY).map_err(storage)?;
+        Ok(t.get(key).map_err(storage)?.is_some())
+    }
+
+    /// How much more allowance the site would need to confirm every line of `order` now (see
+    /// `capture::shortfalls`). Empty when the order would be refused anyway (unknown customer,
+    /// missing price): the writer reports that.
+    pub fn shortfalls(&self, order: &NewOrder) -> Result<Vec<(Pool, i64)>, ReadError> {
+        let txn = self.read_txn()?;
+        let customers = txn.open_table(CUSTOMERS).map_err(storage)?;
+        let Some(g) = customers.get(order.customer_id.as_str()).map_err(storage)? else {
+            return Ok(Vec::new());
+        };
+        let customer: CustomerRecord = postcard::from_bytes(g.value()).map_err(corrupt)?;
+        let prices = txn.open_table(PRICES).map_err(storage)?;
+        let allowances = txn.open_table(ALLOWANCES).map_err(storage)?;
+        let mut lines = Vec::with_capacity(order.lines.len());
+        for l in &order.lines {
+            let price = lookup_price(&prices, &l.sku, &order.customer_id).map_err(|e| match e {
+                Fail::Storage(s) => ReadError::Unavailable(s),
+                Fail::Reject(e) => ReadError::Corrupt(e.to_string()),
+            })?;
+            let Some(p) = price else {
+                return Ok(Vec::new());
+            };
+            lines.push(OrderLine {
+                sku: l.sku.clone(),
+                qty: l.qty,
+                unit_price: p.unit_price,
+                currency: p.currency,
+                promise: LinePromise::PendingAllowance,
+            });
+        }
+        let mut pools = BTreeMap::new();
+        for pool in order_pools(&order.customer_id, &lines) {
+            let left = allowances
+                .get(pool.key().as_str())
+                .map_err(storage)?
+                .map(|g| g.value())
+                .unwrap_or(0);
+            pools.insert(pool, SitePool { remaining: left });
+        }
+        Ok(capture::shortfalls(
+            &order.customer_id,
+            customer.on_hold,
+            &lines,
+            &pools,
+        ))
     }
 
     /// The price of `sku` for `customer` if one exists, else the list price.
@@ -546,6 +733,39 @@ impl Store {
     }
 }
 
+fn as_of(ms: u64) -> Option<i64> {
+    (ms > 0).then(|| i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// The inverse of `Pool::key()`. SKUs and customer ids may contain `:`, so only the first one
+/// separates the kind.
+pub fn parse_pool_key(k: &str) -> Option<Pool> {
+    match k.split_once(':')? {
+        ("atp", sku) => Some(Pool::atp(sku)),
+        ("credit", customer) => Some(Pool::credit(customer)),
+        _ => None,
+    }
+}
+
+/// The pools an order draws on: the ATP of each of its SKUs and the customer's credit.
+fn order_pools(customer: &str, lines: &[OrderLine]) -> Vec<Pool> {
+    let mut pools: Vec<Pool> = lines.iter().map(|l| Pool::atp(&l.sku)).collect();
+    pools.push(Pool::credit(customer));
+    pools.sort();
+    pools.dedup();
+    pools
+}
+
+fn read_meta(db: &Database, k: &str) -> Result<u64, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let meta = txn.open_table(META).map_err(|e| e.to_string())?;
+    Ok(meta
+        .get(k)
+        .map_err(|e| e.to_string())?
+        .map(|g| g.value())
+        .unwrap_or(0))
+}
+
 fn mismatch() -> WriteError {
     WriteError::Unavailable(
         "internal error: the writer answered with another operation's result".into(),
@@ -590,6 +810,7 @@ fn prepare_db(db: Database, path: &Path) -> Result<Database, OpenStoreError> {
         let mut meta = txn.open_table(META).map_err(|e| open_err(e.into()))?;
         txn.open_table(PRICES).map_err(|e| open_err(e.into()))?;
         txn.open_table(ATP).map_err(|e| open_err(e.into()))?;
+        txn.open_table(ALLOWANCES).map_err(|e| open_err(e.into()))?;
         txn.open_table(CUSTOMERS).map_err(|e| open_err(e.into()))?;
         txn.open_table(OUTBOX).map_err(|e| open_err(e.into()))?;
         txn.open_table(ORDERS).map_err(|e| open_err(e.into()))?;
@@ -650,6 +871,7 @@ struct Tables<'txn> {
     meta: Table<'txn, &'static str, u64>,
     prices: Table<'txn, (&'static str, &'static str), &'static [u8]>,
     atp: Table<'txn, &'static str, i64>,
+    allowances: Table<'txn, &'static str, i64>,
     customers: Table<'txn, &'static str, &'static [u8]>,
     outbox: Table<'txn, u64, &'static [u8]>,
     orders: Table<'txn, &'static str, &'static [u8]>,
@@ -663,6 +885,7 @@ impl<'txn> Tables<'txn> {
             meta: txn.open_table(META)?,
             prices: txn.open_table(PRICES)?,
             atp: txn.open_table(ATP)?,
+            allowances: txn.open_table(ALLOWANCES)?,
             customers: txn.open_table(CUSTOMERS)?,
             outbox: txn.open_table(OUTBOX)?,
             orders: txn.open_table(ORDERS)?,
@@ -684,6 +907,20 @@ impl<'txn> Tables<'txn> {
             return Err(WriteError::OutboxFull(depth).into());
         }
         Ok(last + 1)
+    }
+
+    fn pool(&self, pool: &Pool) -> Result<SitePool, Fail> {
+        let remaining = self
+            .allowances
+            .get(pool.key().as_str())?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        Ok(SitePool { remaining })
+    }
+
+    fn set_pool(&mut self, pool: &Pool, p: SitePool) -> Result<(), Fail> {
+        self.allowances.insert(pool.key().as_str(), p.remaining)?;
+        Ok(())
     }
 
     fn append_event(&mut self, env: &EventEnvelope) -> Result<(), Fail> {
@@ -748,8 +985,14 @@ pub fn validate_new_order(o: &NewOrder) -> Result<(), WriteError> {
     Ok(())
 }
 
-/// Shape checks on a milestone. Event ids of the form `{site}-o{digits}` are reserved: they are
-/// the ids of this site's orders, and event ids are unique per site.
+/// Event id of the `AllowanceReturn` answering reclaim `reclaim_id`.
+pub fn return_event_id(site: &str, reclaim_id: u64) -> String {
+    format!("{site}-r{reclaim_id}")
+}
+
+/// Shape checks on a milestone. Event ids of the form `{site}-o{digits}` and `{site}-r{digits}`
+/// are reserved: they are the ids of this site's orders and allowance returns, and event ids are
+/// unique per site.
 pub fn validate_new_milestone(site: &str, m: &NewMilestone) -> Result<(), WriteError> {
     let v = |e: outpost_protocol::ValidationError| WriteError::Validation(e.to_string());
     validate_id("event_id", &m.event_id).map_err(v)?;
@@ -765,12 +1008,12 @@ pub fn validate_new_milestone(site: &str, m: &NewMilestone) -> Result<(), WriteE
     if let Some(rest) = m
         .event_id
         .strip_prefix(site)
-        .and_then(|r| r.strip_prefix("-o"))
+        .and_then(|r| r.strip_prefix("-o").or_else(|| r.strip_prefix("-r")))
         && !rest.is_empty()
         && rest.bytes().all(|b| b.is_ascii_digit())
     {
         return Err(WriteError::Validation(format!(
-            "event_id: {:?} is reserved for this site's order ids",
+            "event_id: {:?} is reserved for this site's order and allowance-return ids",
             m.event_id
         )));
     }
@@ -783,7 +1026,10 @@ fn create_order(
     key: &str,
     req: &NewOrder,
     at_ms: i64,
+    offline: bool,
 ) -> Result<Outcome<OrderRecord>, Fail> {
+    // The fingerprint is the request alone: a retry is the same request whether or not the link
+    // was up, and gets the original answer without consuming anything again.
     let fingerprint = postcard::to_allocvec(req)?;
     if let Some(g) = t.idempotency.get(key)? {
         let idem: IdemRecord = postcard::from_bytes(g.value())?;
@@ -800,9 +1046,11 @@ fn create_order(
         return Ok(Outcome::Existing(postcard::from_bytes(o.value())?));
     }
     validate_new_order(req)?;
-    if t.customers.get(req.customer_id.as_str())?.is_none() {
+    let Some(c) = t.customers.get(req.customer_id.as_str())? else {
         return Err(WriteError::UnknownCustomer(req.customer_id.clone()).into());
-    }
+    };
+    let customer: CustomerRecord = postcard::from_bytes(c.value())?;
+    drop(c);
     let mut lines = Vec::with_capacity(req.lines.len());
     for l in &req.lines {
         let Some(p) = lookup_price(&t.prices, &l.sku, &req.customer_id)? else {
@@ -821,24 +1069,47 @@ fn create_order(
             qty: l.qty,
             unit_price: p.unit_price,
             currency: p.currency,
+            promise: LinePromise::PendingAllowance,
         });
     }
-    // Every check passed: from here on the operation only writes.
+    let mut pools = BTreeMap::new();
+    for pool in order_pools(&req.customer_id, &lines) {
+        let p = t.pool(&pool)?;
+        pools.insert(pool, p);
+    }
+    let decided = capture::plan_capture(&req.customer_id, customer.on_hold, &lines, &pools);
+    for (l, p) in lines.iter_mut().zip(&decided.promises) {
+        l.promise = *p;
+    }
     let seq = t.next_seq()?;
+    let master_rev = t.meta(K_MASTER_REV)?;
+    // Every check passed: from here on the operation only writes.
+    for (pool, after) in &decided.consumed {
+        t.set_pool(pool, *after)?;
+    }
     let order = Order {
         order_id: format!("{site}-o{seq}"),
         customer_id: req.customer_id.clone(),
-        status: STATUS_CAPTURED.to_string(),
+        status: decided.status.to_string(),
         lines,
+        master_rev,
+        offline,
     };
-    let env = EventEnvelope {
-        site: site.to_string(),
+    let env = EventEnvelope::new(
+        site,
         seq,
-        event_id: order.order_id.clone(),
+        &order.order_id,
         at_ms,
-        body: EventBody::Order(order.clone()),
+        &EventBody::Order(order.clone()),
+    );
+    let record = OrderRecord {
+        order,
+        seq,
+        at_ms,
+        reasons: decided.reasons,
+        erp_status: None,
+        erp_reason: None,
     };
-    let record = OrderRecord { order, seq, at_ms };
     t.append_event(&env)?;
     t.orders.insert(
         record.order.order_id.as_str(),
@@ -868,18 +1139,18 @@ fn record_milestone(
     }
     validate_new_milestone(site, req)?;
     let seq = t.next_seq()?;
-    let env = EventEnvelope {
-        site: site.to_string(),
+    let env = EventEnvelope::new(
+        site,
         seq,
-        event_id: req.event_id.clone(),
+        &req.event_id,
         at_ms,
-        body: EventBody::Milestone(Milestone {
+        &EventBody::Milestone(Milestone {
             shipment_id: req.shipment_id.clone(),
             milestone: req.milestone,
             scanner_id: req.scanner_id.clone(),
             at: req.at.clone(),
         }),
-    };
+    );
     let rec = MilestoneRecord {
         request: req.clone(),
         seq,
@@ -892,29 +1163,64 @@ fn record_milestone(
     Ok(Outcome::Created(rec))
 }
 
-fn apply_master(t: &mut Tables<'_>, site: &str, batch: &MasterBatch) -> Result<bool, Fail> {
+/// What applying a master batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct MasterApplied {
+    /// The batch was new (not stale) and its revision is now the applied one.
+    applied: bool,
+    /// Outbox events were appended (answers to reclaims).
+    new_events: bool,
+}
+
+fn apply_master(
+    t: &mut Tables<'_>,
+    site: &str,
+    batch: &MasterBatch,
+    at_ms: i64,
+) -> Result<MasterApplied, Fail> {
     let rev = t.meta(K_MASTER_REV)?;
     if batch.through_rev <= rev {
-        return Ok(false);
+        return Ok(MasterApplied::default());
     }
     let bad = |m: String| Fail::Reject(WriteError::BadMasterBatch(m));
-    if batch.from_rev > rev {
-        // Applying it would skip the changes in between; the session is restarted instead and
-        // central resends from the applied revision.
+    if batch.from_rev != rev {
+        // A batch must continue exactly at the applied revision. Starting later would skip the
+        // changes in between; starting earlier would apply some changes twice, and a grant
+        // applied twice is allowance central never escrowed. The session is restarted instead
+        // and central resends from the applied revision.
         return Err(bad(format!(
-            "batch starts after revision {} but this site has applied only {rev}",
+            "batch covers revisions after {} but this site has applied exactly {rev}",
             batch.from_rev
         )));
     }
     if batch.changes.len() > outpost_protocol::MAX_CHANGES_PER_FRAME {
         return Err(bad(format!("{} changes in one batch", batch.changes.len())));
     }
-    // Check everything before writing anything, so a bad batch leaves no trace.
+    // Check everything before writing anything, so a bad batch leaves no trace: shapes, and that
+    // no grant overflows an allowance.
+    let mut granted: BTreeMap<&Pool, i64> = BTreeMap::new();
     for (i, c) in batch.changes.iter().enumerate() {
         c.validate()
             .map_err(|e| bad(format!("change {i} is invalid: {e}")))?;
+        if let MasterChange::Grant(g) = c
+            && g.site == site
+        {
+            let have = match granted.get(&g.pool) {
+                Some(v) => *v,
+                None => t.pool(&g.pool)?.remaining,
+            };
+            let after = have
+                .checked_add(g.qty)
+                .ok_or_else(|| bad(format!("change {i}: grant overflows the allowance")))?;
+            granted.insert(&g.pool, after);
+        }
     }
+    let mut new_events = false;
     for c in &batch.changes {
+        // Central sends only this site's rows; another site's row would be wrong here.
+        if !c.concerns(site) {
+            continue;
+        }
         match c {
             MasterChange::Price(p) => {
                 let v = PriceValue {
@@ -928,19 +1234,80 @@ fn apply_master(t: &mut Tables<'_>, site: &str, batch: &MasterBatch) -> Result<b
                 )?;
             }
             MasterChange::Atp(a) => {
-                // Central only sends this site's rows; another site's row would be wrong here.
-                if a.site == site {
-                    t.atp.insert(a.sku.as_str(), a.available)?;
-                }
+                t.atp.insert(a.sku.as_str(), a.available)?;
             }
             MasterChange::Customer(c) => {
                 t.customers
                     .insert(c.id.as_str(), postcard::to_allocvec(c)?.as_slice())?;
             }
+            MasterChange::Grant(g) => {
+                let mut p = t.pool(&g.pool)?;
+                p.handle_grant(g.qty);
+                t.set_pool(&g.pool, p)?;
+            }
+            MasterChange::Reclaim(r) => {
+                let mut p = t.pool(&r.pool)?;
+                let returned = p.handle_reclaim(r.qty);
+                t.set_pool(&r.pool, p)?;
+                // The answer is owed whatever the outbox holds (it is tiny and central asks
+                // rarely), so it bypasses the outbox limit: refusing it would stall master data.
+                let seq = t.meta(K_LAST_SEQ)? + 1;
+                let env = EventEnvelope::new(
+                    site,
+                    seq,
+                    &return_event_id(site, r.reclaim_id),
+                    at_ms,
+                    &EventBody::AllowanceReturn(AllowanceReturn {
+                        reclaim_id: r.reclaim_id,
+                        pool: r.pool.clone(),
+                        qty: returned,
+                    }),
+                );
+                t.append_event(&env)?;
+                new_events = true;
+                tracing::info!(
+                    reclaim_id = r.reclaim_id,
+                    pool = %r.pool.key(),
+                    asked = r.qty,
+                    returned,
+                    "allowance reclaimed"
+                );
+            }
+            MasterChange::OrderStatus(o) => set_erp_status(t, o)?,
         }
     }
     t.meta.insert(K_MASTER_REV, batch.through_rev)?;
-    Ok(true)
+    t.meta.insert(K_AS_OF, u64::try_from(at_ms).unwrap_or(0))?;
+    Ok(MasterApplied {
+        applied: true,
+        new_events,
+    })
+}
+
+/// Records the ERP's decision on one of this site's orders. An order this site does not know
+/// (one sold through central's own channel for this site, or a record lost to corruption) is
+/// logged and skipped: failing here would stop all master data behind it.
+fn set_erp_status(t: &mut Tables<'_>, o: &outpost_protocol::OrderStatusUpdate) -> Result<(), Fail> {
+    let rec = match t.orders.get(o.order_id.as_str())? {
+        Some(g) => postcard::from_bytes::<OrderRecord>(g.value()),
+        None => {
+            tracing::debug!(order.id = %o.order_id, "order status for an order not taken here");
+            return Ok(());
+        }
+    };
+    let mut rec = match rec {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(order.id = %o.order_id, error = %e, "order record is corrupt; status not recorded");
+            return Ok(());
+        }
+    };
+    rec.erp_status = Some(o.status);
+    rec.erp_reason = o.reason.clone();
+    t.orders
+        .insert(o.order_id.as_str(), postcard::to_allocvec(&rec)?.as_slice())?;
+    tracing::info!(order.id = %o.order_id, status = o.status.as_str(), "ERP decision recorded");
+    Ok(())
 }
 
 /// Returns the acked mark afterwards and whether it moved.
@@ -1005,9 +1372,21 @@ fn execute_group(shared: &Shared, ops: Vec<Op>) {
             pending,
             new_events,
             committed,
+            master_rev,
         }) => {
             if committed {
                 shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+            }
+            // Published before the replies: whoever waits for a revision sees it no later than
+            // the caller that applied it.
+            if let Some(rev) = master_rev {
+                shared.master_rev.send_if_modified(|cur| {
+                    let moved = rev > *cur;
+                    if moved {
+                        *cur = rev;
+                    }
+                    moved
+                });
             }
             for (reply, result) in pending {
                 let _ = reply.send(result);
@@ -1037,6 +1416,8 @@ struct GroupDone {
     new_events: bool,
     /// A transaction was committed (false when every operation was a refusal or a repeat).
     committed: bool,
+    /// The master revision this group applied, if it applied any.
+    master_rev: Option<u64>,
 }
 
 /// Runs every operation of a group in one write transaction and commits it once. On success,
@@ -1069,6 +1450,7 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
     }
     let mut new_events = false;
     let mut wrote = false;
+    let mut master_rev = None;
     {
         let mut tables = match Tables::open(&txn) {
             Ok(t) => t,
@@ -1081,9 +1463,10 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
                     key,
                     order,
                     at_ms,
+                    offline,
                     reply,
                 } => {
-                    let r = create_order(&mut tables, &shared.site, &key, &order, at_ms);
+                    let r = create_order(&mut tables, &shared.site, &key, &order, at_ms, offline);
                     if matches!(r, Ok(Outcome::Created(_))) {
                         new_events = true;
                         wrote = true;
@@ -1102,10 +1485,20 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
                     }
                     (reply, r.map(Reply::Milestone))
                 }
-                Op::ApplyMaster { batch, reply } => {
-                    let r = apply_master(&mut tables, &shared.site, &batch);
-                    wrote |= matches!(r, Ok(true));
-                    (reply, r.map(Reply::Master))
+                Op::ApplyMaster {
+                    batch,
+                    at_ms,
+                    reply,
+                } => {
+                    let r = apply_master(&mut tables, &shared.site, &batch, at_ms);
+                    if let Ok(done) = &r
+                        && done.applied
+                    {
+                        wrote = true;
+                        new_events |= done.new_events;
+                        master_rev = Some(batch.through_rev);
+                    }
+                    (reply, r.map(|done| Reply::Master(done.applied)))
                 }
                 Op::MarkAcked { through, reply } => {
                     let r = mark_acked(&mut tables, through);
@@ -1134,6 +1527,7 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
             pending,
             new_events: false,
             committed: false,
+            master_rev: None,
         });
     }
     match txn.commit() {
@@ -1141,6 +1535,7 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
             pending,
             new_events,
             committed: true,
+            master_rev,
         }),
         Err(e) => Err((senders(pending, Vec::new()), e.to_string())),
     }
@@ -1205,8 +1600,8 @@ fn reopen(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::catalogue;
-    use outpost_protocol::AtpRecord;
+    use crate::testutil::{catalogue, grants};
+    use outpost_protocol::{AtpRecord, OrderStatusUpdate, Reclaim};
 
     const SITE: &str = "plant-1";
 
@@ -1246,17 +1641,23 @@ mod tests {
         assert!(store.apply_master(catalogue(0, 3)).await.unwrap());
 
         let o = order("ACME", &[("GEAR-12T", 2)]);
-        let first = store.create_order("k1", o.clone(), 1_000).await.unwrap();
+        let first = store
+            .create_order("k1", o.clone(), 1_000, false)
+            .await
+            .unwrap();
         assert!(first.is_created());
         let first = first.into_inner();
         assert_eq!(first.order.order_id, "plant-1-o1");
         assert_eq!(first.order.lines[0].unit_price, Money::parse("11").unwrap());
-        let again = store.create_order("k1", o.clone(), 2_000).await.unwrap();
+        let again = store
+            .create_order("k1", o.clone(), 2_000, false)
+            .await
+            .unwrap();
         assert_eq!(again, Outcome::Existing(first.clone()));
 
         let other = order("ACME", &[("GEAR-12T", 3)]);
         assert_eq!(
-            store.create_order("k1", other, 3_000).await,
+            store.create_order("k1", other, 3_000, false).await,
             Err(WriteError::IdempotencyKeyReused)
         );
         let m = store.marks().unwrap();
@@ -1288,20 +1689,20 @@ mod tests {
         ];
         for (i, (o, needle)) in cases.into_iter().enumerate() {
             let err = store
-                .create_order(&format!("k{i}"), o, 1)
+                .create_order(&format!("k{i}"), o, 1, false)
                 .await
                 .unwrap_err();
             assert!(err.to_string().contains(needle), "{err}");
         }
         assert!(matches!(
             store
-                .create_order("x", order("ACME", &[("NOPE", 1)]), 1)
+                .create_order("x", order("ACME", &[("NOPE", 1)]), 1, false)
                 .await,
             Err(WriteError::UnknownSku(_))
         ));
         assert!(matches!(
             store
-                .create_order("y", order("ACME", &[("SPECIAL", 1)]), 1)
+                .create_order("y", order("ACME", &[("SPECIAL", 1)]), 1, false)
                 .await,
             Err(WriteError::NoPrice { .. })
         ));
@@ -1309,7 +1710,7 @@ mod tests {
         assert_eq!(store.outbox_rows().unwrap(), 0);
         // A refused key is not consumed: it can be used for a valid order afterwards.
         let ok = store
-            .create_order("k0", order("ACME", &[("GEAR-12T", 1)]), 1)
+            .create_order("k0", order("ACME", &[("GEAR-12T", 1)]), 1, false)
             .await
             .unwrap();
         assert!(ok.is_created());
@@ -1346,7 +1747,7 @@ mod tests {
         assert_eq!(store.marks().unwrap().last_seq, 1);
         let ev = store.outbox_range(1..=1).unwrap();
         assert!(
-            matches!(&ev[0].body, EventBody::Milestone(x) if x.milestone == MilestoneKind::Loaded)
+            matches!(ev[0].decode(), Ok(EventBody::Milestone(x)) if x.milestone == MilestoneKind::Loaded)
         );
         writer.shutdown().await;
     }
@@ -1428,7 +1829,12 @@ mod tests {
         store.apply_master(catalogue(0, 1)).await.unwrap();
         for i in 0..5 {
             store
-                .create_order(&format!("k{i}"), order("ACME", &[("GEAR-12T", 1)]), 1)
+                .create_order(
+                    &format!("k{i}"),
+                    order("ACME", &[("GEAR-12T", 1)]),
+                    1,
+                    false,
+                )
                 .await
                 .unwrap();
         }
@@ -1457,7 +1863,7 @@ mod tests {
             let (store, writer) = open(dir.path());
             store.apply_master(catalogue(0, 4)).await.unwrap();
             store
-                .create_order("k", order("ACME", &[("GEAR-12T", 1)]), 1)
+                .create_order("k", order("ACME", &[("GEAR-12T", 1)]), 1, false)
                 .await
                 .unwrap();
             store
@@ -1482,7 +1888,7 @@ mod tests {
         assert!(store.order("plant-1-o1").unwrap().is_some());
         // The idempotency and milestone records survived too.
         let again = store
-            .create_order("k", order("ACME", &[("GEAR-12T", 1)]), 9)
+            .create_order("k", order("ACME", &[("GEAR-12T", 1)]), 9, false)
             .await
             .unwrap();
         assert!(!again.is_created());
@@ -1493,7 +1899,7 @@ mod tests {
         assert!(!m.is_created());
         // Sequence numbers continue after the reopen.
         let next = store
-            .create_order("k2", order("ACME", &[("GEAR-12T", 1)]), 9)
+            .create_order("k2", order("ACME", &[("GEAR-12T", 1)]), 9, false)
             .await
             .unwrap()
             .into_inner();
@@ -1536,6 +1942,7 @@ mod tests {
                                     &format!("t{t}-{i}"),
                                     order("ACME", &[("GEAR-12T", 1)]),
                                     1,
+                                    false,
                                 )
                                 .await
                                 .map(|o| o.into_inner().seq)
@@ -1706,6 +2113,315 @@ mod tests {
         let (store, writer) = open(dir.path());
         assert_eq!(store.marks().unwrap().last_seq, 3);
         assert_eq!(store.outbox_rows().unwrap(), 3);
+        writer.shutdown().await;
+    }
+
+    fn decoded(store: &Store, seq: u64) -> EventBody {
+        store.outbox_range(seq..=seq).unwrap()[0].decode().unwrap()
+    }
+
+    fn promises(r: &OrderRecord) -> Vec<LinePromise> {
+        r.order.lines.iter().map(|l| l.promise).collect()
+    }
+
+    /// Goal: a site cut off with an ATP allowance of A confirms exactly A units over several
+    /// orders and captures the rest as pending allowance, per line, with reasons; the allowance
+    /// and the uploaded event agree with the response.
+    #[tokio::test]
+    async fn capture_confirms_exactly_up_to_the_allowance() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        store.apply_master(catalogue(0, 5)).await.unwrap();
+        let a = 7;
+        let allowance = [
+            (Pool::atp("GEAR-12T"), a),
+            (Pool::credit("ACME"), 100_000_000),
+        ];
+        store.apply_master(grants(5, 6, &allowance)).await.unwrap();
+        let mut confirmed = 0;
+        let mut pending = 0;
+        for i in 0..5 {
+            let o = order("ACME", &[("GEAR-12T", 2), ("GEAR-12T", 1)]);
+            let r = store
+                .create_order(&format!("k{i}"), o, 1, true)
+                .await
+                .unwrap()
+                .into_inner();
+            for (l, reason) in r.order.lines.iter().zip(&r.reasons) {
+                match l.promise {
+                    LinePromise::Confirmed => confirmed += l.qty,
+                    LinePromise::PendingAllowance => {
+                        assert!(reason.contains("allowance of GEAR-12T"), "{reason}");
+                        pending += l.qty;
+                    }
+                    p => panic!("unexpected {p:?}"),
+                }
+            }
+            assert!(r.order.offline);
+            assert_eq!(r.order.master_rev, 6);
+            let EventBody::Order(sent) = decoded(&store, r.seq) else {
+                panic!("order event expected")
+            };
+            assert_eq!(sent, r.order, "the uploaded order is the one answered");
+        }
+        assert_eq!((confirmed, pending), (a, 15 - a));
+        assert_eq!(store.allowance(&Pool::atp("GEAR-12T")).unwrap(), 0);
+        // Orders 1-2 fit (6 units), order 3 gets its 2-unit line pending and its 1-unit line
+        // confirmed (the 7th unit), orders 4-5 are entirely pending.
+        let statuses: Vec<String> = (1..=5)
+            .map(|s| {
+                store
+                    .order(&format!("plant-1-o{s}"))
+                    .unwrap()
+                    .unwrap()
+                    .0
+                    .order
+                    .status
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            ["confirmed", "confirmed", "partial", "pending", "pending"]
+        );
+        writer.shutdown().await;
+    }
+
+    /// Goal: the credit allowance bounds the value confirmed; a customer on hold gets every line
+    /// pending_hold; in both cases no allowance is consumed.
+    #[tokio::test]
+    async fn credit_allowance_and_credit_hold_bound_confirmation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        store.apply_master(catalogue(0, 5)).await.unwrap();
+        // 30.00 of credit: two gears at 11.00 fit, three do not.
+        let allowance = [
+            (Pool::atp("GEAR-12T"), 100),
+            (Pool::credit("ACME"), 300_000),
+        ];
+        store.apply_master(grants(5, 6, &allowance)).await.unwrap();
+        let r = store
+            .create_order("c1", order("ACME", &[("GEAR-12T", 3)]), 1, false)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(promises(&r), [LinePromise::PendingCredit]);
+        assert!(r.reasons[0].contains("worth 33.00"), "{}", r.reasons[0]);
+        assert_eq!(store.allowance(&Pool::atp("GEAR-12T")).unwrap(), 100);
+        let r = store
+            .create_order("c2", order("ACME", &[("GEAR-12T", 2)]), 1, false)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(promises(&r), [LinePromise::Confirmed]);
+        assert_eq!(store.allowance(&Pool::credit("ACME")).unwrap(), 80_000);
+        assert_eq!(store.allowance(&Pool::atp("GEAR-12T")).unwrap(), 98);
+
+        let hold = MasterBatch {
+            from_rev: 6,
+            through_rev: 7,
+            changes: vec![MasterChange::Customer(CustomerRecord {
+                id: "ACME".into(),
+                name: "Acme Corp".into(),
+                credit_limit: Money::parse("50000").unwrap(),
+                on_hold: true,
+            })],
+        };
+        store.apply_master(hold).await.unwrap();
+        let r = store
+            .create_order(
+                "c3",
+                order("ACME", &[("GEAR-12T", 1), ("GEAR-12T", 1)]),
+                1,
+                false,
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(promises(&r), [LinePromise::PendingHold; 2]);
+        assert_eq!(r.order.status, "pending");
+        assert!(r.reasons.iter().all(|x| x.contains("credit hold")));
+        assert_eq!(store.allowance(&Pool::atp("GEAR-12T")).unwrap(), 98);
+        assert_eq!(store.allowance(&Pool::credit("ACME")).unwrap(), 80_000);
+        writer.shutdown().await;
+    }
+
+    /// Goal: a replayed Idempotency-Key returns the original order, promises included, and
+    /// consumes nothing more, even after new allowance arrived; two copies of one request in the
+    /// same group consume once.
+    #[tokio::test]
+    async fn replayed_keys_consume_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        store.apply_master(catalogue(0, 5)).await.unwrap();
+        let allowance = [
+            (Pool::atp("GEAR-12T"), 3),
+            (Pool::credit("ACME"), 100_000_000),
+        ];
+        store.apply_master(grants(5, 6, &allowance)).await.unwrap();
+        let o = order("ACME", &[("GEAR-12T", 2), ("GEAR-12T", 2)]);
+        let first = store.create_order("k", o.clone(), 1, true).await.unwrap();
+        assert!(first.is_created());
+        let first = first.into_inner();
+        assert_eq!(
+            promises(&first),
+            [LinePromise::Confirmed, LinePromise::PendingAllowance]
+        );
+        assert_eq!(store.allowance(&Pool::atp("GEAR-12T")).unwrap(), 1);
+        store
+            .apply_master(grants(6, 7, &[(Pool::atp("GEAR-12T"), 10)]))
+            .await
+            .unwrap();
+        let again = store.create_order("k", o.clone(), 2, false).await.unwrap();
+        assert_eq!(again, Outcome::Existing(first));
+        assert_eq!(store.allowance(&Pool::atp("GEAR-12T")).unwrap(), 11);
+        assert_eq!(store.marks().unwrap().last_seq, 1);
+
+        // The same new request twice, concurrently: one order, one consumption.
+        let (a, b) = tokio::join!(
+            store.create_order("k2", order("ACME", &[("GEAR-12T", 4)]), 3, false),
+            store.create_order("k2", order("ACME", &[("GEAR-12T", 4)]), 3, false)
+        );
+        assert_eq!(a.unwrap().into_inner(), b.unwrap().into_inner());
+        assert_eq!(store.allowance(&Pool::atp("GEAR-12T")).unwrap(), 7);
+        assert_eq!(store.marks().unwrap().last_seq, 2);
+        writer.shutdown().await;
+    }
+
+    /// Goal: grants and reclaims are applied with their revision; a reclaim returns exactly
+    /// min(asked, remaining) and answers with an AllowanceReturn event in the same transaction;
+    /// a repeated (stale) batch applies nothing twice, an overlapping one is refused.
+    #[tokio::test]
+    async fn grants_and_reclaims_apply_with_their_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let mut rev = store.master_rev_watch();
+        let gear = Pool::atp("GEAR-12T");
+        let g = grants(0, 3, &[(gear.clone(), 5), (gear.clone(), 4)]);
+        assert!(
+            store
+                .apply_master_at(g.clone(), 1_700_000_000_000)
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.allowance(&gear).unwrap(), 9);
+        assert_eq!(*rev.borrow_and_update(), 3, "the revision is published");
+        assert_eq!(store.as_of_ms().unwrap(), Some(1_700_000_000_000));
+        // The same batch again is stale: nothing is granted twice.
+        assert!(!store.apply_master(g).await.unwrap());
+        assert_eq!(store.allowance(&gear).unwrap(), 9);
+        // A batch overlapping the applied revision is refused whole.
+        let overlap = grants(2, 4, &[(gear.clone(), 1)]);
+        assert!(matches!(
+            store.apply_master(overlap).await,
+            Err(WriteError::BadMasterBatch(_))
+        ));
+        // Another site's grant is not ours.
+        let mut other = grants(3, 4, &[(gear.clone(), 100)]);
+        if let MasterChange::Grant(g) = &mut other.changes[0] {
+            g.site = "plant-2".into();
+        }
+        store.apply_master(other).await.unwrap();
+        assert_eq!(store.allowance(&gear).unwrap(), 9);
+
+        let reclaim = |id: u64, pool: &Pool, qty: i64| {
+            MasterChange::Reclaim(Reclaim {
+                reclaim_id: id,
+                site: SITE.into(),
+                pool: pool.clone(),
+                qty,
+            })
+        };
+        let credit = Pool::credit("NOBODY");
+        let batch = MasterBatch {
+            from_rev: 4,
+            through_rev: 6,
+            changes: vec![
+                reclaim(17, &gear, 6),
+                reclaim(18, &gear, 6),
+                reclaim(19, &credit, 1),
+            ],
+        };
+        assert!(store.apply_master(batch.clone()).await.unwrap());
+        assert_eq!(store.allowance(&gear).unwrap(), 0);
+        assert_eq!(
+            store.marks().unwrap(),
+            Marks {
+                master_rev: 6,
+                last_seq: 3,
+                acked_seq: 0
+            }
+        );
+        let returned: Vec<(u64, i64)> = (1..=3)
+            .map(|seq| {
+                let env = &store.outbox_range(seq..=seq).unwrap()[0];
+                let EventBody::AllowanceReturn(r) = env.decode().unwrap() else {
+                    panic!("allowance return expected")
+                };
+                assert_eq!(env.event_id, format!("plant-1-r{}", r.reclaim_id));
+                (r.reclaim_id, r.qty)
+            })
+            .collect();
+        assert_eq!(
+            returned,
+            [(17, 6), (18, 3), (19, 0)],
+            "min(asked, remaining)"
+        );
+        // Replayed: no second answer.
+        assert!(!store.apply_master(batch).await.unwrap());
+        assert_eq!(store.marks().unwrap().last_seq, 3);
+        writer.shutdown().await;
+    }
+
+    /// Goal: the ERP's decision reaches the order record; a decision about an order this site
+    /// does not have is skipped without failing the batch; a grant that would overflow refuses
+    /// the batch whole.
+    #[tokio::test]
+    async fn order_status_updates_the_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        store.apply_master(catalogue(0, 5)).await.unwrap();
+        let r = store
+            .create_order("k", order("ACME", &[("GEAR-12T", 1)]), 1, false)
+            .await
+            .unwrap()
+            .into_inner();
+        let status = |id: &str, st: ErpStatus, reason: Option<&str>| {
+            MasterChange::OrderStatus(OrderStatusUpdate {
+                site: SITE.into(),
+                order_id: id.into(),
+                status: st,
+                reason: reason.map(Into::into),
+            })
+        };
+        let batch = MasterBatch {
+            from_rev: 5,
+            through_rev: 7,
+            changes: vec![
+                status("central-o1", ErpStatus::Accepted, None),
+                status(
+                    &r.order.order_id,
+                    ErpStatus::Rejected,
+                    Some("no stock at the DC"),
+                ),
+            ],
+        };
+        assert!(store.apply_master(batch).await.unwrap());
+        let (got, _) = store.order(&r.order.order_id).unwrap().unwrap();
+        assert_eq!(got.erp_status, Some(ErpStatus::Rejected));
+        assert_eq!(got.erp_reason.as_deref(), Some("no stock at the DC"));
+        assert_eq!(got.order, r.order, "the promise itself is unchanged");
+        assert_eq!(store.marks().unwrap().master_rev, 7);
+
+        let gear = Pool::atp("GEAR-12T");
+        store
+            .apply_master(grants(7, 8, &[(gear.clone(), i64::MAX)]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.apply_master(grants(8, 9, &[(gear.clone(), 1)])).await,
+            Err(WriteError::BadMasterBatch(_))
+        ));
+        assert_eq!(store.allowance(&gear).unwrap(), i64::MAX);
         writer.shutdown().await;
     }
 

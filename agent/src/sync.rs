@@ -1,11 +1,13 @@
 //! The sync client: one QUIC connection to central at a time (mutual TLS, ALPN), a Hello/Welcome
 //! exchange, then the outbox uploaded in sequence order through the protocol's `Uploader` while
-//! central's acks and master data are applied to the store. Reconnects forever with capped
-//! exponential backoff and full jitter. Async network shell around the pure `Uploader`.
+//! central's acks and master data (grants and reclaims included) are applied to the store, and
+//! the API's allowance requests are relayed to central and answered. Reconnects forever with
+//! capped exponential backoff and full jitter. Async network shell around the pure `Uploader`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use outpost_protocol::io::{read_frame, write_frame};
@@ -14,14 +16,15 @@ use outpost_protocol::{
     AgentMsg, CentralMsg, EventEnvelope, FrameError, Hello, PROTOCOL_VERSION, Refuse, RefuseCode,
 };
 use quinn::VarInt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use crate::config::SyncSettings;
-use crate::store::{ReadError, Store, WriteError};
+use crate::store::{ReadError, Store, WriteError, now_ms};
 use crate::tls::{self, TlsError};
+use crate::topup::{AllowanceAnswer, AllowanceAsk};
 
 /// Per-stream receive window: big enough for a full window of events in flight on a WAN
 /// (performance.md §2: quinn's 1.25 MB default caps one stream at ~200 Mbit/s at 50 ms RTT).
@@ -42,6 +45,11 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const INBOUND_QUEUE_DEPTH: usize = 16;
 /// Longest the endpoint waits for connections to close cleanly at shutdown.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most allowance requests awaiting central's answer in one session. Each lives at most one
+/// request deadline (expired ones are dropped when the next request comes), so this is only
+/// reached if central stops answering under a burst of orders; further requests are then not
+/// sent and their orders go on with what the site holds.
+pub const MAX_PENDING_ASKS: usize = 256;
 
 /// Application close codes sent to central.
 const CLOSE_SHUTDOWN: u32 = 0;
@@ -141,12 +149,67 @@ pub fn client_config(s: &SyncSettings) -> Result<quinn::ClientConfig, TlsError> 
     Ok(cfg)
 }
 
+/// Whether the agent is connected to central and when it last heard from it. Written by the sync
+/// task, read by the API.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    connected: AtomicBool,
+    /// Milliseconds since the epoch when central was last heard from; 0: never.
+    last_heard_ms: AtomicI64,
+}
+
+impl LinkState {
+    /// `last_heard_ms`: the best earlier knowledge (the time of the last applied master batch).
+    pub fn new(last_heard_ms: Option<i64>) -> Self {
+        LinkState {
+            connected: AtomicBool::new(false),
+            last_heard_ms: AtomicI64::new(last_heard_ms.unwrap_or(0).max(0)),
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Sets the state and returns the previous one.
+    pub fn set_connected(&self, up: bool) -> bool {
+        self.connected.swap(up, Ordering::Relaxed)
+    }
+
+    /// Central was heard from at `at_ms` (never moves back).
+    pub fn heard(&self, at_ms: i64) {
+        self.last_heard_ms.fetch_max(at_ms, Ordering::Relaxed);
+    }
+
+    pub fn last_heard_ms(&self) -> Option<i64> {
+        let v = self.last_heard_ms.load(Ordering::Relaxed);
+        (v > 0).then_some(v)
+    }
+
+    /// Whole seconds since central was last heard from: 0 while connected, `None` if never.
+    pub fn stale_secs(&self, now_ms: i64) -> Option<u64> {
+        if self.is_connected() {
+            return Some(0);
+        }
+        let last = self.last_heard_ms()?;
+        Some(u64::try_from(now_ms.saturating_sub(last) / 1000).unwrap_or(0))
+    }
+}
+
+/// Allowance requests sent to central and not yet answered, by request id: where to answer and
+/// until when anyone is waiting.
+type PendingAsks = HashMap<u64, (oneshot::Sender<AllowanceAnswer>, Instant)>;
+
 /// The long-lived sync task.
 pub struct SyncClient {
     settings: SyncSettings,
     site: String,
     store: Store,
-    connected: Arc<AtomicBool>,
+    link: Arc<LinkState>,
+    asks: mpsc::Receiver<AllowanceAsk>,
+    /// False once every sender of `asks` is gone (the API stopped).
+    asks_open: bool,
+    next_request_id: u64,
     client_config: quinn::ClientConfig,
     endpoint: Option<(bool, quinn::Endpoint)>,
 }
@@ -169,18 +232,23 @@ impl Drop for TaskGuard {
 }
 
 impl SyncClient {
+    /// `asks`: the API's allowance requests (see `topup::TopUp`).
     pub fn new(
         settings: SyncSettings,
         site: String,
         store: Store,
-        connected: Arc<AtomicBool>,
+        link: Arc<LinkState>,
+        asks: mpsc::Receiver<AllowanceAsk>,
     ) -> Result<Self, TlsError> {
         let client_config = client_config(&settings)?;
         Ok(SyncClient {
             settings,
             site,
             store,
-            connected,
+            link,
+            asks,
+            asks_open: true,
+            next_request_id: 0,
             client_config,
             endpoint: None,
         })
@@ -201,8 +269,10 @@ impl SyncClient {
                 _ = shutdown.changed() => None,
             };
             let Some(result) = result else { break };
-            self.connected.store(false, Ordering::Relaxed);
+            self.link.set_connected(false);
             if welcomed {
+                // The link was alive (QUIC keep-alives answered) until just now.
+                self.link.heard(now_ms());
                 backoff.reset();
                 failures = 0;
             }
@@ -221,20 +291,69 @@ impl SyncClient {
                 attempt = backoff.attempt(),
                 "reconnecting after backoff"
             );
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.changed() => break,
+            if !self.pause(delay, &mut shutdown).await {
+                break;
             }
         }
         // Waiting for the close to reach central only matters for a live session; a handshake
         // towards an unreachable central would just hold up the shutdown.
-        let was_connected = self.connected.swap(false, Ordering::Relaxed);
+        let was_connected = self.link.set_connected(false);
         if let Some((_, ep)) = self.endpoint.take() {
             ep.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"agent shutting down");
             if was_connected && timeout(CLOSE_TIMEOUT, ep.wait_idle()).await.is_err() {
                 tracing::debug!("connections did not close within {CLOSE_TIMEOUT:?}");
             }
         }
+    }
+
+    /// Waits `delay` between sessions; returns false on shutdown. Allowance requests arriving
+    /// meanwhile are dropped at once, so their orders do not wait for a link that is down.
+    async fn pause(&mut self, delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return true,
+                _ = shutdown.changed() => return false,
+                ask = self.asks.recv(), if self.asks_open => {
+                    if ask.is_none() {
+                        self.asks_open = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one allowance request to central, unless nobody waits for it any more.
+    async fn send_ask(
+        &mut self,
+        ask: AllowanceAsk,
+        send: &mut quinn::SendStream,
+        pending: &mut PendingAsks,
+    ) -> Result<(), SyncError> {
+        let now = Instant::now();
+        pending.retain(|_, (reply, deadline)| !reply.is_closed() && *deadline > now);
+        if ask.reply.is_closed() || ask.deadline <= now {
+            return Ok(());
+        }
+        if pending.len() >= MAX_PENDING_ASKS {
+            tracing::warn!(
+                pending = pending.len(),
+                "too many allowance requests unanswered; not sending another"
+            );
+            return Ok(());
+        }
+        self.next_request_id = self.next_request_id.wrapping_add(1);
+        let request_id = self.next_request_id;
+        let frame = outpost_protocol::encode(&AgentMsg::AllowanceRequest {
+            request_id,
+            pool: ask.pool.clone(),
+            qty: ask.qty,
+        })?;
+        write_all(send, &frame).await?;
+        tracing::debug!(request_id, pool = %ask.pool.key(), qty = ask.qty, "allowance requested");
+        pending.insert(request_id, (ask.reply, ask.deadline));
+        Ok(())
     }
 
     /// An endpoint of the address family of `addr`, created on first use.
@@ -339,6 +458,7 @@ impl SyncClient {
             )));
         }
         *welcomed = true;
+        self.link.heard(now_ms());
 
         // Central's durable mark decides where the upload resumes; it can never be behind what
         // it acknowledged before (those outbox rows are gone) nor ahead of what exists here.
@@ -358,7 +478,7 @@ impl SyncClient {
         up.handle_welcome(welcome.acked_seq, marks.last_seq)
             .map_err(|e| SyncError::Diverged(e.to_string()))?;
         self.store.mark_acked(welcome.acked_seq).await?;
-        self.connected.store(true, Ordering::Relaxed);
+        self.link.set_connected(true);
         tracing::info!(
             acked_seq = welcome.acked_seq,
             last_seq = marks.last_seq,
@@ -369,6 +489,7 @@ impl SyncClient {
         );
 
         let (in_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE_DEPTH);
+        let link = self.link.clone();
         // No timeout on each read: central may rightly say nothing for long stretches. A dead
         // link is detected by the QUIC idle timeout (keep-alives hold a healthy one open), which
         // fails the read.
@@ -377,6 +498,9 @@ impl SyncClient {
                 loop {
                     let msg = read_frame::<CentralMsg, _>(&mut recv).await;
                     let end = !matches!(msg, Ok(Some(_)));
+                    if !end {
+                        link.heard(now_ms());
+                    }
                     if in_tx.send(msg).await.is_err() || end {
                         break;
                     }
@@ -387,6 +511,8 @@ impl SyncClient {
         let (ack_tx, ack_rx) = watch::channel(welcome.acked_seq);
         let acker = tokio::spawn(persist_acks(self.store.clone(), ack_rx).in_current_span());
         let _guard = TaskGuard(vec![reader, acker]);
+        // Dropped with the session: the orders waiting on these requests then go on at once.
+        let mut pending = PendingAsks::new();
 
         let mut buf: Vec<u8> = Vec::new();
         loop {
@@ -413,7 +539,9 @@ impl SyncClient {
             tokio::select! {
                 msg = inbound.recv() => {
                     match msg {
-                        Some(Ok(Some(msg))) => self.handle_central(msg, &mut up, &ack_tx).await?,
+                        Some(Ok(Some(msg))) => {
+                            self.handle_central(msg, &mut up, &ack_tx, &mut pending).await?
+                        }
                         Some(Ok(None)) | None => return Ok(SessionEnd::Closed),
                         Some(Err(e)) if e.is_protocol_violation() => {
                             return Err(SyncError::Protocol(e.to_string()));
@@ -422,6 +550,10 @@ impl SyncClient {
                     }
                 }
                 _ = self.store.new_events().notified() => {}
+                ask = self.asks.recv(), if self.asks_open => match ask {
+                    Some(ask) => self.send_ask(ask, &mut send, &mut pending).await?,
+                    None => self.asks_open = false,
+                },
             }
         }
     }
@@ -431,6 +563,7 @@ impl SyncClient {
         msg: CentralMsg,
         up: &mut Uploader,
         ack_tx: &watch::Sender<u64>,
+        pending: &mut PendingAsks,
     ) -> Result<(), SyncError> {
         match msg {
             CentralMsg::Ack { through_seq } => {
@@ -453,6 +586,32 @@ impl SyncClient {
                     Err(WriteError::BadMasterBatch(reason)) => Err(SyncError::Protocol(reason)),
                     Err(e) => Err(e.into()),
                 }
+            }
+            CentralMsg::AllowanceReply {
+                request_id,
+                granted,
+                rev,
+                reason,
+            } => {
+                if granted < 0 {
+                    return Err(SyncError::Protocol(format!(
+                        "allowance reply {request_id} grants a negative quantity {granted}"
+                    )));
+                }
+                match pending.remove(&request_id) {
+                    Some((reply, _)) => {
+                        tracing::debug!(request_id, granted, rev, %reason, "allowance reply");
+                        let _ = reply.send(AllowanceAnswer {
+                            granted,
+                            rev,
+                            reason,
+                        });
+                    }
+                    // Its order stopped waiting (deadline) before the answer came; a grant still
+                    // arrives as a master change and stays in the site's allowance.
+                    None => tracing::debug!(request_id, granted, "late allowance reply"),
+                }
+                Ok(())
             }
             CentralMsg::Refuse(r) => Err(SyncError::Refused(r)),
             CentralMsg::Welcome(_) => Err(SyncError::Protocol(
@@ -517,6 +676,7 @@ fn msg_name(m: &CentralMsg) -> &'static str {
         CentralMsg::Refuse(_) => "Refuse",
         CentralMsg::Ack { .. } => "Ack",
         CentralMsg::Master(_) => "Master",
+        CentralMsg::AllowanceReply { .. } => "AllowanceReply",
     }
 }
 
@@ -549,8 +709,11 @@ fn log_failure(e: &SyncError, welcomed: bool, failures: u32) {
 mod tests {
     use super::*;
     use crate::store::{NewMilestone, StoreWriter};
-    use crate::testutil::{Pki, catalogue};
-    use outpost_protocol::{EventBody, Milestone, MilestoneKind, Welcome};
+    use crate::testutil::{Pki, catalogue, grants};
+    use crate::topup::TopUp;
+    use outpost_protocol::{
+        EventBody, Grant, MasterChange, Milestone, MilestoneKind, Pool, Welcome,
+    };
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use std::path::Path;
@@ -704,12 +867,14 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let connected = Arc::new(AtomicBool::new(false));
+        let link = Arc::new(LinkState::default());
+        let (_ask_tx, ask_rx) = mpsc::channel(crate::topup::ASK_QUEUE_DEPTH);
         let client = SyncClient::new(
             settings(dir.path(), &pki, addr),
             "plant-1".into(),
             store.clone(),
-            connected.clone(),
+            link.clone(),
+            ask_rx,
         )
         .unwrap();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -727,7 +892,7 @@ mod tests {
         let _c2 = serve_session(&central, 10, None, seen2.clone(), None).await;
         eventually("outbox drained", || store.marks().unwrap().acked_seq == 30).await;
         assert_eq!(*seen2.lock().unwrap(), (11..=30).collect::<Vec<_>>());
-        assert!(connected.load(Ordering::Relaxed));
+        assert!(link.is_connected());
         assert_eq!(store.outbox_rows().unwrap(), 0);
 
         // A new local commit is uploaded without any polling delay.
@@ -740,7 +905,7 @@ mod tests {
             .await
             .expect("sync task stops on shutdown")
             .unwrap();
-        assert!(!connected.load(Ordering::Relaxed));
+        assert!(!link.is_connected());
         writer.shutdown().await;
     }
 
@@ -753,12 +918,14 @@ mod tests {
         let central = fake_central(&pki);
         let addr = central.local_addr().unwrap();
         let (store, writer) = Store::open(&dir.path().join("agent.redb"), "plant-1").unwrap();
-        let connected = Arc::new(AtomicBool::new(false));
+        let link = Arc::new(LinkState::default());
+        let (_ask_tx, ask_rx) = mpsc::channel(crate::topup::ASK_QUEUE_DEPTH);
         let client = SyncClient::new(
             settings(dir.path(), &pki, addr),
             "plant-1".into(),
             store.clone(),
-            connected.clone(),
+            link.clone(),
+            ask_rx,
         )
         .unwrap();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -777,7 +944,7 @@ mod tests {
             .await
             .unwrap();
             let _ = send.finish();
-            assert!(!connected.load(Ordering::Relaxed));
+            assert!(!link.is_connected());
         }
         stop_tx.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), task)
@@ -785,6 +952,227 @@ mod tests {
             .unwrap()
             .unwrap();
         writer.shutdown().await;
+    }
+
+    /// A scripted central for the top-up tests: welcomes, acks every batch, and answers each
+    /// `AllowanceRequest` with a grant of all that was asked, the reply first and the grant's
+    /// master change a moment later (so the agent must wait for the revision, not only the
+    /// reply), or, when `answer` is false, never answers. Records every request.
+    async fn allowance_central(
+        ep: quinn::Endpoint,
+        answer: bool,
+        asked: Arc<std::sync::Mutex<Vec<(Pool, i64)>>>,
+    ) {
+        let conn = ep.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let Some(AgentMsg::Hello(h)) = read_frame(&mut recv).await.unwrap() else {
+            panic!("expected hello")
+        };
+        let mut rev = h.master_rev;
+        let welcome = CentralMsg::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            central_version: "test".into(),
+            acked_seq: 0,
+            master_rev: rev,
+        });
+        write_frame(&mut send, &welcome).await.unwrap();
+        let mut hwm = 0;
+        while let Ok(Some(msg)) = read_frame::<AgentMsg, _>(&mut recv).await {
+            match msg {
+                AgentMsg::Events(batch) => {
+                    let plan =
+                        outpost_protocol::session::plan_ingest("plant-1", hwm, &batch).unwrap();
+                    hwm = plan.new_hwm;
+                    let ack = CentralMsg::Ack { through_seq: hwm };
+                    if write_frame(&mut send, &ack).await.is_err() {
+                        return;
+                    }
+                }
+                AgentMsg::AllowanceRequest {
+                    request_id,
+                    pool,
+                    qty,
+                } => {
+                    asked.lock().unwrap().push((pool.clone(), qty));
+                    if !answer {
+                        continue;
+                    }
+                    rev += 1;
+                    let reply = CentralMsg::AllowanceReply {
+                        request_id,
+                        granted: qty,
+                        rev,
+                        reason: "granted".into(),
+                    };
+                    write_frame(&mut send, &reply).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    let grant = CentralMsg::Master(outpost_protocol::MasterBatch {
+                        from_rev: rev - 1,
+                        through_rev: rev,
+                        changes: vec![MasterChange::Grant(Grant {
+                            site: "plant-1".into(),
+                            pool,
+                            qty,
+                        })],
+                    });
+                    write_frame(&mut send, &grant).await.unwrap();
+                }
+                AgentMsg::Hello(_) => panic!("a second hello"),
+            }
+        }
+    }
+
+    /// An agent (store, sync client, API with online top-up) connected to `allowance_central`.
+    struct TopUpRig {
+        app: axum::Router,
+        store: Store,
+        writer: StoreWriter,
+        stop: watch::Sender<bool>,
+        task: JoinHandle<()>,
+        asked: Arc<std::sync::Mutex<Vec<(Pool, i64)>>>,
+        _central: quinn::Endpoint,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TopUpRig {
+        /// The site holds 3 gears and 100.00 of ACME's credit.
+        async fn start(answer: bool, deadline: Duration) -> TopUpRig {
+            let dir = tempfile::tempdir().unwrap();
+            let pki = Pki::new();
+            let central = fake_central(&pki);
+            let addr = central.local_addr().unwrap();
+            let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+            tokio::spawn(allowance_central(central.clone(), answer, asked.clone()));
+            let (store, writer) = Store::open(&dir.path().join("agent.redb"), "plant-1").unwrap();
+            store.apply_master(catalogue(0, 5)).await.unwrap();
+            let allowance = [
+                (Pool::atp("GEAR-12T"), 3),
+                (Pool::credit("ACME"), 1_000_000),
+            ];
+            store.apply_master(grants(5, 6, &allowance)).await.unwrap();
+            let link = Arc::new(LinkState::default());
+            let (ask_tx, ask_rx) = mpsc::channel(crate::topup::ASK_QUEUE_DEPTH);
+            let client = SyncClient::new(
+                settings(dir.path(), &pki, addr),
+                "plant-1".into(),
+                store.clone(),
+                link.clone(),
+                ask_rx,
+            )
+            .unwrap();
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(client.run(stop_rx));
+            let topup = TopUp::new(ask_tx, deadline, store.master_rev_watch(), link.clone());
+            let app = crate::api::router(crate::api::ApiState {
+                store: store.clone(),
+                site: "plant-1".into(),
+                tokens: Arc::new(vec![TOKEN.to_string()]),
+                link: link.clone(),
+                topup: Some(topup),
+                max_body_bytes: 65536,
+            });
+            eventually("connected", || link.is_connected()).await;
+            assert_eq!(link.stale_secs(now_ms()), Some(0));
+            TopUpRig {
+                app,
+                store,
+                writer,
+                stop,
+                task,
+                asked,
+                _central: central,
+                _dir: dir,
+            }
+        }
+
+        async fn order(&self, key: &str, qty: i64) -> serde_json::Value {
+            use tower::ServiceExt;
+            let body =
+                format!(r#"{{"customer_id":"ACME","lines":[{{"sku":"GEAR-12T","qty":{qty}}}]}}"#);
+            let req = axum::http::Request::post("/v1/orders")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .header("idempotency-key", key)
+                .body(axum::body::Body::from(body))
+                .unwrap();
+            let resp = self.app.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status().as_u16(), 201);
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            serde_json::from_slice(&bytes).unwrap()
+        }
+
+        async fn stop(self) {
+            self.stop.send(true).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), self.task)
+                .await
+                .unwrap()
+                .unwrap();
+            drop(self.app);
+            drop(self.store);
+            self.writer.shutdown().await;
+        }
+    }
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+    /// Goal: online, an order beyond the site's allowance asks central for exactly the
+    /// shortfall and is confirmed once the grant's revision is applied; a retry asks nothing.
+    /// Method: a scripted central over real QUIC that grants what is asked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn online_top_up_confirms_beyond_the_allowance() {
+        // A generous deadline: this test is about the outcome, not the speed.
+        let rig = TopUpRig::start(true, Duration::from_secs(5)).await;
+        let v = rig.order("t-1", 5).await;
+        assert_eq!(v["status"], "confirmed", "{v}");
+        assert_eq!(v["lines"][0]["promise"], "confirmed");
+        assert_eq!(v["offline"], false);
+        assert_eq!(v["master_rev"], 7, "captured against the granted revision");
+        assert_eq!(*rig.asked.lock().unwrap(), [(Pool::atp("GEAR-12T"), 2)]);
+        assert_eq!(rig.store.allowance(&Pool::atp("GEAR-12T")).unwrap(), 0);
+        let again = rig.order("t-1", 5).await;
+        assert_eq!(again, v);
+        assert_eq!(
+            rig.asked.lock().unwrap().len(),
+            1,
+            "a retry asks for nothing"
+        );
+        rig.stop().await;
+    }
+
+    /// Goal: online, when central never answers, the order comes back pending (never
+    /// confirmed, never lost) once the request deadline passes. The elapsed-time check is only
+    /// an upper bound with generous slack (a hang would fail it), not a timing goal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unanswered_top_up_leaves_the_order_pending_within_the_deadline() {
+        let deadline = Duration::from_millis(300);
+        let rig = TopUpRig::start(false, deadline).await;
+        let started = std::time::Instant::now();
+        let v = rig.order("t-2", 5).await;
+        let took = started.elapsed();
+        assert_eq!(v["status"], "pending", "{v}");
+        assert_eq!(v["lines"][0]["promise"], "pending_allowance");
+        assert_eq!(v["offline"], false);
+        assert!(took < deadline + Duration::from_secs(3), "took {took:?}");
+        eventually("request seen", || rig.asked.lock().unwrap().len() == 1).await;
+        assert_eq!(rig.store.allowance(&Pool::atp("GEAR-12T")).unwrap(), 3);
+        rig.stop().await;
+    }
+
+    /// Goal: `stale_secs` is 0 while connected, counts from the last time central was heard
+    /// from otherwise (never moving back), and is unknown if central was never heard from.
+    #[test]
+    fn stale_secs_counts_from_the_last_frame() {
+        let link = LinkState::new(None);
+        assert_eq!(link.stale_secs(1_000_000), None);
+        link.heard(1_000_000);
+        link.heard(900_000);
+        assert_eq!(link.stale_secs(1_061_999), Some(61));
+        link.set_connected(true);
+        assert_eq!(link.stale_secs(5_000_000), Some(0));
+        link.set_connected(false);
+        assert_eq!(link.stale_secs(1_002_000), Some(2));
+        assert_eq!(LinkState::new(Some(10_000)).stale_secs(20_000), Some(10));
     }
 
     #[test]
@@ -812,18 +1200,18 @@ mod tests {
     }
 
     fn big_event(seq: u64, bytes: usize) -> EventEnvelope {
-        EventEnvelope {
-            site: "plant-1".into(),
+        EventEnvelope::new(
+            "plant-1",
             seq,
-            event_id: format!("e{seq}"),
-            at_ms: 0,
-            body: EventBody::Milestone(Milestone {
+            &format!("e{seq}"),
+            0,
+            &EventBody::Milestone(Milestone {
                 shipment_id: "S".into(),
                 milestone: MilestoneKind::Picked,
                 scanner_id: "s".into(),
                 at: "x".repeat(bytes),
             }),
-        }
+        )
     }
 
     /// Goal: a batch whose frame would exceed the frame limit is split, in order, and every

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use outpost_protocol::{
-    AtpRecord, CustomerRecord, MasterBatch, MasterChange, Money, PriceRecord, identity,
+    AtpRecord, CustomerRecord, Grant, MasterBatch, MasterChange, Money, Pool, PriceRecord, identity,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -101,5 +101,23 @@ pub fn catalogue(from_rev: u64, through_rev: u64) -> MasterBatch {
                 on_hold: false,
             }),
         ],
+    }
+}
+
+/// A batch granting plant-1 each `(pool, qty)`.
+pub fn grants(from_rev: u64, through_rev: u64, items: &[(Pool, i64)]) -> MasterBatch {
+    MasterBatch {
+        from_rev,
+        through_rev,
+        changes: items
+            .iter()
+            .map(|(pool, qty)| {
+                MasterChange::Grant(Grant {
+                    site: "plant-1".into(),
+                    pool: pool.clone(),
+                    qty: *qty,
+                })
+            })
+            .collect(),
     }
 }

@@ -1,6 +1,14 @@
-//! Central's HTTP API for the ERP and operators (axum): master-data upserts, the event feed, the
-//! fleet view and health. I/O shell over the store and the session registry; every error is the
-//! JSON shape `{"error": {"code", "message"}}` with a stable code.
+//! Central's HTTP API for the ERP and operators (axum): master-data upserts, the event feed,
+//! central's own order channel and the order lifecycle, the exception queue, dead letters,
+//! reconciliation reports, the ledger view, the fleet view and health. I/O shell over the store
+//! and the session registry; every error is the JSON shape `{"error": {"code", "message"}}` with
+//! a stable code (some errors add fields beside those two).
+
+#[cfg(test)]
+mod lifecycle_tests;
+mod ops;
+mod orders;
+pub mod views;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,15 +19,18 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use outpost_protocol::{AtpRecord, CustomerRecord, EventBody, MasterChange, Money, PriceRecord};
+use outpost_protocol::{AtpRecord, CustomerRecord, MasterChange, Money, PriceRecord};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
+pub use orders::{IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_LEN};
+pub use views::event_json;
+
 use crate::registry::Registry;
-use crate::store::{ReadError, Store, StoreUnavailable, StoredEvent, UpsertMasterError};
+use crate::store::{ReadError, Store, StoreUnavailable, UpsertMasterError};
 
 /// Most items in one master-data upsert: one request, one transaction; larger loads are split by
 /// the caller so that a single commit stays short.
@@ -40,12 +51,14 @@ pub struct ApiState {
     pub token: Arc<str>,
 }
 
-/// An API error: status, stable machine-readable code and a human sentence.
+/// An API error: status, stable machine-readable code and a human sentence, and optionally more
+/// fields for machines (for instance the SKU and free quantity of an `insufficient_atp`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    pub extra: Option<Map<String, Value>>,
 }
 
 impl ApiError {
@@ -54,7 +67,18 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            extra: None,
         }
+    }
+    /// Adds the fields of `extra` (a JSON object) beside `code` and `message`.
+    pub fn with(mut self, extra: Value) -> Self {
+        if let Value::Object(m) = extra {
+            self.extra = Some(m);
+        }
+        self
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
     fn unauthorized() -> Self {
         Self::new(
@@ -77,7 +101,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut err = self.extra.unwrap_or_default();
+        err.insert("code".into(), json!(self.code));
+        err.insert("message".into(), json!(self.message));
+        let body = json!({ "error": err });
         (self.status, Json(body)).into_response()
     }
 }
@@ -222,6 +249,19 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/events", get(get_events))
         .route("/v1/sites", get(get_sites))
         .route("/v1/health", get(get_health))
+        .route("/v1/orders", post(orders::post_order))
+        .route("/v1/orders/{order_id}", get(orders::get_order))
+        .route("/v1/orders/{order_id}/status", post(orders::post_status))
+        .route("/v1/exceptions", get(ops::list_exceptions))
+        .route("/v1/exceptions/{id}", get(ops::get_exception))
+        .route("/v1/exceptions/{id}/resolve", post(ops::resolve_exception))
+        .route("/v1/exceptions/{id}/replay", post(ops::replay_exception))
+        .route("/v1/dead-letters", get(ops::list_dead_letters))
+        .route(
+            "/v1/sites/{site}/reconciliations",
+            get(ops::list_reconciliations),
+        )
+        .route("/v1/ledger", get(ops::get_ledger))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -345,9 +385,12 @@ async fn upsert(st: &ApiState, changes: Vec<MasterChange>) -> Result<Json<Value>
         return Err(ApiError::validation(describe_problems(&problems)));
     }
     match st.store.upsert_master(changes).await {
-        Ok(applied) => Ok(Json(
-            json!({"revision": applied.revision, "changes": applied.changes}),
-        )),
+        Ok(applied) => Ok(Json(json!({
+            "revision": applied.revision,
+            "changes": applied.changes,
+            "grants": applied.grants,
+            "reclaims": applied.reclaims,
+        }))),
         Err(UpsertMasterError::Invalid(v)) => {
             let problems: Vec<_> = v.into_iter().map(|(i, e)| (i, e.to_string())).collect();
             Err(ApiError::validation(describe_problems(&problems)))
@@ -409,34 +452,6 @@ fn rfc3339(t: SystemTime) -> String {
     rfc3339_ms(ms)
 }
 
-/// One feed entry: the envelope's fields, then the body's fields flattened beside them.
-pub fn event_json(e: &StoredEvent) -> Value {
-    let env = &e.event;
-    let mut m = Map::new();
-    m.insert("cursor".into(), json!(e.cursor));
-    m.insert("site".into(), json!(e.site));
-    m.insert("seq".into(), json!(env.seq));
-    m.insert("id".into(), json!(env.event_id));
-    m.insert("site_time".into(), json!(rfc3339_ms(env.at_ms)));
-    match &env.body {
-        EventBody::Order(o) => {
-            m.insert("kind".into(), json!("order"));
-            m.insert("order_id".into(), json!(o.order_id));
-            m.insert("customer_id".into(), json!(o.customer_id));
-            m.insert("status".into(), json!(o.status));
-            m.insert("lines".into(), json!(o.lines));
-        }
-        EventBody::Milestone(ms) => {
-            m.insert("kind".into(), json!("milestone"));
-            m.insert("shipment_id".into(), json!(ms.shipment_id));
-            m.insert("milestone".into(), json!(ms.milestone.as_str()));
-            m.insert("scanner_id".into(), json!(ms.scanner_id));
-            m.insert("at".into(), json!(ms.at));
-        }
-    }
-    Value::Object(m)
-}
-
 async fn get_sites(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let stored = st.store.sites()?;
     let live = st.registry.snapshot();
@@ -481,7 +496,7 @@ async fn get_health(State(st): State<ApiState>) -> Result<Json<Value>, ApiError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outpost_protocol::{EventEnvelope, Milestone, MilestoneKind};
+    use outpost_protocol::{EventBody, EventEnvelope, Milestone, MilestoneKind};
     use tokio::net::TcpListener;
 
     const TOKEN: &str = "test-token-0123456789abcdef";
@@ -645,7 +660,11 @@ mod tests {
             .unwrap();
         assert_eq!(resp.status().as_u16(), 200);
         let v: Value = resp.json().await.unwrap();
-        assert_eq!(v, json!({"revision": 1, "changes": 1}));
+        // The push also tops plant-1 up to the ATP target: one grant, revision 2.
+        assert_eq!(
+            v,
+            json!({"revision": 2, "changes": 1, "grants": 1, "reclaims": 0})
+        );
 
         let resp = h
             .req(reqwest::Method::DELETE, "/v1/master/atp")
@@ -666,35 +685,55 @@ mod tests {
 
     #[test]
     fn order_events_flatten_with_money_as_strings() {
-        use outpost_protocol::{Order, OrderLine};
+        use crate::store::{Channel, StoredEvent};
+        use outpost_protocol::{EventBody, LinePromise, Order, OrderLine};
         let e = StoredEvent {
             cursor: 7,
             site: "plant-1".into(),
-            event: EventEnvelope {
-                site: "plant-1".into(),
-                seq: 3,
-                event_id: "plant-1-o3".into(),
-                at_ms: -5,
-                body: EventBody::Order(Order {
+            channel: Channel::Site,
+            event: EventEnvelope::new(
+                "plant-1",
+                3,
+                "plant-1-o3",
+                -5,
+                &EventBody::Order(Order {
                     order_id: "plant-1-o3".into(),
                     customer_id: "C-ACME".into(),
-                    status: "captured".into(),
-                    lines: vec![OrderLine {
-                        sku: "BOLT-M8".into(),
-                        qty: 40,
-                        unit_price: Money(1_000),
-                        currency: "EUR".into(),
-                    }],
+                    status: "partial".into(),
+                    lines: vec![
+                        OrderLine {
+                            sku: "BOLT-M8".into(),
+                            qty: 40,
+                            unit_price: Money(1_000),
+                            currency: "EUR".into(),
+                            promise: LinePromise::Confirmed,
+                        },
+                        OrderLine {
+                            sku: "NUT-M8".into(),
+                            qty: 5,
+                            unit_price: Money(500),
+                            currency: "EUR".into(),
+                            promise: LinePromise::PendingAllowance,
+                        },
+                    ],
+                    master_rev: 9,
+                    offline: true,
                 }),
-            },
+            ),
         };
         assert_eq!(
             event_json(&e),
             json!({
                 "cursor": 7, "site": "plant-1", "seq": 3, "kind": "order", "id": "plant-1-o3",
-                "site_time": "1970-01-01T00:00:00.000Z", "order_id": "plant-1-o3",
-                "customer_id": "C-ACME", "status": "captured",
-                "lines": [{"sku": "BOLT-M8", "qty": 40, "unit_price": "0.10", "currency": "EUR"}]
+                "site_time": "1970-01-01T00:00:00.000Z", "channel": "site",
+                "order_id": "plant-1-o3", "customer_id": "C-ACME", "status": "uploaded",
+                "promise_status": "partial", "offline": true, "master_rev": 9,
+                "lines": [
+                    {"sku": "BOLT-M8", "qty": 40, "unit_price": "0.10", "currency": "EUR",
+                     "promise": "confirmed"},
+                    {"sku": "NUT-M8", "qty": 5, "unit_price": "0.05", "currency": "EUR",
+                     "promise": "pending_allowance"}
+                ]
             })
         );
         assert_eq!(rfc3339_ms(i64::MAX), "9999-12-31T23:59:59.999Z");
@@ -704,17 +743,19 @@ mod tests {
     async fn events_are_paged_by_cursor_completely_and_flattened() {
         let h = start(1 << 20).await;
         let batch: Vec<EventEnvelope> = (1..=25)
-            .map(|seq| EventEnvelope {
-                site: "plant-1".into(),
-                seq,
-                event_id: format!("ev-{seq}"),
-                at_ms: 1_767_225_600_000,
-                body: EventBody::Milestone(Milestone {
-                    shipment_id: "SH-1".into(),
-                    milestone: MilestoneKind::Loaded,
-                    scanner_id: "scan-7".into(),
-                    at: "2026-01-01T00:00:00Z".into(),
-                }),
+            .map(|seq| {
+                EventEnvelope::new(
+                    "plant-1",
+                    seq,
+                    &format!("ev-{seq}"),
+                    1_767_225_600_000,
+                    &EventBody::Milestone(Milestone {
+                        shipment_id: "SH-1".into(),
+                        milestone: MilestoneKind::Loaded,
+                        scanner_id: "scan-7".into(),
+                        at: "2026-01-01T00:00:00Z".into(),
+                    }),
+                )
             })
             .collect();
         h.store.ingest("plant-1", batch).await.unwrap();
@@ -759,7 +800,7 @@ mod tests {
             v["events"][0],
             json!({
                 "cursor": 1, "site": "plant-1", "seq": 1, "kind": "milestone", "id": "ev-1",
-                "site_time": "2026-01-01T00:00:00.000Z", "shipment_id": "SH-1",
+                "site_time": "2026-01-01T00:00:00.000Z", "channel": "site", "shipment_id": "SH-1",
                 "milestone": "loaded", "scanner_id": "scan-7", "at": "2026-01-01T00:00:00Z"
             })
         );

@@ -28,6 +28,12 @@ pub const MAX_TOKEN_LEN: usize = 256;
 pub const ENV_PREFIX: &str = "OUTPOST";
 /// Separator of nested keys in environment variable names.
 pub const ENV_SEPARATOR: &str = "__";
+/// Default interval of the periodic allowance check (silent sites, missed top-ups).
+pub const DEFAULT_RECLAIM_CHECK_SECS: u64 = 60;
+/// Longest periodic check interval: a silent site is noticed within an hour of its deadline.
+pub const MAX_RECLAIM_CHECK_SECS: u64 = 3_600;
+/// Longest configurable silence before a reclaim: a year (beyond that, reclaim by hand).
+pub const MAX_RECLAIM_SILENT_SECS: u64 = 365 * 86_400;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +42,51 @@ pub struct CentralConfig {
     pub data_dir: PathBuf,
     pub api: ApiConfig,
     pub quic: QuicConfig,
+    /// Optional: the allowance policy (defaults below).
+    #[serde(default)]
+    pub allowance: AllowanceConfig,
+}
+
+/// How central escrows ATP and credit at the sites.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowanceConfig {
+    /// ATP units each site is topped up to, per SKU (within what the ERP figure leaves free).
+    #[serde(default = "default_atp_target")]
+    pub atp_target: i64,
+    /// Share of each customer's credit limit each site is topped up to (0.0..=1.0).
+    #[serde(default = "default_credit_target_fraction")]
+    pub credit_target_fraction: f64,
+    /// A site silent for longer than this is asked to return all its allowance.
+    #[serde(default = "default_reclaim_silent_secs")]
+    pub reclaim_silent_secs: u64,
+    /// How often central looks for silent sites and missed top-ups.
+    #[serde(default = "default_reclaim_check_secs")]
+    pub reclaim_check_secs: u64,
+}
+
+impl Default for AllowanceConfig {
+    fn default() -> Self {
+        AllowanceConfig {
+            atp_target: default_atp_target(),
+            credit_target_fraction: default_credit_target_fraction(),
+            reclaim_silent_secs: default_reclaim_silent_secs(),
+            reclaim_check_secs: default_reclaim_check_secs(),
+        }
+    }
+}
+
+impl AllowanceConfig {
+    /// The policy the store applies.
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            targets: crate::ledger::Targets {
+                atp_units: self.atp_target,
+                credit_fraction: self.credit_target_fraction,
+            },
+            reclaim_silent_secs: self.reclaim_silent_secs,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +115,18 @@ pub struct QuicConfig {
     pub keep_alive_ms: u64,
 }
 
+fn default_atp_target() -> i64 {
+    crate::store::DEFAULT_ATP_TARGET
+}
+fn default_credit_target_fraction() -> f64 {
+    crate::store::DEFAULT_CREDIT_TARGET_FRACTION
+}
+fn default_reclaim_silent_secs() -> u64 {
+    crate::store::DEFAULT_RECLAIM_SILENT_SECS
+}
+fn default_reclaim_check_secs() -> u64 {
+    DEFAULT_RECLAIM_CHECK_SECS
+}
 fn default_max_body_bytes() -> u64 {
     DEFAULT_MAX_BODY_BYTES
 }
@@ -192,6 +255,38 @@ impl CentralConfig {
                 "quic.keep_alive_ms: must be 1..{idle} (below quic.idle_timeout_ms), got {ka}"
             ));
         }
+        let a = &self.allowance;
+        if !(0..=outpost_protocol::MAX_QTY).contains(&a.atp_target) {
+            problems.push(format!(
+                "allowance.atp_target: must be 0..={}, got {}",
+                outpost_protocol::MAX_QTY,
+                a.atp_target
+            ));
+        }
+        if !(a.credit_target_fraction.is_finite()
+            && (0.0..=1.0).contains(&a.credit_target_fraction))
+        {
+            problems.push(format!(
+                "allowance.credit_target_fraction: must be 0.0..=1.0, got {}",
+                a.credit_target_fraction
+            ));
+        }
+        if !(1..=MAX_RECLAIM_CHECK_SECS).contains(&a.reclaim_check_secs) {
+            problems.push(format!(
+                "allowance.reclaim_check_secs: must be 1..={MAX_RECLAIM_CHECK_SECS}, got {}",
+                a.reclaim_check_secs
+            ));
+        }
+        // A connected site is marked as heard from at each check; a silence shorter than the
+        // check interval would reclaim from sites that are connected and idle.
+        if a.reclaim_silent_secs <= a.reclaim_check_secs
+            || a.reclaim_silent_secs > MAX_RECLAIM_SILENT_SECS
+        {
+            problems.push(format!(
+                "allowance.reclaim_silent_secs: must be above allowance.reclaim_check_secs ({}) and at most {MAX_RECLAIM_SILENT_SECS}, got {}",
+                a.reclaim_check_secs, a.reclaim_silent_secs
+            ));
+        }
         problems
     }
 
@@ -257,6 +352,54 @@ key = "central.key"
         assert_eq!(cfg.api.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(cfg.quic.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS);
         assert_eq!(cfg.api_addr().unwrap().port(), 7600);
+        assert_eq!(cfg.allowance, AllowanceConfig::default());
+        assert_eq!(cfg.allowance.atp_target, 20);
+        assert_eq!(cfg.allowance.credit_target_fraction, 0.2);
+        assert_eq!(cfg.allowance.reclaim_silent_secs, 86_400);
+    }
+
+    #[test]
+    fn allowance_section_is_read_and_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pems(dir.path());
+        let path = dir.path().join("central.toml");
+        std::fs::write(
+            &path,
+            format!("{VALID}\n[allowance]\natp_target = 5\ncredit_target_fraction = 0.5\nreclaim_silent_secs = 120\n"),
+        )
+        .unwrap();
+        let cfg = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap();
+        assert_eq!(cfg.allowance.atp_target, 5);
+        assert_eq!(cfg.allowance.credit_target_fraction, 0.5);
+        assert_eq!(cfg.allowance.reclaim_silent_secs, 120);
+        assert_eq!(cfg.allowance.reclaim_check_secs, DEFAULT_RECLAIM_CHECK_SECS);
+        let env = HashMap::from([(
+            "OUTPOST_ALLOWANCE__CREDIT_TARGET_FRACTION".to_string(),
+            "0.25".to_string(),
+        )]);
+        let cfg = CentralConfig::load_with_env(&path, Some(env)).unwrap();
+        assert_eq!(cfg.allowance.credit_target_fraction, 0.25);
+
+        std::fs::write(
+            &path,
+            format!("{VALID}\n[allowance]\natp_target = -1\ncredit_target_fraction = 1.5\nreclaim_silent_secs = 30\nreclaim_check_secs = 0\n"),
+        )
+        .unwrap();
+        let err = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap_err();
+        let LoadConfigError::Invalid { problems, .. } = err else {
+            panic!("expected validation problems, got {err}");
+        };
+        for key in [
+            "allowance.atp_target:",
+            "allowance.credit_target_fraction:",
+            "allowance.reclaim_check_secs:",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(key)),
+                "no problem reported for {key}: {problems:?}"
+            );
+        }
+        assert_eq!(problems.len(), 3, "{problems:?}");
     }
 
     #[test]

@@ -211,7 +211,12 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
          listen = {quic}\n\
          ca_cert = {ca}\n\
          cert = {cert}\n\
-         key = {key}\n",
+         key = {key}\n\n\
+         # Allowances escrowed at each site (these are the defaults).\n\
+         [allowance]\n\
+         atp_target = {atp_target}\n\
+         credit_target_fraction = {credit_fraction}\n\
+         reclaim_silent_secs = {silent}\n",
         data = toml_str(&path_str(&central_data)),
         api = toml_str(&format!("127.0.0.1:{api_port}")),
         token = toml_str(&central_token),
@@ -219,6 +224,9 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
         ca = toml_str(&path_str(&ca_pem)),
         cert = toml_str(&path_str(&central_files.cert)),
         key = toml_str(&path_str(&central_files.key)),
+        atp_target = crate::store::DEFAULT_ATP_TARGET,
+        credit_fraction = crate::store::DEFAULT_CREDIT_TARGET_FRACTION,
+        silent = crate::store::DEFAULT_RECLAIM_SILENT_SECS,
     );
     write_secret(&central_toml, &central_cfg)?;
 
@@ -730,6 +738,24 @@ fn print_summary(
         s,
         "  curl -s -H 'Authorization: Bearer {ct}' '{central_api}/v1/events?after=0&limit=100'"
     );
+    if let Some(site) = fleet.sites.first() {
+        let _ = writeln!(
+            s,
+            "  curl -s -H 'Authorization: Bearer {ct}' '{central_api}/v1/ledger?site={}'",
+            site.id
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  {} exceptions list --fleet {}",
+        fleet
+            .central
+            .command
+            .first()
+            .map(String::as_str)
+            .unwrap_or("outpost-central"),
+        dir.join(FLEET_FILE).display()
+    );
     if let (Some(site), Some(api)) = (fleet.sites.first(), site_apis.first()) {
         let st = &site.token;
         let _ = writeln!(
@@ -849,6 +875,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.api.token, fleet.central.token);
+        assert_eq!(cfg.allowance, crate::config::AllowanceConfig::default());
         assert_eq!(load_fleet(dir.path()).unwrap(), fleet);
         let agent_cfg: toml::Table = std::fs::read_to_string(dir.path().join("warehouse-1.toml"))
             .unwrap()

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost_central::certs::{self, DEFAULT_CENTRAL_NAME};
+use outpost_central::cli::{self, CliError, Remote};
 use outpost_central::config::{CentralConfig, LoadConfigError};
 use outpost_central::dev::{self, DEFAULT_BASE_PORT, DEFAULT_SITES, InitOptions, UpOptions};
 
@@ -45,6 +46,72 @@ enum Cmd {
         #[command(subcommand)]
         command: DevCmd,
     },
+    /// The exception queue: orders held for an operator (talks to central's HTTP API).
+    Exceptions {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: ExceptionsCmd,
+    },
+    /// A site's reconciliation reports, newest first (talks to central's HTTP API).
+    Reconciliations {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        site: String,
+        /// Most reports shown.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+/// Where central's API is: `--api URL --token T`, or `--fleet DIR/fleet.json`.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// Central's API base URL, e.g. http://127.0.0.1:7600.
+    #[arg(long, global = true, env = "OUTPOST_CENTRAL_API")]
+    api: Option<String>,
+    /// Central's API bearer token.
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_CENTRAL_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// The dev fleet's fleet.json (or its directory): central's address and token are read
+    /// from it (and from central's ready.json when its port is 0).
+    #[arg(long, global = true)]
+    fleet: Option<PathBuf>,
+    /// Print central's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ExceptionsCmd {
+    /// List exceptions (open ones by default), oldest first.
+    List {
+        #[arg(long, default_value = "open", value_parser = ["open", "resolved", "all"])]
+        status: String,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show one exception with the data the site used.
+    Show { id: u64 },
+    /// Accept the order as is (it enters the feed) or reject it (its units are released and the
+    /// site is told).
+    Resolve {
+        id: u64,
+        #[arg(long, conflicts_with = "reject", required_unless_present = "reject")]
+        accept: bool,
+        #[arg(long)]
+        reject: bool,
+        /// Why (required with --reject; the site shows it).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Re-run the checks against current master data; the order enters the feed if it passes.
+    Replay { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -162,8 +229,105 @@ async fn main() -> ExitCode {
     }
 }
 
+fn remote(args: &RemoteArgs) -> Result<Remote, CliError> {
+    cli::resolve_remote(args.api.clone(), args.token.clone(), args.fleet.as_deref())
+}
+
+/// Prints a CLI call's answer (JSON, or `table` of it) or its error; the exit code says which.
+fn report(
+    result: Result<serde_json::Value, CliError>,
+    json: bool,
+    table: fn(&serde_json::Value) -> String,
+) -> ExitCode {
+    match result {
+        Ok(v) if json => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            print!("{}", table(&v));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+}
+
+async fn exceptions(remote_args: RemoteArgs, command: ExceptionsCmd) -> ExitCode {
+    let r = match remote(&remote_args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let json = remote_args.json;
+    match command {
+        ExceptionsCmd::List { status, limit } => {
+            let mut path = format!("/v1/exceptions?status={status}");
+            if let Some(l) = limit {
+                path.push_str(&format!("&limit={l}"));
+            }
+            report(
+                cli::call(&r, &path, None).await,
+                json,
+                cli::exceptions_table,
+            )
+        }
+        ExceptionsCmd::Show { id } => report(
+            cli::call(&r, &format!("/v1/exceptions/{id}"), None).await,
+            true,
+            pretty,
+        ),
+        ExceptionsCmd::Resolve {
+            id,
+            accept,
+            reject: _,
+            reason,
+        } => {
+            let body = serde_json::json!({
+                "action": if accept { "accept" } else { "reject" },
+                "reason": reason,
+            });
+            let path = format!("/v1/exceptions/{id}/resolve");
+            report(cli::call(&r, &path, Some(body)).await, json, pretty)
+        }
+        ExceptionsCmd::Replay { id } => {
+            let path = format!("/v1/exceptions/{id}/replay");
+            let body = serde_json::json!({});
+            report(cli::call(&r, &path, Some(body)).await, json, pretty)
+        }
+    }
+}
+
 async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        Cmd::Exceptions { remote, command } => return Ok(exceptions(remote, command).await),
+        Cmd::Reconciliations {
+            remote: args,
+            site,
+            limit,
+        } => {
+            let r = match remote(&args) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let mut path = format!("/v1/sites/{site}/reconciliations");
+            if let Some(l) = limit {
+                path.push_str(&format!("?limit={l}"));
+            }
+            let result = cli::call(&r, &path, None).await;
+            return Ok(report(result, args.json, cli::reconciliations_table));
+        }
         Cmd::Serve { config } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,

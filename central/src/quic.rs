@@ -1,14 +1,15 @@
 //! The sync server (quinn + rustls, mutual TLS): accepts agent connections, takes each site's
-//! identity from its client certificate, runs the Hello/Welcome session, ingests uploaded
-//! batches (ack only after the durable commit) and pushes master-data changes as the revision
-//! advances. I/O shell around `outpost_protocol::session`.
+//! identity from its client certificate, runs the Hello/Welcome session (starting the site's
+//! reconciliation report and topping it up), ingests uploaded batches (ack only after the
+//! durable commit), answers allowance requests and pushes master-data changes (grants included)
+//! as the revision advances. I/O shell around `outpost_protocol::session`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_protocol::identity::site_id_from_cert_der;
 use outpost_protocol::io::{read_frame, write_frame};
-use outpost_protocol::session::{IngestError, check_hello, plan_ingest};
+use outpost_protocol::session::{IngestError, check_hello};
 use outpost_protocol::{
     ALPN, AgentMsg, CentralMsg, EventEnvelope, FrameError, MAX_CHANGES_PER_FRAME, MasterBatch,
     PROTOCOL_VERSION, Refuse, RefuseCode, Welcome,
@@ -24,7 +25,7 @@ use tracing::Instrument;
 use crate::certs::{CertError, load_certs, load_key};
 use crate::config::QuicConfig;
 use crate::registry::Registry;
-use crate::store::{IngestBatchError, Store};
+use crate::store::{AllowanceAnswer, IngestBatchError, Store};
 
 /// Most simultaneous agent connections: a few hundred sites per central, with room for
 /// reconnect overlap. Connections beyond it are refused at the handshake.
@@ -272,8 +273,8 @@ impl Drop for Registered {
     }
 }
 
-fn refuse(code: RefuseCode, reason: impl Into<String>) -> Refuse {
-    let mut reason: String = reason.into();
+/// Cuts a reason sent to an agent to `MAX_TEXT_LEN` bytes (on a character boundary).
+fn bounded(mut reason: String) -> String {
     if reason.len() > outpost_protocol::MAX_TEXT_LEN {
         let mut cut = outpost_protocol::MAX_TEXT_LEN;
         while !reason.is_char_boundary(cut) {
@@ -281,7 +282,14 @@ fn refuse(code: RefuseCode, reason: impl Into<String>) -> Refuse {
         }
         reason.truncate(cut);
     }
-    Refuse { code, reason }
+    reason
+}
+
+fn refuse(code: RefuseCode, reason: impl Into<String>) -> Refuse {
+    Refuse {
+        code,
+        reason: bounded(reason.into()),
+    }
 }
 
 fn refuse_for_ingest(e: &IngestError) -> Refuse {
@@ -311,7 +319,7 @@ impl Session {
         let hello =
             match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<AgentMsg, _>(&mut recv)).await {
                 Ok(Ok(Some(AgentMsg::Hello(h)))) => h,
-                Ok(Ok(Some(AgentMsg::Events(_)))) => {
+                Ok(Ok(Some(_))) => {
                     let r = refuse(
                         RefuseCode::ProtocolViolation,
                         "the first message must be Hello",
@@ -343,19 +351,27 @@ impl Session {
             site: self.site.clone(),
             id: ticket.id,
         };
-        let mut rev_rx = self.ctx.store.subscribe_revision();
-        let central_rev = *rev_rx.borrow_and_update();
-        let acked_seq = match self.ctx.store.site_hwm(&self.site) {
-            Ok(h) => h,
+        // Durably opens this session's reconciliation report and tops the site up before the
+        // Welcome, so the Welcome's revision already covers the grants.
+        let start = match self
+            .ctx
+            .store
+            .begin_session(&self.site, hello.last_seq)
+            .await
+        {
+            Ok(s) => s,
             Err(e) => {
                 let r = refuse(
                     RefuseCode::Unavailable,
-                    format!("central cannot read its store: {e}"),
+                    format!("central cannot record the session: {e}"),
                 );
                 self.send_refuse(&mut send, r).await;
                 return;
             }
         };
+        let acked_seq = start.acked_seq;
+        let mut rev_rx = self.ctx.store.subscribe_revision();
+        let central_rev = *rev_rx.borrow_and_update();
         let welcome = CentralMsg::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             central_version: crate::VERSION.to_string(),
@@ -372,11 +388,9 @@ impl Session {
             agent_last_seq = hello.last_seq,
             acked_seq,
             central_rev,
+            session = start.session,
             "session started"
         );
-        if let Err(e) = self.ctx.store.touch_site(&self.site).await {
-            tracing::warn!(error = %e, "cannot record the site's contact");
-        }
         let end = self
             .serve(
                 send,
@@ -461,6 +475,21 @@ impl Session {
                             self.send_refuse(&mut send, r.clone()).await;
                             return End::Refused(r);
                         }
+                        Some(Ok(AgentMsg::AllowanceRequest { request_id, pool, qty })) => {
+                            self.ctx.registry.touch(&self.site);
+                            let a = self.allowance(pool, qty).await;
+                            // Push the Grant right after the reply: the agent waits for both.
+                            central_rev = central_rev.max(a.rev);
+                            let reply = CentralMsg::AllowanceReply {
+                                request_id,
+                                granted: a.granted,
+                                rev: a.rev,
+                                reason: bounded(a.reason),
+                            };
+                            if let Err(e) = self.write(&mut send, &reply).await {
+                                return End::Gone(format!("cannot send AllowanceReply: {e}"));
+                            }
+                        }
                         Some(Ok(AgentMsg::Events(batch))) => {
                             self.ctx.registry.touch(&self.site);
                             match self.ingest(batch).await {
@@ -494,25 +523,18 @@ impl Session {
         }
     }
 
-    /// Durably stores what is new in the batch; returns the site's high-water mark to ack.
+    /// Durably applies what is new in the batch; returns the site's high-water mark to ack. A
+    /// batch of duplicates only is written too: the session's reconciliation report counts them.
     async fn ingest(&self, batch: Vec<EventEnvelope>) -> Result<u64, Refuse> {
         let n = batch.len();
-        // Fast path: a batch that is all duplicates of durable events is acked without a write.
-        // Anything else (including an apparent error against this possibly stale read) is
-        // decided by the writer, inside its transaction.
-        if let Ok(hwm) = self.ctx.store.site_hwm(&self.site)
-            && let Ok(plan) = plan_ingest(&self.site, hwm, &batch)
-            && plan.new_hwm == hwm
-        {
-            tracing::debug!(events = n, hwm, "duplicate batch acked");
-            return Ok(hwm);
-        }
         match self.ctx.store.ingest(&self.site, batch).await {
             Ok(out) => {
                 tracing::debug!(
                     events = n,
                     stored = out.stored,
                     duplicates = out.duplicates,
+                    dead_letters = out.dead_letters,
+                    exceptions = out.exceptions,
                     hwm = out.new_hwm,
                     "batch committed"
                 );
@@ -523,6 +545,31 @@ impl Session {
                 RefuseCode::Unavailable,
                 format!("central cannot store events right now: {e}"),
             )),
+        }
+    }
+
+    /// Answers an allowance request. A store that cannot write right now grants nothing: the
+    /// agent falls back to pending lines, which is always safe.
+    async fn allowance(&self, pool: outpost_protocol::Pool, qty: i64) -> AllowanceAnswer {
+        let key = pool.key();
+        match self
+            .ctx
+            .store
+            .allowance_request(&self.site, pool, qty)
+            .await
+        {
+            Ok(a) => {
+                tracing::debug!(pool = %key, asked = qty, granted = a.granted, rev = a.rev, "allowance request answered");
+                a
+            }
+            Err(e) => {
+                tracing::warn!(pool = %key, error = %e, "cannot grant allowance");
+                AllowanceAnswer {
+                    granted: 0,
+                    rev: 0,
+                    reason: format!("central cannot grant right now: {e}"),
+                }
+            }
         }
     }
 

@@ -106,7 +106,10 @@ pub async fn serve(
     // A stale ready file from a crashed run must not be mistaken for this one.
     remove_if_present(&ready_path).map_err(data_err)?;
 
-    let store = Store::open(&cfg.store_path())?;
+    let store = Store::open_with(&cfg.store_path(), cfg.allowance.store_options())?;
+    // The startup check runs before any listener is up: sites silent past the limit (while
+    // central was down too) are asked back, and nothing races the first requests.
+    allowance_check(&store, Vec::new()).await;
     let registry = Arc::new(Registry::new());
 
     let api_addr = cfg.api_addr()?;
@@ -164,6 +167,12 @@ pub async fn serve(
             })
             .await
     });
+    let check = tokio::spawn(run_allowance_checks(
+        store.clone(),
+        registry.clone(),
+        Duration::from_secs(cfg.allowance.reclaim_check_secs),
+        stop_rx.clone(),
+    ));
     let ctx = SyncContext {
         store: store.clone(),
         registry,
@@ -191,6 +200,9 @@ pub async fn serve(
         tracing::warn!("the QUIC server did not stop in time");
         quic.abort();
     }
+    // The check only queues store writes; it ends at the next await once told to stop.
+    check.abort();
+    let _ = check.await;
     store.close().await;
     if let Err(e) = remove_if_present(&ready_path) {
         tracing::warn!(error = %e, "cannot remove the ready file");
@@ -199,6 +211,51 @@ pub async fn serve(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// One allowance check: marks `connected` sites as heard from, asks sites silent for too long to
+/// return their allowance and tops up eligible sites. A failure is logged; the next check retries.
+async fn allowance_check(store: &Store, connected: Vec<String>) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    match store.periodic(connected, now_ms).await {
+        Ok(out) if out.grants + out.reclaims > 0 => {
+            tracing::info!(
+                grants = out.grants,
+                reclaims = out.reclaims,
+                "allowance check"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "allowance check failed; retrying at the next one"),
+    }
+}
+
+/// The periodic allowance check, every `every` (the startup check is done by `serve` before the
+/// listeners come up).
+pub async fn run_allowance_checks(
+    store: Store,
+    registry: Arc<Registry>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let connected: Vec<String> = registry
+            .snapshot()
+            .into_iter()
+            .filter(|(_, l)| l.connected)
+            .map(|(site, _)| site)
+            .collect();
+        allowance_check(&store, connected).await;
     }
 }
 

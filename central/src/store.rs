@@ -1,28 +1,52 @@
-//! Central's durable store (redb): master data with its change log, the global event feed, the
+//! Central's durable store (redb): master data with its change log, the allowance ledger, the
+//! global event feed, orders, the exception queue, dead letters, reconciliation reports, the
 //! per-site high-water marks and the sites ever seen. I/O side: all writes go through one writer
 //! thread that group-commits; reads open a read transaction directly.
 //!
-//! Invariant: a site's events and its high-water mark are written in the same transaction, so
-//! after any crash the mark says exactly which events are stored, and a re-upload stores nothing
+//! Invariants: a site's events, their effects (feed rows, orders, exceptions, dead letters,
+//! ledger moves, report counters) and its high-water mark are written in the same transaction, so
+//! after any crash the mark says exactly which events are applied, and a re-upload applies nothing
 //! twice. Master changes get consecutive revisions in the transaction that updates the current
-//! state tables.
+//! state tables; every ledger move that a site must learn of (grant, reclaim) is a master change
+//! written in the transaction that moves the ledger.
 
+mod allowance;
+mod ingest;
+#[cfg(test)]
+mod lifecycle_tests;
+mod orders;
+mod records;
+
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use outpost_protocol::session::{IngestError, plan_ingest};
-use outpost_protocol::{EventEnvelope, MasterChange, ValidationError};
+use outpost_protocol::session::IngestError;
+use outpost_protocol::{CentralPool, EventEnvelope, MasterChange, Pool, ValidationError};
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
 };
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use allowance::{AllowanceAnswer, PolicyOutcome, SessionStart};
+pub use orders::{
+    CentralOrderError, CentralOrderOutcome, DecideError, ExceptionOpError, ResolveAction,
+};
+pub use records::{
+    AllowanceUse, CentralData, CentralOrderRequest, Channel, DeadLetter, ExceptionRecord,
+    OpenReclaim, OrderRecord, OrderState, ReconReport, Resolution, ResolutionAction, SiteData,
+};
+
+use crate::ledger::{LedgerKey, Targets};
+
 /// Version of the table layout below. Bumped on any incompatible change; a store written by
 /// another version is refused at open instead of being misread.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 /// Depth of the writer's queue. Producers wait when it is full (backpressure on HTTP handlers
 /// and sync sessions) rather than growing memory.
 pub const WRITE_QUEUE_DEPTH: usize = 4096;
@@ -34,9 +58,18 @@ pub const MAX_GROUP: usize = 256;
 pub const REOPEN_WAIT: Duration = Duration::from_secs(2);
 /// Longest a caller waits for the writer's answer before reporting the store unavailable.
 pub const WRITE_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Reconciliation reports kept per site (the newest): a few months of daily reconnects, a few
+/// kilobytes per site.
+pub const MAX_REPORTS_PER_SITE: usize = 100;
+/// Default ATP allowance per site per SKU.
+pub const DEFAULT_ATP_TARGET: i64 = 20;
+/// Default share of a customer's credit limit escrowed at each site.
+pub const DEFAULT_CREDIT_TARGET_FRACTION: f64 = 0.2;
+/// Default silence after which a site is asked to return all its allowance: a day.
+pub const DEFAULT_RECLAIM_SILENT_SECS: u64 = 86_400;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// cursor -> postcard (site, EventEnvelope)
+/// cursor -> postcard FeedRow
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// site -> highest seq stored
 const SITE_HWM: TableDefinition<&str, u64> = TableDefinition::new("site_hwm");
@@ -50,10 +83,32 @@ const ATP: TableDefinition<(&str, &str), i64> = TableDefinition::new("atp");
 const CUSTOMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("customers");
 /// revision -> postcard MasterChange
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+/// (site, sku) -> postcard CentralPool: the ATP pool of a SKU at a site
+const LEDGER_ATP: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("ledger_atp");
+/// customer -> postcard CentralPool: the customer's credit pool, in money units
+const LEDGER_CREDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_credit");
+/// site -> 0: sites that hold or may get allowances (they connected, or the ERP gave them ATP)
+const LEDGER_SITES: TableDefinition<&str, u64> = TableDefinition::new("ledger_sites");
+/// (ledger key text, site) -> postcard OpenReclaim; at most one per site and pool
+const OPEN_RECLAIMS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("open_reclaims");
+/// order id -> postcard OrderRecord
+const ORDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("orders");
+/// exception id -> postcard ExceptionRecord
+const EXCEPTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("exceptions");
+/// dead letter id -> postcard DeadLetter
+const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// (site, session) -> postcard ReconReport
+const REPORTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("reports");
+/// Idempotency-Key of central's order channel -> postcard IdemRecord
+const CENTRAL_IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("central_idem");
 
 const META_SCHEMA: &str = "schema_version";
 const META_REVISION: &str = "revision";
 const META_NEXT_CURSOR: &str = "next_cursor";
+const META_LAST_EXCEPTION: &str = "last_exception";
+const META_LAST_DEAD_LETTER: &str = "last_dead_letter";
+const META_LAST_RECLAIM: &str = "last_reclaim";
+const META_LAST_CENTRAL_ORDER: &str = "last_central_order";
 
 /// When central first and last heard from a site (milliseconds since the Unix epoch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,7 +122,38 @@ pub struct SiteRecord {
 pub struct StoredEvent {
     pub cursor: u64,
     pub site: String,
+    pub channel: Channel,
     pub event: EventEnvelope,
+}
+
+/// One pool of the ledger with the reclaims open on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub key: LedgerKey,
+    pub pool: CentralPool,
+    /// site -> quantity asked back and not yet answered.
+    pub open_reclaims: BTreeMap<String, i64>,
+}
+
+/// The allowance policy the writer applies (from the config's `[allowance]` section).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StoreOptions {
+    pub targets: Targets,
+    /// A site not heard from for longer than this is asked to return all its allowance, and gets
+    /// no top-ups until it is heard from again.
+    pub reclaim_silent_secs: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            targets: Targets {
+                atp_units: DEFAULT_ATP_TARGET,
+                credit_fraction: DEFAULT_CREDIT_TARGET_FRACTION,
+            },
+            reclaim_silent_secs: DEFAULT_RECLAIM_SILENT_SECS,
+        }
+    }
 }
 
 /// A site as stored: its record (if it ever connected) and its high-water mark.
@@ -80,16 +166,23 @@ pub struct StoredSite {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MasterApplied {
-    /// Revision of the last change written.
+    /// Revision of the last change written (the ERP's items, then any grants and reclaims they
+    /// caused).
     pub revision: u64,
+    /// The ERP's items written.
     pub changes: usize,
+    pub grants: usize,
+    pub reclaims: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IngestOutcome {
     pub duplicates: usize,
+    /// New events applied (to the feed, the exception queue, the dead letters or the ledger).
     pub stored: usize,
     pub new_hwm: u64,
+    pub dead_letters: usize,
+    pub exceptions: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,70 +253,105 @@ macro_rules! read_err_from {
 }
 read_err_from!(redb::TransactionError, redb::TableError, redb::StorageError);
 
-enum Op {
-    Master {
-        changes: Vec<MasterChange>,
-        reply: oneshot::Sender<Result<MasterApplied, UpsertMasterError>>,
-    },
-    Ingest {
-        site: String,
-        events: Vec<EventEnvelope>,
-        now_ms: i64,
-        reply: oneshot::Sender<Result<IngestOutcome, IngestBatchError>>,
-    },
-    Touch {
-        site: String,
-        now_ms: i64,
-        reply: oneshot::Sender<Result<(), StoreUnavailable>>,
-    },
-    Shutdown {
-        reply: oneshot::Sender<()>,
-    },
+/// One write operation queued for the writer: a function run inside the group's transaction and
+/// the channel its result goes back on once the group has committed.
+trait Job: Send {
+    /// Runs the operation in `txn`. On success its answer is held until the commit; a storage
+    /// error aborts the whole group (the held answer then only serves to fail the caller).
+    fn apply(self: Box<Self>, txn: &WriteTransaction, opts: &StoreOptions) -> Applied;
+    /// Answers the caller with `StoreUnavailable` without running.
+    fn fail(self: Box<Self>, why: &str);
 }
 
-/// An op's result, held until the group's commit decides whether it is delivered.
-enum Pending {
-    Master(
-        oneshot::Sender<Result<MasterApplied, UpsertMasterError>>,
-        Result<MasterApplied, UpsertMasterError>,
-    ),
-    Ingest(
-        oneshot::Sender<Result<IngestOutcome, IngestBatchError>>,
-        Result<IngestOutcome, IngestBatchError>,
-    ),
-    Touch(oneshot::Sender<Result<(), StoreUnavailable>>),
-    Shutdown(oneshot::Sender<()>),
+/// An answer held until the group's commit decides whether it is delivered.
+trait Held: Send {
+    fn deliver(self: Box<Self>);
+    fn fail(self: Box<Self>, why: &str);
 }
 
-impl Pending {
-    fn deliver(self) {
+enum Applied {
+    Done(Box<dyn Held>),
+    Broken(String, Box<dyn Held>),
+}
+
+/// Result of an operation inside the transaction: `Err(Broken)` is a storage error (the group is
+/// aborted); the inner `Result` is the caller's answer.
+type Outcome<T, E> = Result<Result<T, E>, Broken>;
+
+type JobFn<T, E> = Box<dyn FnOnce(&WriteTransaction, &StoreOptions) -> Outcome<T, E> + Send>;
+
+struct TxJob<T, E> {
+    run: JobFn<T, E>,
+    reply: oneshot::Sender<Result<T, E>>,
+}
+
+struct HeldReply<T, E> {
+    reply: oneshot::Sender<Result<T, E>>,
+    result: Option<Result<T, E>>,
+}
+
+impl<T: Send + 'static, E: From<StoreUnavailable> + Send + 'static> Held for HeldReply<T, E> {
+    fn deliver(self: Box<Self>) {
         // A caller that gave up waiting dropped its receiver; nothing to do then.
-        match self {
-            Pending::Master(tx, r) => drop(tx.send(r)),
-            Pending::Ingest(tx, r) => drop(tx.send(r)),
-            Pending::Touch(tx) => drop(tx.send(Ok(()))),
-            Pending::Shutdown(tx) => drop(tx.send(())),
+        if let Some(r) = self.result {
+            drop(self.reply.send(r));
         }
     }
 
-    fn fail(self, why: &str) {
-        let e = || StoreUnavailable(why.to_string());
-        match self {
-            Pending::Master(tx, _) => drop(tx.send(Err(e().into()))),
-            Pending::Ingest(tx, _) => drop(tx.send(Err(e().into()))),
-            Pending::Touch(tx) => drop(tx.send(Err(e()))),
-            Pending::Shutdown(tx) => drop(tx.send(())),
+    fn fail(self: Box<Self>, why: &str) {
+        drop(
+            self.reply
+                .send(Err(StoreUnavailable(why.to_string()).into())),
+        );
+    }
+}
+
+impl<T: Send + 'static, E: From<StoreUnavailable> + Send + 'static> Job for TxJob<T, E> {
+    fn apply(self: Box<Self>, txn: &WriteTransaction, opts: &StoreOptions) -> Applied {
+        let TxJob { run, reply } = *self;
+        match run(txn, opts) {
+            Ok(result) => Applied::Done(Box::new(HeldReply {
+                reply,
+                result: Some(result),
+            })),
+            Err(Broken(why)) => Applied::Broken(
+                why,
+                Box::new(HeldReply::<T, E> {
+                    reply,
+                    result: None,
+                }),
+            ),
         }
+    }
+
+    fn fail(self: Box<Self>, why: &str) {
+        drop(
+            self.reply
+                .send(Err(StoreUnavailable(why.to_string()).into())),
+        );
+    }
+}
+
+enum Op {
+    Job(Box<dyn Job>),
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+struct HeldShutdown(oneshot::Sender<()>);
+
+impl Held for HeldShutdown {
+    fn deliver(self: Box<Self>) {
+        let _ = self.0.send(());
+    }
+    fn fail(self: Box<Self>, _why: &str) {
+        let _ = self.0.send(());
     }
 }
 
 impl Op {
     fn fail(self, why: &str) {
-        let e = || StoreUnavailable(why.to_string());
         match self {
-            Op::Master { reply, .. } => drop(reply.send(Err(e().into()))),
-            Op::Ingest { reply, .. } => drop(reply.send(Err(e().into()))),
-            Op::Touch { reply, .. } => drop(reply.send(Err(e()))),
+            Op::Job(j) => j.fail(why),
             Op::Shutdown { reply } => drop(reply.send(())),
         }
     }
@@ -231,6 +359,7 @@ impl Op {
 
 struct Shared {
     path: PathBuf,
+    opts: StoreOptions,
     /// `None` while the writer is reopening after an I/O error, or after shutdown.
     db: RwLock<Option<Arc<Database>>>,
     revision: watch::Sender<u64>,
@@ -278,8 +407,15 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl Store {
-    /// Opens (creating if missing) the store at `path` and starts its writer thread.
+    /// Opens (creating if missing) the store at `path` with the default allowance policy and
+    /// starts its writer thread.
     pub fn open(path: &Path) -> Result<Store, OpenStoreError> {
+        Self::open_with(path, StoreOptions::default())
+    }
+
+    /// Opens (creating if missing) the store at `path` and starts its writer thread, which applies
+    /// the allowance policy `opts`.
+    pub fn open_with(path: &Path, opts: StoreOptions) -> Result<Store, OpenStoreError> {
         let db = Database::create(path).map_err(|source| OpenStoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -297,6 +433,7 @@ impl Store {
         let (rev_tx, _) = watch::channel(revision);
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
+            opts,
             db: RwLock::new(Some(Arc::new(db))),
             revision: rev_tx,
         });
@@ -317,60 +454,160 @@ impl Store {
         &self.shared.path
     }
 
-    /// Current revision, updated after each commit that wrote master changes.
+    pub fn options(&self) -> &StoreOptions {
+        &self.shared.opts
+    }
+
+    /// Current revision, updated after each commit that wrote master changes (ERP data, grants,
+    /// reclaims, order statuses).
     pub fn subscribe_revision(&self) -> watch::Receiver<u64> {
         self.shared.revision.subscribe()
     }
 
-    async fn submit<T>(&self, op: Op, rx: oneshot::Receiver<T>) -> Result<T, StoreUnavailable> {
-        if self.tx.send(op).await.is_err() {
-            return Err(StoreUnavailable("the store is shut down".into()));
+    /// Queues `run` for the writer and waits for its answer, which comes only after the group it
+    /// ran in has committed.
+    async fn run<T, E>(
+        &self,
+        run: impl FnOnce(&WriteTransaction, &StoreOptions) -> Outcome<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreUnavailable> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job = TxJob {
+            run: Box::new(run),
+            reply,
+        };
+        if self.tx.send(Op::Job(Box::new(job))).await.is_err() {
+            return Err(StoreUnavailable("the store is shut down".into()).into());
         }
         match tokio::time::timeout(WRITE_REPLY_TIMEOUT, rx).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => Err(StoreUnavailable("the store writer stopped".into())),
-            Err(_) => Err(StoreUnavailable(
-                "the store writer did not answer in time".into(),
-            )),
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(StoreUnavailable("the store writer stopped".into()).into()),
+            Err(_) => {
+                Err(StoreUnavailable("the store writer did not answer in time".into()).into())
+            }
         }
     }
 
     /// Validates every change (nothing is written if any is invalid), then writes them with
-    /// consecutive revisions and updates the current state, in one durable transaction.
+    /// consecutive revisions, updates the current state and the ledger, and writes the grants
+    /// and reclaims the new figures call for, in one durable transaction. Only ERP data (prices,
+    /// ATP, customers) is accepted here.
     pub async fn upsert_master(
         &self,
         changes: Vec<MasterChange>,
     ) -> Result<MasterApplied, UpsertMasterError> {
-        let (reply, rx) = oneshot::channel();
-        self.submit(Op::Master { changes, reply }, rx).await?
+        let now = now_ms();
+        self.run(move |txn, opts| apply_master(txn, opts, &changes, now))
+            .await
     }
 
     /// Plans the batch against the site's durable high-water mark inside the write transaction,
-    /// stores the new events and the new mark together, and answers after the commit.
+    /// applies each new event (feed, exception queue, dead letters, ledger), moves the mark,
+    /// updates the session's reconciliation report and tops the site up, and answers after the
+    /// commit. One bad event never fails the batch: it is dead-lettered.
     pub async fn ingest(
         &self,
         site: &str,
         events: Vec<EventEnvelope>,
     ) -> Result<IngestOutcome, IngestBatchError> {
-        let (reply, rx) = oneshot::channel();
-        let op = Op::Ingest {
-            site: site.to_string(),
-            events,
-            now_ms: now_ms(),
-            reply,
-        };
-        self.submit(op, rx).await?
+        let site = site.to_string();
+        let now = now_ms();
+        self.run(move |txn, opts| ingest::apply_ingest(txn, opts, &site, &events, now))
+            .await
     }
 
     /// Records that the site was seen now (creating its record on first contact).
     pub async fn touch_site(&self, site: &str) -> Result<(), StoreUnavailable> {
-        let (reply, rx) = oneshot::channel();
-        let op = Op::Touch {
-            site: site.to_string(),
-            now_ms: now_ms(),
-            reply,
-        };
-        self.submit(op, rx).await?
+        let site = site.to_string();
+        let now = now_ms();
+        self.run(move |txn, _| touch(txn, &site, now).map(Ok)).await
+    }
+
+    /// A site's session was welcomed: records the start of its reconciliation report and the
+    /// contact, tops the site up, and returns its durable high-water mark for the Welcome.
+    pub async fn begin_session(
+        &self,
+        site: &str,
+        hello_last_seq: u64,
+    ) -> Result<SessionStart, StoreUnavailable> {
+        let site = site.to_string();
+        let now = now_ms();
+        self.run(move |txn, opts| allowance::begin_session(txn, opts, &site, hello_last_seq, now))
+            .await
+    }
+
+    /// A site asks for `qty` more of `pool` now: grants what is free (at most `qty`) as a Grant
+    /// change, durably, and says how much and at which revision.
+    pub async fn allowance_request(
+        &self,
+        site: &str,
+        pool: Pool,
+        qty: i64,
+    ) -> Result<AllowanceAnswer, StoreUnavailable> {
+        let site = site.to_string();
+        self.run(move |txn, _| allowance::request(txn, &site, &pool, qty))
+            .await
+    }
+
+    /// The periodic check at `now_ms`: records that `connected` sites are being heard from, asks
+    /// sites silent for too long to return their allowance, and tops every eligible site up.
+    pub async fn periodic(
+        &self,
+        connected: Vec<String>,
+        now_ms: i64,
+    ) -> Result<PolicyOutcome, StoreUnavailable> {
+        self.run(move |txn, opts| allowance::periodic(txn, opts, &connected, now_ms))
+            .await
+    }
+
+    /// An order through central's own channel: sells every line from the (SKU, site) pool and
+    /// its value from the customer's credit pool, all or nothing, under an idempotency key.
+    pub async fn central_order(
+        &self,
+        idempotency_key: &str,
+        request: CentralOrderRequest,
+    ) -> Result<CentralOrderOutcome, CentralOrderError> {
+        let key = idempotency_key.to_string();
+        let now = now_ms();
+        self.run(move |txn, _| orders::central_order(txn, &key, &request, now))
+            .await
+    }
+
+    /// The ERP's decision on an order.
+    pub async fn decide_order(
+        &self,
+        order_id: &str,
+        status: outpost_protocol::ErpStatus,
+        reason: Option<String>,
+    ) -> Result<OrderRecord, DecideError> {
+        let id = order_id.to_string();
+        let now = now_ms();
+        self.run(move |txn, opts| orders::decide(txn, opts, &id, status, reason, now))
+            .await
+    }
+
+    /// An operator resolves an open exception: accept (the order enters the feed) or reject
+    /// (its units are released and the site is told).
+    pub async fn resolve_exception(
+        &self,
+        id: u64,
+        action: ResolveAction,
+        reason: Option<String>,
+    ) -> Result<ExceptionRecord, ExceptionOpError> {
+        let now = now_ms();
+        self.run(move |txn, opts| orders::resolve(txn, opts, id, action, reason, now))
+            .await
+    }
+
+    /// Re-runs the business checks of an open exception against current master data: passes →
+    /// the order enters the feed and the exception is resolved; fails → it stays open with the new
+    /// reasons (`ExceptionOpError::StillFailing`, committed).
+    pub async fn replay_exception(&self, id: u64) -> Result<ExceptionRecord, ExceptionOpError> {
+        let now = now_ms();
+        self.run(move |txn, _| orders::replay(txn, id, now)).await
     }
 
     /// Stops the writer after the operations queued before this call, closes the database and
@@ -387,6 +624,11 @@ impl Store {
                 _ => tracing::error!("the store writer thread panicked"),
             }
         }
+    }
+
+    fn read(&self) -> Result<ReadTransaction, ReadError> {
+        let db = self.shared.db()?;
+        Ok(db.begin_read()?)
     }
 
     pub fn revision(&self) -> Result<u64, ReadError> {
@@ -415,12 +657,13 @@ impl Store {
                 break;
             }
             let (k, v) = row?;
-            let (site, event): (String, EventEnvelope) =
+            let r: records::FeedRow =
                 postcard::from_bytes(v.value()).map_err(|e| corrupt("event", e))?;
             out.push(StoredEvent {
                 cursor: k.value(),
-                site,
-                event,
+                site: r.site,
+                channel: r.channel,
+                event: r.event,
             });
         }
         Ok(out)
@@ -521,6 +764,184 @@ impl Store {
             None => Ok(None),
         }
     }
+
+    pub fn order(&self, order_id: &str) -> Result<Option<OrderRecord>, ReadError> {
+        let txn = self.read()?;
+        let t = txn.open_table(ORDERS)?;
+        t.get(order_id)?
+            .map(|v| decode("order", v.value()))
+            .transpose()
+    }
+
+    pub fn exception(&self, id: u64) -> Result<Option<ExceptionRecord>, ReadError> {
+        let txn = self.read()?;
+        let t = txn.open_table(EXCEPTIONS)?;
+        t.get(id)?
+            .map(|v| decode("exception", v.value()))
+            .transpose()
+    }
+
+    /// Up to `limit` exceptions with an id greater than `after` matching `filter`, in id order
+    /// (oldest first: the queue's order).
+    pub fn exceptions(
+        &self,
+        filter: ExceptionFilter,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ExceptionRecord>, ReadError> {
+        let txn = self.read()?;
+        let t = txn.open_table(EXCEPTIONS)?;
+        let mut out = Vec::new();
+        for row in t.range::<u64>((Bound::Excluded(after), Bound::Unbounded))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = row?;
+            let e: ExceptionRecord = decode("exception", v.value())?;
+            let keep = match filter {
+                ExceptionFilter::Open => e.is_open(),
+                ExceptionFilter::Resolved => !e.is_open(),
+                ExceptionFilter::All => true,
+            };
+            if keep {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` dead letters with an id greater than `after`, in id order.
+    pub fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, ReadError> {
+        let txn = self.read()?;
+        let t = txn.open_table(DEAD_LETTERS)?;
+        let mut out = Vec::new();
+        for row in t.range::<u64>((Bound::Excluded(after), Bound::Unbounded))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = row?;
+            out.push(decode("dead letter", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The newest `limit` reconciliation reports of `site`, newest first.
+    pub fn reports(&self, site: &str, limit: usize) -> Result<Vec<ReconReport>, ReadError> {
+        let txn = self.read()?;
+        let t = txn.open_table(REPORTS)?;
+        let mut out = Vec::new();
+        for row in t.range((site, 0u64)..=(site, u64::MAX))?.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = row?;
+            out.push(decode("report", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// One pool of the ledger (`None` if central never heard of it).
+    pub fn pool(&self, key: &LedgerKey) -> Result<Option<CentralPool>, ReadError> {
+        Ok(self
+            .ledger(
+                &LedgerFilter {
+                    key: Some(key.clone()),
+                    site: None,
+                },
+                1,
+            )?
+            .pop()
+            .map(|e| e.pool))
+    }
+
+    /// Up to `limit` pools of the ledger matching `filter` with their open reclaims: ATP pools in
+    /// (site, SKU) order, then credit pools in customer order.
+    pub fn ledger(
+        &self,
+        filter: &LedgerFilter,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, ReadError> {
+        let txn = self.read()?;
+        let atp = txn.open_table(LEDGER_ATP)?;
+        let credit = txn.open_table(LEDGER_CREDIT)?;
+        let mut pools: Vec<(LedgerKey, CentralPool)> = Vec::new();
+        match &filter.key {
+            Some(key @ LedgerKey::Atp { sku, site }) => {
+                if let Some(v) = atp.get((site.as_str(), sku.as_str()))? {
+                    pools.push((key.clone(), decode("pool", v.value())?));
+                }
+            }
+            Some(key @ LedgerKey::Credit { customer }) => {
+                if let Some(v) = credit.get(customer.as_str())? {
+                    pools.push((key.clone(), decode("pool", v.value())?));
+                }
+            }
+            None => {
+                let rows = match &filter.site {
+                    Some(site) => atp.range((site.as_str(), "")..)?,
+                    None => atp.range::<(&str, &str)>(..)?,
+                };
+                for row in rows {
+                    if pools.len() >= limit {
+                        break;
+                    }
+                    let (k, v) = row?;
+                    let (site, sku) = k.value();
+                    if filter.site.as_deref().is_some_and(|s| s != site) {
+                        break;
+                    }
+                    pools.push((LedgerKey::atp(sku, site), decode("pool", v.value())?));
+                }
+                for row in credit.iter()? {
+                    if pools.len() >= limit {
+                        break;
+                    }
+                    let (k, v) = row?;
+                    pools.push((LedgerKey::credit(k.value()), decode("pool", v.value())?));
+                }
+            }
+        }
+        let open = txn.open_table(OPEN_RECLAIMS)?;
+        let mut out = Vec::with_capacity(pools.len());
+        for (key, pool) in pools {
+            let text = key.text();
+            let mut open_reclaims = BTreeMap::new();
+            for row in open.range((text.as_str(), "")..)? {
+                let (k, v) = row?;
+                let (pool_text, site) = k.value();
+                if pool_text != text {
+                    break;
+                }
+                let r: OpenReclaim = decode("reclaim", v.value())?;
+                open_reclaims.insert(site.to_string(), r.qty);
+            }
+            out.push(LedgerEntry {
+                key,
+                pool,
+                open_reclaims,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Which exceptions to list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExceptionFilter {
+    Open,
+    Resolved,
+    All,
+}
+
+/// Which pools to list: one by key, or the ATP pools of a site (plus every credit pool), or all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LedgerFilter {
+    pub key: Option<LedgerKey>,
+    pub site: Option<String>,
+}
+
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, ReadError> {
+    postcard::from_bytes(bytes).map_err(|e| corrupt(what, e))
 }
 
 enum InitError {
@@ -557,6 +978,15 @@ fn init_tables(db: &Database) -> Result<u64, InitError> {
         txn.open_table(ATP)?;
         txn.open_table(CUSTOMERS)?;
         txn.open_table(CHANGES)?;
+        txn.open_table(LEDGER_ATP)?;
+        txn.open_table(LEDGER_CREDIT)?;
+        txn.open_table(LEDGER_SITES)?;
+        txn.open_table(OPEN_RECLAIMS)?;
+        txn.open_table(ORDERS)?;
+        txn.open_table(EXCEPTIONS)?;
+        txn.open_table(DEAD_LETTERS)?;
+        txn.open_table(REPORTS)?;
+        txn.open_table(CENTRAL_IDEM)?;
     }
     txn.commit()?;
     Ok(revision)
@@ -626,39 +1056,35 @@ fn execute_group(shared: &Shared, group: Vec<Op>) {
         }
         return;
     }
-    let mut pending = Vec::with_capacity(group.len());
-    let mut new_revision = None;
+    let rev_before = *shared.revision.borrow();
+    let mut pending: Vec<Box<dyn Held>> = Vec::with_capacity(group.len());
     let mut broken: Option<String> = None;
     let mut rest = group.into_iter();
     for op in rest.by_ref() {
-        let step = match op {
-            Op::Master { changes, reply } => apply_master(&txn, &changes).map(|r| {
-                if let Ok(applied) = &r {
-                    new_revision = Some(applied.revision);
+        match op {
+            Op::Job(job) => match job.apply(&txn, &shared.opts) {
+                Applied::Done(held) => pending.push(held),
+                Applied::Broken(why, held) => {
+                    pending.push(held);
+                    broken = Some(why);
+                    break;
                 }
-                Pending::Master(reply, r)
-            }),
-            Op::Ingest {
-                site,
-                events,
-                now_ms,
-                reply,
-            } => apply_ingest(&txn, &site, &events, now_ms).map(|r| Pending::Ingest(reply, r)),
-            Op::Touch {
-                site,
-                now_ms,
-                reply,
-            } => touch(&txn, &site, now_ms).map(|()| Pending::Touch(reply)),
-            Op::Shutdown { reply } => Ok(Pending::Shutdown(reply)),
-        };
-        match step {
-            Ok(p) => pending.push(p),
-            Err(Broken(why)) => {
-                broken = Some(why);
-                break;
-            }
+            },
+            Op::Shutdown { reply } => pending.push(Box::new(HeldShutdown(reply))),
         }
     }
+    // Any op may have written master changes (ERP data, grants, reclaims, order statuses); the
+    // revision is announced once the commit made them durable.
+    let new_revision = match broken {
+        Some(_) => None,
+        None => match meta_get(&txn, META_REVISION) {
+            Ok(rev) => (rev > rev_before).then_some(rev),
+            Err(Broken(why)) => {
+                broken = Some(why);
+                None
+            }
+        },
+    };
     if let Some(why) = broken {
         tracing::error!(error = %why, "store write failed; the group is aborted");
         let why = format!("write failed: {why}");
@@ -748,83 +1174,185 @@ fn meta_set(txn: &WriteTransaction, key: &str, v: u64) -> Result<(), Broken> {
     Ok(())
 }
 
-type Applied<T, E> = Result<Result<T, E>, Broken>;
+/// Takes the next number of the counter `key` (1, 2, ...).
+fn next_id(txn: &WriteTransaction, key: &str) -> Result<u64, Broken> {
+    let id = meta_get(txn, key)? + 1;
+    meta_set(txn, key, id)?;
+    Ok(id)
+}
 
+/// Appends `change` to the change log with the next revision; returns that revision.
+fn append_change(txn: &WriteTransaction, change: &MasterChange) -> Result<u64, Broken> {
+    let rev = next_id(txn, META_REVISION)?;
+    let mut log = txn.open_table(CHANGES)?;
+    log.insert(rev, encode(change).as_slice())?;
+    Ok(rev)
+}
+
+/// Appends an event to the global feed under the next cursor; returns the cursor.
+fn append_feed(
+    txn: &WriteTransaction,
+    site: &str,
+    channel: Channel,
+    event: &EventEnvelope,
+) -> Result<u64, Broken> {
+    let cursor = meta_get(txn, META_NEXT_CURSOR)?.max(1);
+    meta_set(txn, META_NEXT_CURSOR, cursor + 1)?;
+    let row = records::FeedRow {
+        site: site.to_string(),
+        channel,
+        event: event.clone(),
+    };
+    let mut t = txn.open_table(EVENTS)?;
+    t.insert(cursor, encode(&row).as_slice())?;
+    Ok(cursor)
+}
+
+/// Decodes a record read inside the writer. A record this build cannot read is a broken
+/// invariant of the store; the group is aborted rather than acting on a guess.
+fn decode_w<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, Broken> {
+    postcard::from_bytes(bytes).map_err(|e| Broken(format!("stored {what} is corrupt: {e}")))
+}
+
+fn get_pool(txn: &WriteTransaction, key: &LedgerKey) -> Result<Option<CentralPool>, Broken> {
+    match key {
+        LedgerKey::Atp { sku, site } => {
+            let t = txn.open_table(LEDGER_ATP)?;
+            let v = t.get((site.as_str(), sku.as_str()))?;
+            v.map(|v| decode_w("pool", v.value())).transpose()
+        }
+        LedgerKey::Credit { customer } => {
+            let t = txn.open_table(LEDGER_CREDIT)?;
+            let v = t.get(customer.as_str())?;
+            v.map(|v| decode_w("pool", v.value())).transpose()
+        }
+    }
+}
+
+fn put_pool(txn: &WriteTransaction, key: &LedgerKey, pool: &CentralPool) -> Result<(), Broken> {
+    match key {
+        LedgerKey::Atp { sku, site } => {
+            let mut t = txn.open_table(LEDGER_ATP)?;
+            t.insert((site.as_str(), sku.as_str()), encode(pool).as_slice())?;
+        }
+        LedgerKey::Credit { customer } => {
+            let mut t = txn.open_table(LEDGER_CREDIT)?;
+            t.insert(customer.as_str(), encode(pool).as_slice())?;
+        }
+    }
+    Ok(())
+}
+
+fn get_order(txn: &WriteTransaction, order_id: &str) -> Result<Option<OrderRecord>, Broken> {
+    let t = txn.open_table(ORDERS)?;
+    let v = t.get(order_id)?;
+    v.map(|v| decode_w("order", v.value())).transpose()
+}
+
+fn put_order(txn: &WriteTransaction, order: &OrderRecord) -> Result<(), Broken> {
+    let mut t = txn.open_table(ORDERS)?;
+    t.insert(order.order_id.as_str(), encode(order).as_slice())?;
+    Ok(())
+}
+
+fn get_customer(
+    txn: &WriteTransaction,
+    id: &str,
+) -> Result<Option<outpost_protocol::CustomerRecord>, Broken> {
+    let t = txn.open_table(CUSTOMERS)?;
+    let v = t.get(id)?;
+    v.map(|v| decode_w("customer", v.value())).transpose()
+}
+
+/// Central's effective price of `sku` for `customer`: the customer's own, else the list price.
+fn effective_price(
+    txn: &WriteTransaction,
+    sku: &str,
+    customer: &str,
+) -> Result<Option<outpost_protocol::PriceRecord>, Broken> {
+    let t = txn.open_table(PRICES)?;
+    let v = match t.get((sku, customer))? {
+        Some(v) => Some(v),
+        None => t.get((sku, ""))?,
+    };
+    v.map(|v| decode_w("price", v.value())).transpose()
+}
+
+/// Applies the ERP's items, then the reclaims and top-ups their new figures call for.
 fn apply_master(
     txn: &WriteTransaction,
+    opts: &StoreOptions,
     changes: &[MasterChange],
-) -> Applied<MasterApplied, UpsertMasterError> {
+    now_ms: i64,
+) -> Outcome<MasterApplied, UpsertMasterError> {
     let invalid: Vec<_> = changes
         .iter()
         .enumerate()
-        .filter_map(|(i, c)| c.validate().err().map(|e| (i, e)))
+        .filter_map(|(i, c)| match c {
+            MasterChange::Price(_) | MasterChange::Atp(_) | MasterChange::Customer(_) => {
+                c.validate().err().map(|e| (i, e))
+            }
+            // Grants, reclaims and order statuses are central's own changes, written only in the
+            // transaction that moves the ledger or the order they are about.
+            _ => Some((
+                i,
+                ValidationError::OutOfRange {
+                    field: "change",
+                    detail: "only prices, ATP and customers come from the ERP".into(),
+                },
+            )),
+        })
         .collect();
     if !invalid.is_empty() {
         return Ok(Err(UpsertMasterError::Invalid(invalid)));
     }
-    let mut rev = meta_get(txn, META_REVISION)?;
-    {
-        let mut log = txn.open_table(CHANGES)?;
-        let mut prices = txn.open_table(PRICES)?;
-        let mut atp = txn.open_table(ATP)?;
-        let mut customers = txn.open_table(CUSTOMERS)?;
-        for change in changes {
-            rev += 1;
-            log.insert(rev, encode(change).as_slice())?;
-            match change {
-                MasterChange::Price(p) => {
-                    let key = (p.sku.as_str(), p.customer.as_deref().unwrap_or(""));
-                    prices.insert(key, encode(p).as_slice())?;
-                }
-                MasterChange::Atp(a) => {
-                    atp.insert((a.sku.as_str(), a.site.as_str()), a.available)?;
-                }
-                MasterChange::Customer(c) => {
-                    customers.insert(c.id.as_str(), encode(c).as_slice())?;
-                }
+    let mut touched = std::collections::BTreeSet::new();
+    for change in changes {
+        append_change(txn, change)?;
+        match change {
+            MasterChange::Price(p) => {
+                let mut prices = txn.open_table(PRICES)?;
+                let key = (p.sku.as_str(), p.customer.as_deref().unwrap_or(""));
+                prices.insert(key, encode(p).as_slice())?;
+            }
+            MasterChange::Atp(a) => {
+                txn.open_table(ATP)?
+                    .insert((a.sku.as_str(), a.site.as_str()), a.available)?;
+                txn.open_table(LEDGER_SITES)?.insert(a.site.as_str(), 0)?;
+                let key = LedgerKey::atp(&a.sku, &a.site);
+                let mut pool = get_pool(txn, &key)?.unwrap_or_default();
+                pool.handle_erp_push(a.available);
+                put_pool(txn, &key, &pool)?;
+                touched.insert(key);
+            }
+            MasterChange::Customer(c) => {
+                txn.open_table(CUSTOMERS)?
+                    .insert(c.id.as_str(), encode(c).as_slice())?;
+                let key = LedgerKey::credit(&c.id);
+                let mut pool = get_pool(txn, &key)?.unwrap_or_default();
+                pool.handle_erp_push(c.credit_limit.units());
+                put_pool(txn, &key, &pool)?;
+                touched.insert(key);
+            }
+            MasterChange::Grant(_) | MasterChange::Reclaim(_) | MasterChange::OrderStatus(_) => {
+                unreachable!("refused above")
             }
         }
     }
-    meta_set(txn, META_REVISION, rev)?;
+    let sites = allowance::eligible_sites(txn, opts, now_ms)?;
+    let moved = allowance::run_policy(
+        txn,
+        opts,
+        allowance::Scope::Pools(touched),
+        &sites,
+        &Default::default(),
+        now_ms,
+    )?;
     Ok(Ok(MasterApplied {
-        revision: rev,
+        revision: meta_get(txn, META_REVISION)?,
         changes: changes.len(),
-    }))
-}
-
-fn apply_ingest(
-    txn: &WriteTransaction,
-    site: &str,
-    events: &[EventEnvelope],
-    now_ms: i64,
-) -> Applied<IngestOutcome, IngestBatchError> {
-    let hwm = {
-        let t = txn.open_table(SITE_HWM)?;
-        t.get(site)?.map(|g| g.value()).unwrap_or(0)
-    };
-    let plan = match plan_ingest(site, hwm, events) {
-        Ok(p) => p,
-        Err(e) => return Ok(Err(e.into())),
-    };
-    let fresh = &events[plan.duplicates..];
-    if !fresh.is_empty() {
-        let mut cursor = meta_get(txn, META_NEXT_CURSOR)?.max(1);
-        {
-            let mut t = txn.open_table(EVENTS)?;
-            for e in fresh {
-                t.insert(cursor, encode(&(site, e)).as_slice())?;
-                cursor += 1;
-            }
-        }
-        meta_set(txn, META_NEXT_CURSOR, cursor)?;
-        let mut t = txn.open_table(SITE_HWM)?;
-        t.insert(site, plan.new_hwm)?;
-        touch(txn, site, now_ms)?;
-    }
-    Ok(Ok(IngestOutcome {
-        duplicates: plan.duplicates,
-        stored: fresh.len(),
-        new_hwm: plan.new_hwm,
+        grants: moved.grants,
+        reclaims: moved.reclaims,
     }))
 }
 
@@ -852,18 +1380,18 @@ mod tests {
     };
 
     pub(crate) fn ev(site: &str, seq: u64) -> EventEnvelope {
-        EventEnvelope {
-            site: site.into(),
+        EventEnvelope::new(
+            site,
             seq,
-            event_id: format!("{site}-e{seq}"),
-            at_ms: 1_700_000_000_000 + seq as i64,
-            body: EventBody::Milestone(Milestone {
+            &format!("{site}-e{seq}"),
+            1_700_000_000_000 + seq as i64,
+            &EventBody::Milestone(Milestone {
                 shipment_id: "S1".into(),
                 milestone: MilestoneKind::Picked,
                 scanner_id: "scan-1".into(),
                 at: "2026-01-01T00:00:00Z".into(),
             }),
-        }
+        )
     }
 
     fn price(sku: &str, customer: Option<&str>, units: i64) -> MasterChange {
@@ -895,7 +1423,9 @@ mod tests {
             IngestOutcome {
                 duplicates: 0,
                 stored: 5,
-                new_hwm: 5
+                new_hwm: 5,
+                dead_letters: 0,
+                exceptions: 0,
             }
         );
         assert_eq!(store.site_hwm("plant-1").unwrap(), 5);
@@ -907,7 +1437,9 @@ mod tests {
             IngestOutcome {
                 duplicates: 5,
                 stored: 0,
-                new_hwm: 5
+                new_hwm: 5,
+                dead_letters: 0,
+                exceptions: 0,
             }
         );
         // Overlapping re-upload: 4..=7 stores only 6 and 7.
@@ -918,7 +1450,9 @@ mod tests {
             IngestOutcome {
                 duplicates: 2,
                 stored: 2,
-                new_hwm: 7
+                new_hwm: 7,
+                dead_letters: 0,
+                exceptions: 0,
             }
         );
         let all = store.events_after(0, 100).unwrap();
@@ -1016,7 +1550,9 @@ mod tests {
             a,
             MasterApplied {
                 revision: 2,
-                changes: 2
+                changes: 2,
+                grants: 0,
+                reclaims: 0,
             }
         );
         let b = store
@@ -1036,22 +1572,25 @@ mod tests {
             ])
             .await
             .unwrap();
+        // The ATP push tops plant-1 up to the ATP target (20 of 40) and the customer push tops
+        // every known site (plant-1, known from its ATP) up to 20% of the credit limit of
+        // 1000.00: two grants after the three ERP items.
         assert_eq!(
             b,
             MasterApplied {
-                revision: 5,
-                changes: 3
+                revision: 7,
+                changes: 3,
+                grants: 2,
+                reclaims: 0,
             }
         );
-        assert_eq!(*rev_rx.borrow_and_update(), 5);
-        assert_eq!(store.revision().unwrap(), 5);
-        let revs: Vec<u64> = store
-            .changes_after(0, 100)
-            .unwrap()
-            .iter()
-            .map(|c| c.0)
-            .collect();
-        assert_eq!(revs, vec![1, 2, 3, 4, 5]);
+        assert_eq!(*rev_rx.borrow_and_update(), 7);
+        assert_eq!(store.revision().unwrap(), 7);
+        let log = store.changes_after(0, 100).unwrap();
+        let revs: Vec<u64> = log.iter().map(|c| c.0).collect();
+        assert_eq!(revs, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert!(matches!(&log[5].1, MasterChange::Grant(g) if g.qty == 20 && g.site == "plant-1"));
+        assert!(matches!(&log[6].1, MasterChange::Grant(g) if g.qty == 2_000_000));
         assert_eq!(store.changes_after(3, 1).unwrap()[0].0, 4);
         assert_eq!(
             store.price("BOLT-M8", None).unwrap().unwrap().unit_price,
@@ -1076,7 +1615,17 @@ mod tests {
             Err(UpsertMasterError::Invalid(v)) => assert_eq!(v[0].0, 1),
             other => panic!("expected Invalid, got {other:?}"),
         }
-        assert_eq!(store.revision().unwrap(), 5);
+        // Central's own changes never come in through the ERP path.
+        let grant = MasterChange::Grant(outpost_protocol::Grant {
+            site: "plant-1".into(),
+            pool: Pool::atp("BOLT-M8"),
+            qty: 1,
+        });
+        assert!(matches!(
+            store.upsert_master(vec![grant]).await,
+            Err(UpsertMasterError::Invalid(_))
+        ));
+        assert_eq!(store.revision().unwrap(), 7);
         assert!(store.price("OK-1", None).unwrap().is_none());
         close(store).await;
     }

@@ -1,18 +1,20 @@
 //! Central's sync server end to end, in process: a real QUIC + mutual TLS connection from a
 //! test client holding a site certificate, real HTTP calls to the API. Checks the session
 //! contract: Welcome with the durable mark, ack after commit, duplicate re-upload stored once,
-//! master push filtered per site, identity from the certificate, supersede, clean shutdown.
+//! a bad event dead-lettered without failing its batch, master push filtered per site (grants
+//! included), allowance requests answered and their grant pushed, identity from the certificate,
+//! supersede, clean shutdown.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_central::certs;
-use outpost_central::config::{ApiConfig, CentralConfig, QuicConfig};
+use outpost_central::config::{AllowanceConfig, ApiConfig, CentralConfig, QuicConfig};
 use outpost_protocol::io::{read_frame, write_frame};
 use outpost_protocol::{
-    ALPN, AgentMsg, CentralMsg, EventBody, EventEnvelope, Hello, Milestone, MilestoneKind,
-    PROTOCOL_VERSION, RefuseCode,
+    ALPN, AgentMsg, CentralMsg, EventBody, EventEnvelope, Grant, Hello, MasterChange, Milestone,
+    MilestoneKind, PROTOCOL_VERSION, Pool, RefuseCode,
 };
 use serde_json::{Value, json};
 
@@ -95,6 +97,7 @@ async fn start_central() -> Central {
             idle_timeout_ms: 3000,
             keep_alive_ms: 500,
         },
+        allowance: AllowanceConfig::default(),
     };
     assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
     let ready_path = cfg.ready_path();
@@ -203,18 +206,35 @@ impl Agent {
 }
 
 fn milestone(site: &str, seq: u64) -> EventEnvelope {
-    EventEnvelope {
-        site: site.into(),
+    EventEnvelope::new(
+        site,
         seq,
-        event_id: format!("{site}-scan-{seq}"),
-        at_ms: 1_767_225_600_000,
-        body: EventBody::Milestone(Milestone {
+        &format!("{site}-scan-{seq}"),
+        1_767_225_600_000,
+        &EventBody::Milestone(Milestone {
             shipment_id: "SH-1".into(),
             milestone: MilestoneKind::Picked,
             scanner_id: "scanner-1".into(),
             at: "2026-01-01T00:00:00Z".into(),
         }),
+    )
+}
+
+/// Reads Master frames until the agent is at `want`; returns the changes received.
+async fn master_through(a: &mut Agent, mut at: u64, want: u64) -> Vec<MasterChange> {
+    let mut got = Vec::new();
+    while at < want {
+        match a.recv().await {
+            CentralMsg::Master(m) => {
+                assert_eq!(m.from_rev, at, "batches are contiguous");
+                at = m.through_rev;
+                got.extend(m.changes);
+            }
+            other => panic!("expected Master, got {other:?}"),
+        }
     }
+    assert_eq!(at, want);
+    got
 }
 
 fn expect_refuse(msg: CentralMsg, code: RefuseCode) {
@@ -290,18 +310,24 @@ async fn master_changes_are_pushed_filtered_per_site() {
         )
         .await;
     let mut a = Agent::connect(&central, "plant-1").await;
+    // The connect tops plant-1 up to 20% of C-1's credit (a Grant at revision 2) before the
+    // Welcome, which announces it.
     match a.hello("plant-1", 0, 0).await {
-        CentralMsg::Welcome(w) => assert_eq!(w.master_rev, 1),
+        CentralMsg::Welcome(w) => assert_eq!(w.master_rev, 2),
         other => panic!("expected Welcome, got {other:?}"),
     }
-    // On Welcome, the agent behind is brought up to date.
-    match a.recv().await {
-        CentralMsg::Master(m) => {
-            assert_eq!((m.from_rev, m.through_rev, m.changes.len()), (0, 1, 1));
-        }
-        other => panic!("expected Master, got {other:?}"),
-    }
-    // ATP for another site is filtered out, but through_rev still advances past it.
+    let got = master_through(&mut a, 0, 2).await;
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        got[1],
+        MasterChange::Grant(Grant {
+            site: "plant-1".into(),
+            pool: Pool::credit("C-1"),
+            qty: 2_000_000
+        })
+    );
+    // ATP (and the grants it causes) for another site is filtered out, but through_rev still
+    // advances past it.
     let r = central
         .put(
             "/v1/master/atp",
@@ -312,22 +338,142 @@ async fn master_changes_are_pushed_filtered_per_site() {
             ]),
         )
         .await;
-    assert_eq!(r, json!({"revision": 4, "changes": 3}));
-    let mut got = Vec::new();
-    let mut through = 1;
-    while through < 4 {
-        match a.recv().await {
-            CentralMsg::Master(m) => {
-                assert_eq!(m.from_rev, through, "batches are contiguous");
-                through = m.through_rev;
-                got.extend(m.changes);
-            }
-            other => panic!("expected Master, got {other:?}"),
-        }
+    assert_eq!(
+        r,
+        json!({"revision": 8, "changes": 3, "grants": 3, "reclaims": 0})
+    );
+    let got = master_through(&mut a, 2, 8).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got.iter()
+            .all(|c| c.concerns("plant-1") && !c.concerns("plant-2"))
+    );
+    assert_eq!(
+        got[1],
+        MasterChange::Grant(Grant {
+            site: "plant-1".into(),
+            pool: Pool::atp("BOLT-M8"),
+            qty: 20
+        })
+    );
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowance_request_is_answered_and_its_grant_pushed() {
+    // Goal: AllowanceRequest → one durable grant → AllowanceReply with the Grant's revision, and
+    // the Grant itself arrives on the master stream right after, so the agent can confirm.
+    let central = start_central().await;
+    central
+        .put(
+            "/v1/master/atp",
+            json!([{"sku": "BOLT-M8", "site": "plant-1", "available": 100}]),
+        )
+        .await;
+    let mut a = Agent::connect(&central, "plant-1").await;
+    match a.hello("plant-1", 0, 0).await {
+        CentralMsg::Welcome(w) => assert_eq!(w.master_rev, 2),
+        other => panic!("expected Welcome, got {other:?}"),
     }
-    assert_eq!(through, 4);
-    assert_eq!(got.len(), 1, "{got:?}");
-    assert!(got[0].concerns("plant-1") && !got[0].concerns("plant-2"));
+    master_through(&mut a, 0, 2).await;
+    a.send(AgentMsg::AllowanceRequest {
+        request_id: 7,
+        pool: Pool::atp("BOLT-M8"),
+        qty: 30,
+    })
+    .await;
+    assert_eq!(
+        a.recv().await,
+        CentralMsg::AllowanceReply {
+            request_id: 7,
+            granted: 30,
+            rev: 3,
+            reason: String::new()
+        }
+    );
+    let got = master_through(&mut a, 2, 3).await;
+    assert_eq!(
+        got,
+        vec![MasterChange::Grant(Grant {
+            site: "plant-1".into(),
+            pool: Pool::atp("BOLT-M8"),
+            qty: 30
+        })]
+    );
+    // 100 - 20 - 30 = 50 free: asking 80 gets 50 and says so; then nothing is left.
+    a.send(AgentMsg::AllowanceRequest {
+        request_id: 8,
+        pool: Pool::atp("BOLT-M8"),
+        qty: 80,
+    })
+    .await;
+    match a.recv().await {
+        CentralMsg::AllowanceReply {
+            request_id: 8,
+            granted: 50,
+            rev: 4,
+            reason,
+        } => assert!(reason.contains("only 50"), "{reason}"),
+        other => panic!("expected a partial grant, got {other:?}"),
+    }
+    master_through(&mut a, 3, 4).await;
+    a.send(AgentMsg::AllowanceRequest {
+        request_id: 9,
+        pool: Pool::atp("BOLT-M8"),
+        qty: 1,
+    })
+    .await;
+    match a.recv().await {
+        CentralMsg::AllowanceReply {
+            request_id: 9,
+            granted: 0,
+            rev: 0,
+            reason,
+        } => assert!(reason.contains("only 0 free"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let ledger = central.get("/v1/ledger?pool=atp:BOLT-M8@plant-1").await;
+    assert_eq!(ledger[0]["outstanding"]["plant-1"], 100);
+    assert_eq!(ledger[0]["free"], 0);
+    let reports = central.get("/v1/sites/plant-1/reconciliations").await;
+    assert_eq!(reports.as_array().unwrap().len(), 1);
+    assert_eq!(reports[0]["session"], 1);
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_event_is_dead_lettered_and_the_batch_acked() {
+    let central = start_central().await;
+    let mut a = Agent::connect(&central, "plant-1").await;
+    assert!(matches!(
+        a.hello("plant-1", 0, 3).await,
+        CentralMsg::Welcome(_)
+    ));
+    let mut bad = milestone("plant-1", 2);
+    bad.body = vec![0xff; 5];
+    a.send(AgentMsg::Events(vec![
+        milestone("plant-1", 1),
+        bad,
+        milestone("plant-1", 3),
+    ]))
+    .await;
+    assert_eq!(a.recv().await, CentralMsg::Ack { through_seq: 3 });
+    let feed = central.get("/v1/events").await;
+    let seqs: Vec<u64> = feed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 3]);
+    let dead = central.get("/v1/dead-letters").await;
+    assert_eq!(dead[0]["seq"], 2);
+    assert_eq!(dead[0]["site"], "plant-1");
+    assert!(dead[0]["reason"].as_str().unwrap().contains("malformed"));
+    let r = central.get("/v1/sites/plant-1/reconciliations").await;
+    assert_eq!(r[0]["events_uploaded"], 3);
+    assert_eq!(r[0]["dead_letters"], 1);
+    assert!(r[0]["caught_up_at"].is_string());
     central.stop().await;
 }
 
@@ -411,4 +557,158 @@ async fn a_new_session_supersedes_the_old_and_shutdown_refuses_live_sessions() {
     expect_refuse(new.recv().await, RefuseCode::Unavailable);
     drop(new);
     stopping.await.unwrap();
+}
+
+fn order_event(seq: u64, customer: &str, price_units: i64) -> EventEnvelope {
+    let id = format!("plant-1-o{seq}");
+    EventEnvelope::new(
+        "plant-1",
+        seq,
+        &id,
+        1_767_225_600_000,
+        &EventBody::Order(outpost_protocol::Order {
+            order_id: id.clone(),
+            customer_id: customer.into(),
+            status: "confirmed".into(),
+            lines: vec![outpost_protocol::OrderLine {
+                sku: "BOLT-M8".into(),
+                qty: 2,
+                unit_price: outpost_protocol::Money(price_units),
+                currency: "EUR".into(),
+                promise: outpost_protocol::LinePromise::Confirmed,
+            }],
+            master_rev: 3,
+            offline: true,
+        }),
+    )
+}
+
+/// Runs the built `outpost-central` binary; returns (exit code, stdout, stderr).
+async fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_outpost-central"))
+        .args(args)
+        .env_remove("OUTPOST_CENTRAL_API")
+        .env_remove("OUTPOST_CENTRAL_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_cli_lists_shows_replays_and_resolves_exceptions() {
+    // Goal: the `exceptions` and `reconciliations` subcommands work against a live central,
+    // addressed both by --api/--token and by a fleet.json with port 0 (read from ready.json).
+    let central = start_central().await;
+    central
+        .put(
+            "/v1/master/prices",
+            json!([{"sku": "BOLT-M8", "customer": null, "unit_price": "0.12", "currency": "EUR"}]),
+        )
+        .await;
+    central
+        .put(
+            "/v1/master/customers",
+            json!([{"id": "C-1", "name": "Acme", "credit_limit": "1000", "on_hold": false}]),
+        )
+        .await;
+    central
+        .put(
+            "/v1/master/atp",
+            json!([{"sku": "BOLT-M8", "site": "plant-1", "available": 100}]),
+        )
+        .await;
+    let mut a = Agent::connect(&central, "plant-1").await;
+    assert!(matches!(
+        a.hello("plant-1", 0, 1).await,
+        CentralMsg::Welcome(_)
+    ));
+    // The site quoted 0.11: a price change.
+    a.send(AgentMsg::Events(vec![order_event(1, "C-1", 1100)]))
+        .await;
+    loop {
+        match a.recv().await {
+            CentralMsg::Ack { through_seq: 1 } => break,
+            CentralMsg::Master(_) => {}
+            other => panic!("expected Ack, got {other:?}"),
+        }
+    }
+
+    let api = central.api.clone();
+    let flags = ["--api", api.as_str(), "--token", TOKEN];
+    let (code, out, err) = cli(&[&["exceptions", "list"][..], &flags[..]].concat()).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("ID"), "{out}");
+    assert!(
+        lines[1].contains("plant-1-o1") && lines[1].contains("price_changed"),
+        "{out}"
+    );
+
+    let fleet = central.dir.path().join("fleet.json");
+    std::fs::write(
+        &fleet,
+        json!({
+            "central": {"api": "http://127.0.0.1:0", "token": TOKEN, "quic": "127.0.0.1:0",
+                        "command": ["outpost-central"],
+                        "data_dir": central.dir.path().join("data").to_str().unwrap()},
+            "sites": []
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let fleet = fleet.to_str().unwrap().to_string();
+    let (code, out, err) = cli(&["exceptions", "show", "1", "--fleet", &fleet]).await;
+    assert_eq!(code, 0, "{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["site_data"]["lines"][0]["site_unit_price"], "0.11");
+
+    let (code, _, err) = cli(&["exceptions", "replay", "1", "--fleet", &fleet]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("still_failing"), "{err}");
+    let (code, _, err) = cli(&["exceptions", "resolve", "1", "--fleet", &fleet]).await;
+    assert_ne!(code, 0, "--accept or --reject is required: {err}");
+    let (code, out, err) = cli(&[
+        "exceptions",
+        "resolve",
+        "1",
+        "--reject",
+        "--reason",
+        "wrong price",
+        "--fleet",
+        &fleet,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let resolved: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(resolved["resolution"]["action"], "reject");
+    let (code, out, _) = cli(&["exceptions", "list", "--fleet", &fleet]).await;
+    assert_eq!((code, out.as_str()), (0, "no exceptions\n"));
+    let (code, out, _) = cli(&[
+        "exceptions",
+        "list",
+        "--status",
+        "all",
+        "--json",
+        "--fleet",
+        &fleet,
+    ])
+    .await;
+    assert_eq!(code, 0);
+    let all: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(all[0]["status"], "resolved");
+
+    let (code, out, err) = cli(&["reconciliations", "plant-1", "--fleet", &fleet]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("SESSION"), "{out}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let (code, _, err) = cli(&["exceptions", "list"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("--fleet"), "{err}");
+    central.stop().await;
 }

@@ -106,24 +106,31 @@ mod tests {
     use crate::money::Money;
     use proptest::prelude::*;
 
+    fn sample_order(seq: u64, qty: i64) -> EventBody {
+        EventBody::Order(Order {
+            order_id: format!("plant-1-{seq}"),
+            customer_id: "C1".into(),
+            status: "confirmed".into(),
+            lines: vec![OrderLine {
+                sku: "SKU-1".into(),
+                qty,
+                unit_price: Money(125_000),
+                currency: "EUR".into(),
+                promise: LinePromise::Confirmed,
+            }],
+            master_rev: 4,
+            offline: false,
+        })
+    }
+
     fn sample_event(seq: u64) -> EventEnvelope {
-        EventEnvelope {
-            site: "plant-1".into(),
+        EventEnvelope::new(
+            "plant-1",
             seq,
-            event_id: format!("plant-1-{seq}"),
-            at_ms: 1_700_000_000_000,
-            body: EventBody::Order(Order {
-                order_id: format!("plant-1-{seq}"),
-                customer_id: "C1".into(),
-                status: "captured".into(),
-                lines: vec![OrderLine {
-                    sku: "SKU-1".into(),
-                    qty: 3,
-                    unit_price: Money(125_000),
-                    currency: "EUR".into(),
-                }],
-            }),
-        }
+            &format!("plant-1-{seq}"),
+            1_700_000_000_000,
+            &sample_order(seq, 3),
+        )
     }
 
     #[test]
@@ -181,6 +188,25 @@ mod tests {
     }
 
     #[test]
+    fn bad_event_bodies_are_reported_per_event() {
+        let mut e = sample_event(1);
+        assert!(e.decode().is_ok());
+        e.schema = 99;
+        assert_eq!(e.decode(), Err(EventDecodeError::UnknownSchema(99)));
+        let mut e = sample_event(2);
+        e.body.truncate(3);
+        assert!(matches!(e.decode(), Err(EventDecodeError::Malformed(_))));
+        let mut e = sample_event(3);
+        e.body.push(0);
+        assert!(matches!(e.decode(), Err(EventDecodeError::Malformed(_))));
+        let e = EventEnvelope::new("plant-1", 4, "o4", 0, &sample_order(4, 0));
+        assert!(
+            matches!(e.decode(), Err(EventDecodeError::Invalid(_))),
+            "qty 0 is invalid"
+        );
+    }
+
+    #[test]
     fn a_huge_declared_vector_does_not_allocate_it() {
         // Variant 1 (Events) followed by a varint length of ~4 billion and no elements.
         let body = [1u8, 0xff, 0xff, 0xff, 0xff, 0x0f];
@@ -223,15 +249,18 @@ mod tests {
         /// Encoding then decoding gives back the same batch.
         #[test]
         fn events_round_trip(n in 0u64..50, qty in 1i64..1000) {
-            let events: Vec<_> = (1..=n).map(|s| {
-                let mut e = sample_event(s);
-                if let EventBody::Order(o) = &mut e.body { o.lines[0].qty = qty; }
-                e
-            }).collect();
+            let events: Vec<_> = (1..=n)
+                .map(|s| EventEnvelope::new("plant-1", s, &format!("o{s}"), 0, &sample_order(s, qty)))
+                .collect();
             let msg = AgentMsg::Events(events);
             let frame = encode(&msg).unwrap();
             let back: AgentMsg = decode_body(&frame[HEADER_BYTES..]).unwrap();
-            prop_assert_eq!(back, msg);
+            prop_assert_eq!(&back, &msg);
+            if let AgentMsg::Events(evs) = back {
+                for (i, e) in evs.iter().enumerate() {
+                    prop_assert_eq!(e.decode().unwrap(), sample_order(i as u64 + 1, qty));
+                }
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 //! site identity rules and the pure state machines of the sync session. Pure code: no sockets, no
 //! storage, no clock (time is passed in).
 
+pub mod escrow;
 pub mod frame;
 pub mod identity;
 #[cfg(feature = "io")]
@@ -10,6 +11,7 @@ pub mod messages;
 pub mod money;
 pub mod session;
 
+pub use escrow::{CentralPool, EscrowError, Pool, SitePool};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, decode_body, decode_len, encode};
 pub use messages::*;
 pub use money::Money;

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::escrow::Pool;
 use crate::money::Money;
 
 /// Longest identifier (SKU, customer, order, event, shipment, scanner id) accepted anywhere.
@@ -27,6 +28,12 @@ pub enum AgentMsg {
     Hello(Hello),
     /// A contiguous run of outbox events in sequence order.
     Events(Vec<EventEnvelope>),
+    /// Asks for more allowance of a pool now (an order is waiting); answered by `AllowanceReply`.
+    AllowanceRequest {
+        request_id: u64,
+        pool: Pool,
+        qty: i64,
+    },
 }
 
 /// Sent by central.
@@ -41,6 +48,14 @@ pub enum CentralMsg {
     /// Master-data changes after `from_rev` up to and including `through_rev` that concern this
     /// site (changes for other sites are left out, so `changes` may be empty).
     Master(MasterBatch),
+    /// Answer to `AllowanceRequest`. A grant (`granted > 0`) is also a master change with
+    /// revision `rev`; the agent confirms against it only once it has applied that revision.
+    AllowanceReply {
+        request_id: u64,
+        granted: i64,
+        rev: u64,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -93,12 +108,62 @@ pub struct MasterBatch {
     pub changes: Vec<MasterChange>,
 }
 
-/// One master-data upsert, owned by central and fed from the ERP.
+/// One master-data change, owned by central: ERP data, allowance grants and reclaims, and the
+/// ERP's decisions on a site's orders.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum MasterChange {
     Price(PriceRecord),
     Atp(AtpRecord),
     Customer(CustomerRecord),
+    /// Adds `qty` to `site`'s allowance of `pool`.
+    Grant(Grant),
+    /// Asks `site` to return up to `qty` of unused allowance of `pool`; the site answers with an
+    /// `AllowanceReturn` event carrying the same `reclaim_id`.
+    Reclaim(Reclaim),
+    /// The ERP's decision on one of `site`'s orders.
+    OrderStatus(OrderStatusUpdate),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Grant {
+    pub site: String,
+    pub pool: Pool,
+    pub qty: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reclaim {
+    pub reclaim_id: u64,
+    pub site: String,
+    pub pool: Pool,
+    pub qty: i64,
+}
+
+/// Where an order stands after it left the site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErpStatus {
+    Accepted,
+    Rejected,
+    NeedsReview,
+}
+
+impl ErpStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErpStatus::Accepted => "accepted",
+            ErpStatus::Rejected => "rejected",
+            ErpStatus::NeedsReview => "needs_review",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OrderStatusUpdate {
+    pub site: String,
+    pub order_id: String,
+    pub status: ErpStatus,
+    pub reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -125,6 +190,10 @@ pub struct CustomerRecord {
     pub on_hold: bool,
 }
 
+/// Schema version of `EventBody` written by this build. Central dead-letters an event whose
+/// schema it does not know instead of failing the batch it came in.
+pub const EVENT_SCHEMA: u16 = 1;
+
 /// A site event as stored in the agent's outbox and at central.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EventEnvelope {
@@ -135,21 +204,81 @@ pub struct EventEnvelope {
     pub event_id: String,
     /// The site's wall clock when the event was stored, in milliseconds since the Unix epoch.
     pub at_ms: i64,
-    pub body: EventBody,
+    /// Schema version of `body`.
+    pub schema: u16,
+    /// The postcard-encoded `EventBody`. Opaque to framing, so that one malformed or unknown
+    /// event is dead-lettered on its own while the events around it are applied.
+    pub body: Vec<u8>,
+}
+
+/// Why an event cannot be applied at all (a permanent failure: dead-lettered with the reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventDecodeError {
+    #[error("unknown event schema version {0} (this build knows {EVENT_SCHEMA})")]
+    UnknownSchema(u16),
+    #[error("malformed event body: {0}")]
+    Malformed(String),
+    #[error("invalid event: {0}")]
+    Invalid(#[from] ValidationError),
+}
+
+impl EventEnvelope {
+    /// Builds an envelope around `body` in the current schema.
+    pub fn new(site: &str, seq: u64, event_id: &str, at_ms: i64, body: &EventBody) -> Self {
+        EventEnvelope {
+            site: site.to_string(),
+            seq,
+            event_id: event_id.to_string(),
+            at_ms,
+            schema: EVENT_SCHEMA,
+            body: postcard::to_allocvec(body).expect("encoding an in-memory event cannot fail"),
+        }
+    }
+
+    /// Decodes and validates the body. Trailing bytes are refused like in frames.
+    pub fn decode(&self) -> Result<EventBody, EventDecodeError> {
+        if self.schema != EVENT_SCHEMA {
+            return Err(EventDecodeError::UnknownSchema(self.schema));
+        }
+        let (body, rest): (EventBody, _) = postcard::take_from_bytes(&self.body)
+            .map_err(|e| EventDecodeError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(EventDecodeError::Malformed(format!(
+                "{} trailing bytes",
+                rest.len()
+            )));
+        }
+        self.validate_body(&body)?;
+        Ok(body)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum EventBody {
     Order(Order),
     Milestone(Milestone),
+    /// The site's answer to a reclaim: it gave up `qty` of unused allowance of `pool`.
+    AllowanceReturn(AllowanceReturn),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllowanceReturn {
+    pub reclaim_id: u64,
+    pub pool: Pool,
+    pub qty: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Order {
     pub order_id: String,
     pub customer_id: String,
+    /// `confirmed` (every line), `pending` (no line) or `partial`.
     pub status: String,
     pub lines: Vec<OrderLine>,
+    /// Master revision of the data the site priced and checked the order with.
+    pub master_rev: u64,
+    /// Whether the site was disconnected from central when it took the order.
+    pub offline: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -158,6 +287,37 @@ pub struct OrderLine {
     pub qty: i64,
     pub unit_price: Money,
     pub currency: String,
+    /// Whether the site promised this line, and if not, why.
+    pub promise: LinePromise,
+}
+
+/// The site's promise for one order line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinePromise {
+    /// Within the site's allowance (and the customer's credit allowance): confirmed.
+    Confirmed,
+    /// Beyond the site's ATP allowance, and no more could be had from central in time.
+    PendingAllowance,
+    /// Beyond the customer's credit allowance: pending credit review.
+    PendingCredit,
+    /// The customer is on credit hold: never confirmed.
+    PendingHold,
+}
+
+impl LinePromise {
+    pub fn is_confirmed(self) -> bool {
+        self == LinePromise::Confirmed
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinePromise::Confirmed => "confirmed",
+            LinePromise::PendingAllowance => "pending_allowance",
+            LinePromise::PendingCredit => "pending_credit",
+            LinePromise::PendingHold => "pending_hold",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,7 +352,7 @@ pub struct Milestone {
 }
 
 /// A field of a message or record that breaks a documented limit.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ValidationError {
     #[error("{field} must be 1..={max} characters of [A-Za-z0-9._:-], got {len}")]
     BadId {
@@ -245,6 +405,33 @@ pub fn validate_currency(s: &str) -> Result<(), ValidationError> {
     }
 }
 
+fn validate_site(site: &str) -> Result<(), ValidationError> {
+    crate::identity::validate_site_id(site).map_err(|_| ValidationError::BadId {
+        field: "site",
+        len: site.len(),
+        max: crate::identity::MAX_SITE_ID_LEN,
+    })
+}
+
+/// Checks the key of a pool (a SKU or a customer id).
+pub fn validate_pool(pool: &Pool) -> Result<(), ValidationError> {
+    match pool {
+        Pool::Atp { sku } => validate_id("sku", sku),
+        Pool::Credit { customer } => validate_id("customer", customer),
+    }
+}
+
+/// Allowance quantities: ATP units, or credit in money units (up to ~922 trillion).
+fn validate_amount(field: &'static str, v: i64) -> Result<(), ValidationError> {
+    if v < 0 {
+        return Err(ValidationError::OutOfRange {
+            field,
+            detail: "must not be negative".into(),
+        });
+    }
+    Ok(())
+}
+
 impl MasterChange {
     pub fn validate(&self) -> Result<(), ValidationError> {
         match self {
@@ -264,16 +451,30 @@ impl MasterChange {
             }
             MasterChange::Atp(a) => {
                 validate_id("sku", &a.sku)?;
-                crate::identity::validate_site_id(&a.site).map_err(|_| ValidationError::BadId {
-                    field: "site",
-                    len: a.site.len(),
-                    max: crate::identity::MAX_SITE_ID_LEN,
-                })?;
+                validate_site(&a.site)?;
                 if !(0..=MAX_QTY).contains(&a.available) {
                     return Err(ValidationError::OutOfRange {
                         field: "available",
                         detail: format!("must be 0..={MAX_QTY}"),
                     });
+                }
+                Ok(())
+            }
+            MasterChange::Grant(g) => {
+                validate_site(&g.site)?;
+                validate_pool(&g.pool)?;
+                validate_amount("qty", g.qty)
+            }
+            MasterChange::Reclaim(r) => {
+                validate_site(&r.site)?;
+                validate_pool(&r.pool)?;
+                validate_amount("qty", r.qty)
+            }
+            MasterChange::OrderStatus(o) => {
+                validate_site(&o.site)?;
+                validate_id("order_id", &o.order_id)?;
+                if let Some(r) = &o.reason {
+                    validate_text("reason", r)?;
                 }
                 Ok(())
             }
@@ -291,18 +492,22 @@ impl MasterChange {
         }
     }
 
-    /// Whether this change is delivered to `site`: ATP only to the site it is for.
+    /// Whether this change is delivered to `site`: ATP, grants, reclaims and order statuses
+    /// only to the site they are for.
     pub fn concerns(&self, site: &str) -> bool {
         match self {
             MasterChange::Atp(a) => a.site == site,
-            _ => true,
+            MasterChange::Grant(g) => g.site == site,
+            MasterChange::Reclaim(r) => r.site == site,
+            MasterChange::OrderStatus(o) => o.site == site,
+            MasterChange::Price(_) | MasterChange::Customer(_) => true,
         }
     }
 }
 
 impl EventEnvelope {
     /// Semantic checks central applies to every uploaded event before storing it.
-    pub fn validate(&self) -> Result<(), ValidationError> {
+    pub fn validate_body(&self, body: &EventBody) -> Result<(), ValidationError> {
         validate_id("event_id", &self.event_id)?;
         if self.seq == 0 {
             return Err(ValidationError::OutOfRange {
@@ -310,7 +515,7 @@ impl EventEnvelope {
                 detail: "sequence numbers start at 1".into(),
             });
         }
-        match &self.body {
+        match body {
             EventBody::Order(o) => {
                 validate_id("order_id", &o.order_id)?;
                 validate_id("customer_id", &o.customer_id)?;
@@ -337,6 +542,16 @@ impl EventEnvelope {
                 validate_id("shipment_id", &m.shipment_id)?;
                 validate_id("scanner_id", &m.scanner_id)?;
                 validate_text("at", &m.at)
+            }
+            EventBody::AllowanceReturn(r) => {
+                validate_pool(&r.pool)?;
+                if !(0..=MAX_QTY).contains(&r.qty) {
+                    return Err(ValidationError::OutOfRange {
+                        field: "qty",
+                        detail: format!("must be 0..={MAX_QTY}"),
+                    });
+                }
+                Ok(())
             }
         }
     }

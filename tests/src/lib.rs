@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
+pub mod proxy;
+pub mod quic_client;
+
+pub use proxy::{ProxyStats, UdpProxy, proxies_for};
+
 /// Longest a process may take to bind its listeners and write its ready file.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest any "eventually" condition in a test may take (sync after reconnect, master push...).
@@ -25,6 +30,18 @@ pub fn bin_dir() -> PathBuf {
         .and_then(|d| d.parent())
         .expect("test executable lives in target/<profile>/deps");
     dir.to_path_buf()
+}
+
+/// Clears every inherited `OUTPOST_*` variable from a child's environment: the binaries read them
+/// as config overrides, while in a test run they are the test's own knobs (`OUTPOST_SEED`,
+/// `OUTPOST_LONG`...). A child gets only the overrides a test passes explicitly.
+pub fn hermetic(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("OUTPOST_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
 /// Path of a workspace binary; fails with instructions if it has not been built.
@@ -77,8 +94,13 @@ pub fn member(v: &Value, id: &str) -> Result<Member> {
 impl Fleet {
     /// Runs `dev init` for `sites` sites with every listener on an ephemeral port.
     pub fn init(sites: usize) -> Result<Fleet> {
-        let dir = tempfile::Builder::new().prefix("outpost-e2e").tempdir()?;
-        let out = Command::new(bin("outpost-central"))
+        let mut dir = tempfile::Builder::new().prefix("outpost-e2e").tempdir()?;
+        // For post-mortems: keep the fleet directory (configs, stores, logs) after the test.
+        if std::env::var("OUTPOST_TEST_KEEP_DIRS").is_ok_and(|v| v == "1") {
+            dir.disable_cleanup(true);
+            eprintln!("keeping fleet directory {}", dir.path().display());
+        }
+        let out = hermetic(&mut Command::new(bin("outpost-central")))
             .args(["dev", "init", "--dir"])
             .arg(dir.path())
             .args([
@@ -123,7 +145,19 @@ impl Fleet {
 
     /// Starts central. `fixed` pins its ports (to restart it where agents expect it).
     pub fn start_central(&self, fixed: Option<&Ready>) -> Result<Proc> {
-        let mut env = Vec::new();
+        self.start_central_with(fixed, &[])
+    }
+
+    /// Starts central with extra `OUTPOST_*` environment overrides (config keys).
+    pub fn start_central_with(
+        &self,
+        fixed: Option<&Ready>,
+        extra: &[(&str, String)],
+    ) -> Result<Proc> {
+        let mut env: Vec<(String, String)> = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         if let Some(r) = fixed {
             env.push(("OUTPOST_API__LISTEN".to_string(), r.api.clone()));
             env.push((
@@ -178,7 +212,8 @@ impl Proc {
             .append(true)
             .open(&log)?;
         let mut cmd = Command::new(&m.command[0]);
-        cmd.args(&m.command[1..])
+        hermetic(&mut cmd)
+            .args(&m.command[1..])
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf)
@@ -448,4 +483,159 @@ pub async fn wait_drained(agent: &Api) -> Result<()> {
         )
     })
     .await
+}
+
+/// The agent's `GET /v1/health` body.
+pub async fn health(agent: &Api) -> Result<Value> {
+    let r = agent.get("/v1/health").await?;
+    if r.status != 200 {
+        bail!("health returned {}: {}", r.status, r.body);
+    }
+    Ok(r.body)
+}
+
+/// Waits until the agent reports `connected == want`.
+pub async fn wait_connected(agent: &Api, want: bool) -> Result<()> {
+    eventually(
+        if want {
+            "agent connected"
+        } else {
+            "agent notices it is cut off"
+        },
+        CONVERGE_TIMEOUT,
+        || async { Ok((health(agent).await?["connected"] == want).then_some(())) },
+    )
+    .await
+}
+
+/// Sync settings for chaos tests: an outage is noticed within ~2 s and a healed link is used again
+/// within ~0.5 s, so partitions shorter than a test's patience still end sessions.
+pub const FAST_IDLE_TIMEOUT_MS: u64 = 2_000;
+
+/// Agent env overrides for chaos tests (see `FAST_IDLE_TIMEOUT_MS`).
+pub fn fast_agent_env() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "OUTPOST_SYNC__IDLE_TIMEOUT_MS",
+            FAST_IDLE_TIMEOUT_MS.to_string(),
+        ),
+        ("OUTPOST_SYNC__KEEP_ALIVE_MS", "500".to_string()),
+        ("OUTPOST_SYNC__CONNECT_TIMEOUT_MS", "2000".to_string()),
+        ("OUTPOST_SYNC__BACKOFF_MAX_MS", "500".to_string()),
+    ]
+}
+
+/// Central env overrides for chaos tests (see `FAST_IDLE_TIMEOUT_MS`).
+pub fn fast_central_env() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "OUTPOST_QUIC__IDLE_TIMEOUT_MS",
+            FAST_IDLE_TIMEOUT_MS.to_string(),
+        ),
+        ("OUTPOST_QUIC__KEEP_ALIVE_MS", "500".to_string()),
+    ]
+}
+
+/// The remaining allowance the agent reports for a SKU (`GET /v1/atp/{sku}` `allowance`).
+pub async fn allowance(agent: &Api, sku: &str) -> Result<i64> {
+    let r = agent.get(&format!("/v1/atp/{sku}")).await?;
+    if r.status != 200 {
+        bail!("GET /v1/atp/{sku} returned {}: {}", r.status, r.body);
+    }
+    r.body["allowance"]
+        .as_i64()
+        .with_context(|| format!("allowance is an integer: {}", r.body))
+}
+
+/// Waits until the agent holds exactly `want` of `sku`'s allowance.
+pub async fn wait_allowance(agent: &Api, sku: &str, want: i64) -> Result<()> {
+    eventually(
+        &format!("allowance of {sku} == {want}"),
+        CONVERGE_TIMEOUT,
+        || async { Ok((allowance(agent, sku).await? == want).then_some(())) },
+    )
+    .await
+}
+
+/// Every exception at central (`status=all`).
+pub async fn exceptions(central: &Api, status: &str) -> Result<Vec<Value>> {
+    let r = central
+        .get(&format!("/v1/exceptions?status={status}"))
+        .await?;
+    if r.status != 200 {
+        bail!("GET /v1/exceptions returned {}: {}", r.status, r.body);
+    }
+    r.body
+        .as_array()
+        .cloned()
+        .with_context(|| format!("exceptions are a JSON array: {}", r.body))
+}
+
+/// The order id an exception is about (`event.order_id`, falling back to the event id).
+pub fn exception_order_id(x: &Value) -> Option<&str> {
+    x["event"]["order_id"]
+        .as_str()
+        .or_else(|| x["event_id"].as_str())
+}
+
+/// An id from JSON as it goes into a URL path: a string as is, a number in decimal.
+pub fn id_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A JSON list answer: the array itself, or the only array inside a wrapper object
+/// (`{"reports": [...]}`), for routes whose contract does not pin the wrapper.
+pub fn as_list(v: &Value) -> Option<Vec<Value>> {
+    match v {
+        Value::Array(a) => Some(a.clone()),
+        Value::Object(m) => {
+            let arrays: Vec<&Vec<Value>> = m.values().filter_map(Value::as_array).collect();
+            match arrays.as_slice() {
+                [only] => Some((*only).clone()),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Output of a command-line run.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs a workspace binary with `args`, killing it if it takes longer than `timeout`.
+pub fn run_cli(name: &str, args: &[&str], timeout: Duration) -> Result<CliOutput> {
+    let dir = tempfile::tempdir()?;
+    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = hermetic(&mut Command::new(bin(name)))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{name} {args:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    };
+    Ok(CliOutput {
+        success: status.success(),
+        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+    })
 }

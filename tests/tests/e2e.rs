@@ -334,19 +334,37 @@ async fn master_data_reaches_agents_and_survives_restart_without_central() -> Re
     wait_master(&a1, rev2).await?;
     wait_master(&a2, rev2).await?;
 
+    // `erp_available` is the ERP's figure for the site; `available` is what the site may confirm
+    // on its own (its allowance), never more than the ERP's figure.
     let atp = a1.get("/v1/atp/GEAR-12T").await?;
     assert_eq!(
-        (atp.status, atp.body["available"].clone()),
+        (atp.status, atp.body["erp_available"].clone()),
         (200, json!(40)),
+        "{}",
+        atp.body
+    );
+    assert_eq!(atp.body["available"], atp.body["allowance"], "{}", atp.body);
+    assert!(
+        atp.body["available"]
+            .as_i64()
+            .is_some_and(|n| (0..=40).contains(&n)),
         "{}",
         atp.body
     );
     let atp = a2.get("/v1/atp/GEAR-12T").await?;
     assert_eq!(
-        atp.body["available"], 7,
+        atp.body["erp_available"], 7,
         "each site sees its own ATP: {}",
         atp.body
     );
+    assert!(
+        atp.body["available"]
+            .as_i64()
+            .is_some_and(|n| (0..=7).contains(&n)),
+        "{}",
+        atp.body
+    );
+
     assert_eq!(a1.get("/v1/atp/NOPE").await?.status, 404);
     let list = a1.get("/v1/prices/GEAR-12T").await?;
     assert_eq!(list.body["unit_price"], "12.50", "{}", list.body);
@@ -376,6 +394,7 @@ async fn master_data_reaches_agents_and_survives_restart_without_central() -> Re
     );
 
     assert!(central.terminate()?);
+    let p2_allowance = a2.get("/v1/atp/GEAR-12T").await?.body["allowance"].clone();
     p2.kill9()?;
     let p2 = fleet.start_agent("plant-2", &quic, &[])?;
     let a2 = Api::new(&p2);
@@ -386,7 +405,12 @@ async fn master_data_reaches_agents_and_survives_restart_without_central() -> Re
         a2.get("/v1/prices/GEAR-12T").await?.body["unit_price"],
         "13.75"
     );
-    assert_eq!(a2.get("/v1/atp/GEAR-12T").await?.body["available"], 7);
+    let atp = a2.get("/v1/atp/GEAR-12T").await?.body;
+    assert_eq!(atp["erp_available"], 7, "{atp}");
+    assert_eq!(
+        atp["allowance"], p2_allowance,
+        "the allowance survives the restart: {atp}"
+    );
     assert_eq!(
         a2.get("/v1/customers/ACME").await?.body["name"],
         "Acme Corp"

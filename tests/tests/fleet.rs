@@ -29,7 +29,7 @@ fn read_json(p: &Path) -> Option<Value> {
 async fn dev_up_runs_a_fleet_until_ctrl_c() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("outpost-devup").tempdir()?;
     let log = std::fs::File::create(dir.path().join("dev-up.log"))?;
-    let mut up = Command::new(bin("outpost-central"))
+    let mut up = hermetic(&mut Command::new(bin("outpost-central")))
         .args(["dev", "up", "--dir"])
         .arg(dir.path().join("fleet"))
         .args(["--base-port", "0", "--agent-bin"])

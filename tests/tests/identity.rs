@@ -4,103 +4,16 @@
 //! refused without storing anything.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use outpost_protocol::io::{read_frame, write_frame};
 use outpost_protocol::*;
+use outpost_tests::quic_client::{
+    client_config, milestone_event, open, read_cert as read, site_client_config,
+};
 use outpost_tests::*;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-/// A bounded wait for any single network step of the hand-rolled client.
-const STEP: Duration = Duration::from_secs(10);
-
-fn client_config(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<quinn::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
-        roots.add(c?)?;
-    }
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut &cert_pem[..]).collect::<Result<_, _>>()?;
-    let key: PrivateKeyDer<'static> =
-        rustls_pemfile::private_key(&mut &key_pem[..])?.context("no private key in PEM")?;
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
-    let q = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)?;
-    Ok(quinn::ClientConfig::new(Arc::new(q)))
-}
-
-struct Session {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-}
-
-/// Connects and opens the sync stream. Errors if the handshake is refused.
-async fn open(addr: SocketAddr, cfg: quinn::ClientConfig) -> Result<Session> {
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    let conn = tokio::time::timeout(
-        STEP,
-        endpoint.connect_with(cfg, addr, "central.outpost.local")?,
-    )
-    .await??;
-    let (send, recv) = tokio::time::timeout(STEP, conn.open_bi()).await??;
-    Ok(Session {
-        _endpoint: endpoint,
-        conn,
-        send,
-        recv,
-    })
-}
-
-impl Session {
-    async fn send(&mut self, msg: &AgentMsg) -> Result<()> {
-        tokio::time::timeout(STEP, write_frame(&mut self.send, msg)).await??;
-        Ok(())
-    }
-
-    async fn recv(&mut self) -> Result<CentralMsg> {
-        match tokio::time::timeout(STEP, read_frame::<CentralMsg, _>(&mut self.recv)).await?? {
-            Some(m) => Ok(m),
-            None => bail!("stream closed by central"),
-        }
-    }
-}
 
 fn hello(site: &str, version: u16) -> AgentMsg {
-    AgentMsg::Hello(Hello {
-        protocol_version: version,
-        agent_version: "test".into(),
-        site: site.into(),
-        master_rev: 0,
-        last_seq: 1,
-    })
-}
-
-fn milestone_event(site: &str, seq: u64, id: &str) -> EventEnvelope {
-    EventEnvelope {
-        site: site.into(),
-        seq,
-        event_id: id.into(),
-        at_ms: 1_764_000_000_000,
-        body: EventBody::Milestone(Milestone {
-            shipment_id: "SH-1".into(),
-            milestone: MilestoneKind::Picked,
-            scanner_id: "scanner-1".into(),
-            at: "2026-11-26T10:00:00Z".into(),
-        }),
-    }
-}
-
-fn read(dir: &Path, name: &str) -> Result<Vec<u8>> {
-    std::fs::read(dir.join("certs").join(name)).with_context(|| format!("certs/{name}"))
+    outpost_tests::quic_client::hello(site, version, 1)
 }
 
 /// A CA and a site certificate that look right (same site name) but were not issued by the fleet CA.
@@ -181,13 +94,7 @@ async fn site_identity_comes_from_the_certificate() -> Result<()> {
     let c = Api::new(&central);
     let addr: SocketAddr = central.ready.quic.clone().context("quic")?.parse()?;
     let dir = fleet.path();
-    let cfg = || -> Result<quinn::ClientConfig> {
-        client_config(
-            &read(dir, "ca.pem")?,
-            &read(dir, "plant-1.pem")?,
-            &read(dir, "plant-1.key")?,
-        )
-    };
+    let cfg = || site_client_config(dir, "plant-1");
 
     // plant-1's certificate, hello claiming plant-2.
     let mut s = open(addr, cfg()?).await?;
