@@ -360,10 +360,28 @@ pub enum ValidationError {
         len: usize,
         max: usize,
     },
+    #[error("Idempotency-Key must be 1..={MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters")]
+    BadIdempotencyKey,
     #[error("{field} is longer than {max} characters")]
     TooLong { field: &'static str, max: usize },
     #[error("{field} is out of range: {detail}")]
     OutOfRange { field: &'static str, detail: String },
+}
+
+/// Longest accepted `Idempotency-Key`: room for a UUID, a ULID or a client's own composite key.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+/// HTTP header carrying a client's idempotency key on `POST /v1/orders` (agent and central).
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// Checks an `Idempotency-Key` header value: 1..=`MAX_IDEMPOTENCY_KEY_LEN` printable ASCII
+/// characters. Returns it as a string.
+pub fn parse_idempotency_key(raw: &[u8]) -> Result<String, ValidationError> {
+    let ok = (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&raw.len())
+        && raw.iter().all(|b| (0x20..=0x7e).contains(b));
+    if !ok {
+        return Err(ValidationError::BadIdempotencyKey);
+    }
+    Ok(String::from_utf8_lossy(raw).into_owned())
 }
 
 /// Checks an identifier: 1..=`MAX_ID_LEN` characters from `[A-Za-z0-9._:-]`.

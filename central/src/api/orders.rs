@@ -18,11 +18,7 @@ use super::views::{central_order_json, order_json};
 use super::{ApiError, ApiJson, ApiState};
 use crate::store::{CentralOrderError, CentralOrderRequest, DecideError};
 
-/// Longest accepted `Idempotency-Key`: room for a UUID, a ULID or a client's own composite key
-/// (the same limit as the agents').
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
-/// Header carrying the client's idempotency key on `POST /v1/orders`.
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub use outpost_protocol::{IDEMPOTENCY_KEY_HEADER as IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_LEN};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,14 +51,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
             "POST /v1/orders requires an Idempotency-Key header",
         ));
     };
-    let ok = (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&v.len())
-        && v.as_bytes().iter().all(|b| (0x20..=0x7e).contains(b));
-    if !ok {
-        return Err(ApiError::validation(format!(
-            "Idempotency-Key must be 1..={MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
-        )));
-    }
-    Ok(String::from_utf8_lossy(v.as_bytes()).into_owned())
+    outpost_protocol::parse_idempotency_key(v.as_bytes())
+        .map_err(|e| ApiError::validation(e.to_string()))
 }
 
 fn validate_order(o: &CentralOrderIn) -> Result<(), ApiError> {
