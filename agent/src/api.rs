@@ -27,6 +27,13 @@ use crate::topup::TopUp;
 
 pub use outpost_protocol::{IDEMPOTENCY_KEY_HEADER as IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_LEN};
 
+/// Most requests handled at once; more wait for a slot. Far above what a site's scanners and
+/// screens need, low enough to bound the memory and writer-queue pressure one client can cause.
+pub const MAX_IN_FLIGHT_REQUESTS: usize = 512;
+/// Longest a request may take before it is answered 408 `timeout`. A write that commits after
+/// that is still durable; the client's retry with the same key gets the original response.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
@@ -185,9 +192,31 @@ pub fn router(state: ApiState) -> Router {
         // Outermost: authentication, then the declared-length check, both before any body byte
         // is read.
         .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(middleware::from_fn(json_timeout))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            MAX_IN_FLIGHT_REQUESTS,
+        ))
         // One span per request (method, path), around everything else.
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The timeout layer answers with an empty 408; give it the JSON error shape.
+async fn json_timeout(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::REQUEST_TIMEOUT {
+        return ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the request took longer than {REQUEST_TIMEOUT:?}; retry with the same Idempotency-Key"),
+        )
+        .into_response();
+    }
+    resp
 }
 
 async fn not_found() -> ApiError {
@@ -417,6 +446,10 @@ struct OrderResponse<'a> {
     erp_reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     synced: Option<bool>,
+    /// Where the order is in its life: `captured` (only here), `uploaded` (central has it
+    /// durably), then the ERP's `accepted`, `rejected` or `needs_review`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lifecycle: Option<&'static str>,
 }
 
 /// How an order is shown.
@@ -464,6 +497,11 @@ fn order_json(r: &OrderRecord, view: OrderView) -> serde_json::Value {
         erp_status,
         erp_reason,
         synced,
+        lifecycle: synced.map(|up| match (erp_status, up) {
+            (Some(decided), _) => decided,
+            (None, true) => "uploaded",
+            (None, false) => "captured",
+        }),
     })
     .unwrap_or_default()
 }
@@ -914,6 +952,7 @@ mod tests {
         let (st, o) = f.get("/v1/orders/plant-1-o1").await;
         assert_eq!(st, 200);
         assert_eq!(o["synced"], false);
+        assert_eq!(o["lifecycle"], "captured", "not yet at central: {o}");
         assert_eq!(o["lines"], first["lines"]);
         f.store.mark_acked(1).await.unwrap();
         assert_eq!(f.get("/v1/orders/plant-1-o1").await.1["synced"], true);

@@ -127,6 +127,7 @@ async fn site_works_through_central_outage_and_reconciles_exactly_once() -> Resu
     let o = a.get(&format!("/v1/orders/{}", order_ids[0])).await?;
     assert_eq!(o.status, 200);
     assert_eq!(o.body["synced"], true, "{}", o.body);
+    assert_eq!(o.body["lifecycle"], "uploaded", "{}", o.body);
     // The feed is in a stable order and each cursor is unique.
     let cursors: Vec<u64> = feed
         .iter()

@@ -1183,6 +1183,7 @@ async fn offline_price_change_and_credit_hold_become_exceptions_that_resolve() -
             .is_some_and(|r| r.contains("quote expired")),
         "{seen}"
     );
+    assert_eq!(seen["lifecycle"], "rejected", "{seen}");
     // Replay while the hold is still on: still failing, still open.
     let r = c
         .post(
