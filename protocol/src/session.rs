@@ -364,4 +364,111 @@ mod tests {
             prop_assert_eq!(applied, (1..=total).collect::<Vec<_>>());
         }
     }
+
+    proptest! {
+        // Each case is a few hundred steps of pure code: 2,000 cases take about a second.
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Convergence when frames in flight are lost, duplicated and reordered in both
+        /// directions: `Events` frames on the way to central and `Ack` frames on the way back sit
+        /// in two unordered "network" bags; every step either sends, delivers any frame in either
+        /// bag (not only the oldest), duplicates one, drops one, or restarts the session. Central
+        /// applies a batch only through `plan_ingest` and refuses (drops) what it plans as a gap,
+        /// like the shell closing a session; the agent drops acks it refuses. After healing, the
+        /// central state is every seq exactly once, in order, whatever the interleaving.
+        #[test]
+        fn converges_under_reordering_duplication_and_loss_in_flight(
+            total in 1u64..120,
+            window in 1u64..40,
+            max_batch in 1u64..20,
+            ops in proptest::collection::vec((0u8..8, any::<u16>()), 1..400),
+        ) {
+            let mut central_hwm = 0u64;
+            let mut applied: Vec<u64> = Vec::new();
+            let mut up = Uploader::new(window, max_batch);
+            up.handle_welcome(central_hwm, total).unwrap();
+            // Frames in flight; a restart does not clear them: stale frames of an old session
+            // may still arrive at central (a new connection) or be discarded by the agent.
+            let mut to_central: Vec<Vec<EventEnvelope>> = Vec::new();
+            let mut to_agent: Vec<u64> = Vec::new();
+            let deliver = |b: &[EventEnvelope], hwm: &mut u64, applied: &mut Vec<u64>| {
+                match plan_ingest("plant-1", *hwm, b) {
+                    Ok(plan) => {
+                        applied.extend(b[plan.duplicates..].iter().map(|e| e.seq));
+                        *hwm = plan.new_hwm;
+                        Some(*hwm)
+                    }
+                    Err(IngestError::Gap { .. }) => None,
+                    Err(e) => panic!("unexpected refusal {e}"),
+                }
+            };
+            for (op, pick) in ops {
+                let pick = usize::from(pick);
+                match op {
+                    0 | 1 => if let Some(r) = up.poll_send(total) {
+                        let end = *r.end();
+                        to_central.push(r.map(|s| ev("plant-1", s)).collect());
+                        up.handle_sent(end);
+                    },
+                    // deliver any events frame (reordering); central answers with its mark
+                    2 | 3 => if !to_central.is_empty() {
+                        let b = to_central.swap_remove(pick % to_central.len());
+                        if let Some(hwm) = deliver(&b, &mut central_hwm, &mut applied) {
+                            to_agent.push(hwm);
+                        }
+                    },
+                    // deliver any ack (reordered acks arrive old after new)
+                    4 => if !to_agent.is_empty() {
+                        let a = to_agent.swap_remove(pick % to_agent.len());
+                        // An ack beyond what this session sent belongs to an older session's
+                        // frames: the shell closes the session, which is a restart.
+                        if up.handle_ack(a).is_err() {
+                            up = Uploader::new(window, max_batch);
+                            up.handle_welcome(central_hwm, total).unwrap();
+                        }
+                    },
+                    // duplicate a frame in flight, in either direction
+                    5 => if pick % 2 == 0 && !to_central.is_empty() {
+                        let b = to_central[pick % to_central.len()].clone();
+                        to_central.push(b);
+                    } else if !to_agent.is_empty() {
+                        let a = to_agent[pick % to_agent.len()];
+                        to_agent.push(a);
+                    },
+                    // lose a frame in flight, in either direction
+                    6 => if pick % 2 == 0 && !to_central.is_empty() {
+                        to_central.swap_remove(pick % to_central.len());
+                    } else if !to_agent.is_empty() {
+                        to_agent.swap_remove(pick % to_agent.len());
+                    },
+                    // the connection dies and a new session starts from central's durable mark
+                    _ => {
+                        up = Uploader::new(window, max_batch);
+                        up.handle_welcome(central_hwm, total).unwrap();
+                    }
+                }
+                prop_assert!(up.acked() <= central_hwm, "the agent never believes more than central has");
+                prop_assert_eq!(&applied, &(1..=central_hwm).collect::<Vec<_>>());
+            }
+            // Late stale frames still arrive after the fault phase, in any order.
+            while let Some(b) = to_central.pop() {
+                deliver(&b, &mut central_hwm, &mut applied);
+            }
+            // Heal: a fresh session on a healthy link drains the rest, bounded.
+            for _ in 0..1000 {
+                if up.acked() == total { break; }
+                up = Uploader::new(window, max_batch);
+                up.handle_welcome(central_hwm, total).unwrap();
+                while let Some(r) = up.poll_send(total) {
+                    let end = *r.end();
+                    let b: Vec<_> = r.map(|s| ev("plant-1", s)).collect();
+                    up.handle_sent(end);
+                    let hwm = deliver(&b, &mut central_hwm, &mut applied).expect("healthy link has no gaps");
+                    up.handle_ack(hwm).unwrap();
+                }
+            }
+            prop_assert_eq!(up.acked(), total);
+            prop_assert_eq!(applied, (1..=total).collect::<Vec<_>>());
+        }
+    }
 }

@@ -38,6 +38,22 @@ pub fn client_config(
     Ok(quinn::ClientConfig::new(Arc::new(q)))
 }
 
+/// Client TLS config trusting `ca_pem` that presents no client certificate at all.
+pub fn client_config_without_certificate(ca_pem: &[u8]) -> Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
+        roots.add(c?)?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    let q = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)?;
+    Ok(quinn::ClientConfig::new(Arc::new(q)))
+}
+
 /// Reads `certs/<name>` of a fleet directory.
 pub fn read_cert(dir: &Path, name: &str) -> Result<Vec<u8>> {
     std::fs::read(dir.join("certs").join(name)).with_context(|| format!("certs/{name}"))
