@@ -433,6 +433,7 @@ impl SyncClient {
             site: self.site.clone(),
             master_rev: marks.master_rev,
             last_seq: marks.last_seq,
+            agent_time_ms: now_ms(),
         });
         timeout(limit, write_frame(&mut send, &hello))
             .await

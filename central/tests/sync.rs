@@ -191,6 +191,7 @@ impl Agent {
             site: site.into(),
             master_rev,
             last_seq,
+            agent_time_ms: 0,
         }))
         .await;
         self.recv().await
@@ -513,6 +514,7 @@ async fn identity_comes_from_the_certificate() {
             site: "plant-1".into(),
             master_rev: 0,
             last_seq: 0,
+            agent_time_ms: 0,
         });
         write_frame(&mut send, &hello)
             .await

@@ -142,6 +142,7 @@ mod tests {
                 site: "plant-1".into(),
                 master_rev: 7,
                 last_seq: 3,
+                agent_time_ms: 1_700_000_000_000,
             }),
             AgentMsg::Events((1..=3).map(sample_event).collect()),
         ];

@@ -69,6 +69,10 @@ pub struct Hello {
     pub master_rev: u64,
     /// Highest sequence number the agent has assigned so far (0 if none).
     pub last_seq: u64,
+    /// The agent's wall clock when it sent the Hello, in ms since the Unix epoch. Central
+    /// compares it with its own clock to estimate the site's clock offset (fleet health); it is
+    /// never used to order or accept events.
+    pub agent_time_ms: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

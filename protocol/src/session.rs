@@ -288,6 +288,7 @@ mod tests {
             site: "plant-1".into(),
             master_rev: 0,
             last_seq: 0,
+            agent_time_ms: 0,
         };
         assert!(check_hello("plant-1", &h).is_ok());
         assert_eq!(

@@ -127,6 +127,7 @@ pub fn hello(site: &str, version: u16, last_seq: u64) -> AgentMsg {
         site: site.into(),
         master_rev: 0,
         last_seq,
+        agent_time_ms: 0,
     })
 }
 
