@@ -1,15 +1,19 @@
 //! The agent's local HTTP API (axum): reads from the store's cache and allowances, order and
 //! milestone capture through the store writer (after an online allowance top-up when one would
-//! help), JSON errors with stable codes. Async shell: handlers read redb directly (microseconds)
-//! and await the writer for writes.
+//! help), JSON errors with stable codes. The security boundary is here too: hashed bearer tokens
+//! with roles, a token bucket per client, and the accept loop (`serve`) that caps connections and
+//! drops clients that trickle their headers. Async shell: handlers read redb directly
+//! (microseconds) and await the writer for writes.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::config::{ApiClient, Role};
 use crate::store::{
     MilestoneRecord, NewLine, NewMilestone, NewOrder, OrderRecord, ReadError, Store, WriteError,
     now_ms, rfc3339_millis,
@@ -34,12 +39,206 @@ pub const MAX_IN_FLIGHT_REQUESTS: usize = 512;
 /// that is still durable; the client's retry with the same key gets the original response.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// `POST` route that creates orders (role `order-entry`).
+pub const ORDERS_ROUTE: &str = "/v1/orders";
+/// `POST` route that records shipment milestones (role `scanner`).
+pub const MILESTONES_ROUTE: &str = "/v1/shipments/{shipment_id}/milestones";
+/// Least time between two warnings about refused connections; the ones in between are counted.
+pub const REFUSED_WARN_INTERVAL: Duration = Duration::from_secs(10);
+/// Pause after an accept error that is not about one connection (out of file descriptors), so
+/// the loop does not spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// The role a route needs, by method and matched route. Reads are open to every role; each write
+/// is listed with its role, and any write not listed needs `admin`, so a write route added later
+/// is closed until someone decides who may use it. (A method a route does not have never gets
+/// here: the router answers 405 for every valid token, as it does for unknown paths with 404.)
+pub fn needed_role(method: &Method, route: &str) -> Role {
+    match (method, route) {
+        (&Method::GET | &Method::HEAD, _) => Role::Reader,
+        (&Method::POST, ORDERS_ROUTE) => Role::OrderEntry,
+        (&Method::POST, MILESTONES_ROUTE) => Role::Scanner,
+        _ => Role::Admin,
+    }
+}
+
+/// A token bucket: `burst` requests at once, refilled at `rate` per second. Pure: the time is
+/// passed in.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn full(burst: u64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            tokens: burst as f64,
+            last: now,
+        }
+    }
+
+    /// Takes one request's token at `now`, or says how long until one is available.
+    pub fn take(&mut self, now: Instant, rate_per_sec: u64, burst: u64) -> Result<(), Duration> {
+        let rate = rate_per_sec.max(1) as f64;
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst as f64);
+        self.last = self.last.max(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+}
+
+/// The configured clients and one token bucket for each: memory is bounded by the config, not by
+/// what callers send.
+pub struct Clients {
+    clients: Vec<ApiClient>,
+    buckets: Vec<Mutex<TokenBucket>>,
+    burst: u64,
+}
+
+impl Clients {
+    pub fn new(clients: Vec<ApiClient>, burst: u64) -> Clients {
+        let now = Instant::now();
+        let buckets = clients
+            .iter()
+            .map(|_| Mutex::new(TokenBucket::full(burst, now)))
+            .collect();
+        Clients {
+            clients,
+            buckets,
+            burst,
+        }
+    }
+
+    pub fn get(&self, index: usize) -> Option<&ApiClient> {
+        self.clients.get(index)
+    }
+
+    /// The client whose token the request presents (`Authorization: Bearer <token>`). The token
+    /// is hashed once and compared with every configured hash in constant time, so the time
+    /// taken says nothing about which hash, or how much of one, matched.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<usize> {
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())?;
+        let (scheme, token) = value.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let token = token.trim();
+        if token.is_empty() || token.len() > crate::config::MAX_TOKEN_LEN {
+            return None;
+        }
+        let presented = crate::config::hash_token(token.as_bytes());
+        let mut found = None;
+        for (i, c) in self.clients.iter().enumerate() {
+            // Hashes are unique (config validation), so at most one matches.
+            if constant_time_eq(&c.sha256, &presented) {
+                found = Some(i);
+            }
+        }
+        found
+    }
+
+    /// Takes one request from client `index`'s bucket at `now`.
+    pub fn take(&self, index: usize, now: Instant) -> Result<(), Duration> {
+        let rate = self.clients[index].rate_per_sec;
+        let mut bucket = self.buckets[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        bucket.take(now, rate, self.burst)
+    }
+}
+
+/// The security boundary: who may call (with roles and rate limits) and what was refused.
+#[derive(Clone)]
+pub struct Boundary {
+    pub clients: Arc<Clients>,
+    /// Shared with `serve`, shown under `api` in `GET /v1/health`.
+    pub counters: Arc<ApiCounters>,
+}
+
+impl Boundary {
+    pub fn new(clients: Clients) -> Boundary {
+        Boundary {
+            clients: Arc::new(clients),
+            counters: Arc::new(ApiCounters::default()),
+        }
+    }
+
+    /// Every token as an admin client named `token-N` (1-based), with the default rate limit:
+    /// for in-process tests and tools that hold plain tokens.
+    pub fn admin_tokens(tokens: &[&str]) -> Boundary {
+        let clients = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ApiClient {
+                name: format!("token-{}", i + 1),
+                role: Role::Admin,
+                sha256: crate::config::hash_token(t.as_bytes()),
+                rate_per_sec: crate::config::DEFAULT_RATE_LIMIT_PER_SEC,
+            })
+            .collect();
+        Boundary::new(Clients::new(
+            clients,
+            crate::config::DEFAULT_RATE_LIMIT_BURST,
+        ))
+    }
+}
+
+/// What the boundary's middleware needs.
+#[derive(Clone)]
+struct Gate {
+    boundary: Boundary,
+    max_body_bytes: usize,
+}
+
+/// Counts of what the API boundary refused, shown under `api` in `GET /v1/health`.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    /// Requests without a valid bearer token (401).
+    pub unauthorized: AtomicU64,
+    /// Requests on a route the client's role may not use (403).
+    pub forbidden: AtomicU64,
+    /// Requests over the client's rate limit (429).
+    pub rate_limited: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Connections closed because the request headers did not arrive in time (or an idle
+    /// keep-alive connection timed out).
+    pub header_timeouts: AtomicU64,
+    /// Connections open now.
+    pub connections_open: AtomicU64,
+}
+
+impl ApiCounters {
+    fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "unauthorized": get(&self.unauthorized),
+            "forbidden": get(&self.forbidden),
+            "rate_limited": get(&self.rate_limited),
+            "connections_refused": get(&self.connections_refused),
+            "header_timeouts": get(&self.header_timeouts),
+            "connections_open": get(&self.connections_open),
+        })
+    }
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
     pub site: String,
-    pub tokens: Arc<Vec<String>>,
     /// Whether the sync session with central is up and when central was last heard from (set by
     /// the sync task).
     pub link: Arc<LinkState>,
@@ -78,6 +277,14 @@ impl ApiError {
             StatusCode::UNPROCESSABLE_ENTITY,
             "validation_failed",
             message,
+        )
+    }
+
+    fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid bearer token",
         )
     }
 
@@ -171,27 +378,40 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 #[derive(Clone, Copy)]
 struct BodyLimit(usize);
 
-/// The router with every route, the auth and body-limit layers and JSON fallbacks.
-pub fn router(state: ApiState) -> Router {
+/// The authenticated client of a request: its index in `Clients`.
+#[derive(Clone, Copy)]
+struct Caller(usize);
+
+/// The router with every route, the boundary's layers (authentication, rate limit, roles,
+/// declared length), the body limit, timeouts and JSON fallbacks. Only `boundary`'s clients may
+/// call.
+pub fn router_with(state: ApiState, boundary: Boundary) -> Router {
     let limit = state.max_body_bytes;
+    let gate = Gate {
+        boundary: boundary.clone(),
+        max_body_bytes: limit,
+    };
+    let counters = boundary.counters.clone();
     Router::new()
-        .route("/v1/health", get(health))
+        .route(
+            "/v1/health",
+            get(move |s: State<ApiState>| health(s, counters.clone())),
+        )
         .route("/v1/atp/{sku}", get(atp))
         .route("/v1/allowances", get(allowances))
         .route("/v1/prices/{sku}", get(price))
         .route("/v1/customers/{id}", get(customer))
-        .route("/v1/orders", post(create_order))
+        .route(ORDERS_ROUTE, post(create_order))
         .route("/v1/orders/{order_id}", get(get_order))
-        .route(
-            "/v1/shipments/{shipment_id}/milestones",
-            post(record_milestone),
-        )
+        .route(MILESTONES_ROUTE, post(record_milestone))
+        // Matched routes only (unknown paths keep their 404): the caller's role, then the
+        // declared length, both before any body byte is read.
+        .route_layer(middleware::from_fn_with_state(gate.clone(), authorize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        // Outermost: authentication, then the declared-length check, both before any body byte
-        // is read.
-        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        // Every request, routed or not: authentication, then the client's rate limit.
+        .layer(middleware::from_fn_with_state(gate, guard))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
@@ -200,21 +420,193 @@ pub fn router(state: ApiState) -> Router {
         .layer(tower::limit::ConcurrencyLimitLayer::new(
             MAX_IN_FLIGHT_REQUESTS,
         ))
-        // One span per request (method, path), around everything else.
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // One span per request (method, path, and the client's name and role once known),
+        // around everything else. The query string is left out: it is the caller's data.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                tracing::info_span!(
+                    "request",
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    client = tracing::field::Empty,
+                    role = tracing::field::Empty,
+                )
+            }),
+        )
         .with_state(state)
+}
+
+/// Limits of the accept loop.
+#[derive(Clone, Debug)]
+pub struct ServeLimits {
+    /// Longest a client may take to send a request's headers; hyper also applies it to an idle
+    /// keep-alive connection waiting for its next request.
+    pub header_read_timeout: Duration,
+    /// Most connections served at once; past it a new connection is closed at once.
+    pub max_connections: usize,
+}
+
+/// At most one log line per interval; counts the ones it held back.
+struct LogEvery {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogEvery {
+    fn new(interval: Duration) -> LogEvery {
+        LogEvery {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(held back since the last line)` when a line may be logged at `now`.
+    fn tick(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Resolves once shutdown is asked for (`true`) or nobody can ask any more (sender dropped).
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Errors of `accept` that concern only the connection being accepted.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Serves `app` on `listener` (HTTP/1.1) until `shutdown` turns true (or its sender is dropped),
+/// then stops accepting, lets every connection finish its in-flight request (idle ones close at
+/// once) and returns when all are closed. At most `limits.max_connections` connections are open
+/// at once: past it a new connection is closed as soon as it is accepted, counted, and warned
+/// about at most once per `REFUSED_WARN_INTERVAL`. A client that has not sent a request's headers
+/// within `limits.header_read_timeout` is disconnected (slow-loris). Errors of one connection
+/// never end the loop.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ServeLimits,
+    counters: Arc<ApiCounters>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut conns = tokio::task::JoinSet::new();
+    let mut refused_log = LogEvery::new(REFUSED_WARN_INTERVAL);
+    let mut accept_log = LogEvery::new(REFUSED_WARN_INTERVAL);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            // Reap finished connections so the set stays as small as the open connections.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                if let Some(held) = accept_log.tick(Instant::now()) {
+                    tracing::warn!(error = %e, similar_errors_not_logged = held, "accept failed");
+                }
+                tokio::select! {
+                    _ = stopped(&mut shutdown) => break,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            ApiCounters::bump(&counters.connections_refused);
+            if let Some(held) = refused_log.tick(Instant::now()) {
+                tracing::warn!(
+                    %peer,
+                    max_connections = limits.max_connections,
+                    refused_not_logged = held,
+                    "connection refused: too many open connections"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                app.clone().oneshot(req)
+            });
+        let conn = http.serve_connection(TokioIo::new(stream), service);
+        let mut stop = shutdown.clone();
+        let counters = counters.clone();
+        let header_read_timeout = limits.header_read_timeout;
+        let span = tracing::info_span!("connection", %peer);
+        conns.spawn(tracing::Instrument::instrument(
+            async move {
+                counters.connections_open.fetch_add(1, Ordering::Relaxed);
+                let mut conn = std::pin::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stopped(&mut stop) => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                // The slot first: a count of 0 open means every slot is free again.
+                drop(slot);
+                counters.connections_open.fetch_sub(1, Ordering::Relaxed);
+                match result {
+                    Ok(()) => {}
+                    Err(e) if e.is_timeout() => {
+                        ApiCounters::bump(&counters.header_timeouts);
+                        tracing::debug!(
+                            "connection closed: no complete request headers within {header_read_timeout:?}"
+                        );
+                    }
+                    Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+                }
+            },
+            span,
+        ));
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+    Ok(())
 }
 
 /// The timeout layer answers with an empty 408; give it the JSON error shape.
 async fn json_timeout(req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     if resp.status() == StatusCode::REQUEST_TIMEOUT {
-        return ApiError::new(
+        let mut resp = ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
             format!("the request took longer than {REQUEST_TIMEOUT:?}; retry with the same Idempotency-Key"),
         )
         .into_response();
+        // The request's body may be partly unread: this connection is not reused.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
     }
     resp
 }
@@ -239,45 +631,120 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorized(headers: &HeaderMap, tokens: &[String]) -> bool {
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some((scheme, token)) = value.split_once(' ') else {
-        return false;
-    };
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return false;
+/// Bearer authentication (401) and the client's rate limit (429), before anything else. Logs
+/// name the client and its role, never the token or its hash.
+async fn guard(State(gate): State<Gate>, req: Request, next: Next) -> Response {
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+    let mut resp = guard_inner(gate, req, next).await;
+    // A request refused before its body was read (all of it) leaves the rest of the body on the
+    // connection, and hyper closes such a connection after the response. Say so in the response,
+    // or a client may send its next request on a connection that is about to close.
+    let early = [
+        StatusCode::UNAUTHORIZED,
+        StatusCode::FORBIDDEN,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        StatusCode::TOO_MANY_REQUESTS,
+    ];
+    if has_body && early.contains(&resp.status()) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let token = token.trim().as_bytes();
-    // Check every configured token so the time taken does not say which one matched.
-    tokens
-        .iter()
-        .fold(false, |ok, t| constant_time_eq(t.as_bytes(), token) | ok)
+    resp
 }
 
-/// Bearer authentication and the declared body length, checked before the body is read.
-async fn guard(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
-    if !authorized(req.headers(), &state.tokens) {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or invalid bearer token",
+async fn guard_inner(gate: Gate, mut req: Request, next: Next) -> Response {
+    let state = &gate.boundary;
+    let Some(index) = state.clients.authenticate(req.headers()) else {
+        ApiCounters::bump(&state.counters.unauthorized);
+        tracing::debug!("refused: missing or invalid bearer token");
+        return ApiError::unauthorized().into_response();
+    };
+    let client = state
+        .clients
+        .get(index)
+        .expect("authenticate returns a valid index");
+    let span = tracing::Span::current();
+    span.record("client", client.name.as_str());
+    span.record("role", client.role.as_str());
+    if let Err(wait) = state.clients.take(index, Instant::now()) {
+        ApiCounters::bump(&state.counters.rate_limited);
+        let secs = (wait.as_secs_f64().ceil() as u64).max(1);
+        tracing::debug!(client = %client.name, role = %client.role, retry_after_secs = secs, "rate limited");
+        let mut resp = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "client {:?} is over its limit of {} requests per second; retry after {secs} s",
+                client.name, client.rate_per_sec
+            ),
         )
         .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return resp;
+    }
+    req.extensions_mut().insert(Caller(index));
+    req.extensions_mut().insert(BodyLimit(gate.max_body_bytes));
+    next.run(req).await
+}
+
+/// On matched routes: the caller's role must allow the route (403 `forbidden` otherwise), and the
+/// declared body length must be within the limit (413), both before any body byte is read.
+async fn authorize(State(gate): State<Gate>, req: Request, next: Next) -> Response {
+    let state = &gate.boundary;
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .and_then(|c| state.clients.get(c.0));
+    let Some(client) = caller else {
+        // `guard` runs first on every request; without it nobody gets in.
+        return ApiError::unauthorized().into_response();
+    };
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| req.uri().path(), MatchedPath::as_str);
+    let needed = needed_role(req.method(), route);
+    if !client.role.allows(needed) {
+        ApiCounters::bump(&state.counters.forbidden);
+        tracing::info!(
+            client = %client.name,
+            role = %client.role,
+            needed = %needed,
+            method = %req.method(),
+            route,
+            "refused: the client's role does not allow this route"
+        );
+        let message = if needed == Role::Admin {
+            format!(
+                "{} {route} needs the admin role; client {:?} has the {} role",
+                req.method(),
+                client.name,
+                client.role
+            )
+        } else {
+            format!(
+                "{} {route} needs the {needed} or admin role; client {:?} has the {} role",
+                req.method(),
+                client.name,
+                client.role
+            )
+        };
+        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response();
     }
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
-        return ApiError::too_large(state.max_body_bytes).into_response();
+    if declared.is_some_and(|n| n > gate.max_body_bytes as u64) {
+        return ApiError::too_large(gate.max_body_bytes).into_response();
     }
-    req.extensions_mut().insert(BodyLimit(state.max_body_bytes));
     next.run(req).await
 }
 
@@ -296,9 +763,14 @@ struct Health {
     last_seq: u64,
     acked_seq: u64,
     stale_secs: Option<u64>,
+    /// What the API boundary refused (401, 403, 429, connections) since the agent started.
+    api: serde_json::Value,
 }
 
-async fn health(State(s): State<ApiState>) -> Result<axum::Json<Health>, ApiError> {
+async fn health(
+    State(s): State<ApiState>,
+    counters: Arc<ApiCounters>,
+) -> Result<axum::Json<Health>, ApiError> {
     let m = s.store.marks()?;
     Ok(axum::Json(Health {
         site: s.site.clone(),
@@ -308,6 +780,7 @@ async fn health(State(s): State<ApiState>) -> Result<axum::Json<Health>, ApiErro
         last_seq: m.last_seq,
         acked_seq: m.acked_seq,
         stale_secs: s.link.stale_secs(now_ms()),
+        api: counters.json(),
     }))
 }
 
@@ -662,7 +1135,29 @@ mod tests {
     use serde_json::Value;
     use tower::ServiceExt;
 
+    /// The admin client's token: the fixture's requests use it unless a test says otherwise.
     const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+    const READER: &str = "reader-token-0123456789";
+    const SCANNER: &str = "scanner-token-0123456789";
+    const ORDERS: &str = "orders-token-0123456789";
+
+    /// One client per role, named after its role, each with `rate` requests per second.
+    fn clients(rate: u64) -> Vec<ApiClient> {
+        [
+            (TOKEN, Role::Admin),
+            (READER, Role::Reader),
+            (SCANNER, Role::Scanner),
+            (ORDERS, Role::OrderEntry),
+        ]
+        .into_iter()
+        .map(|(token, role)| ApiClient {
+            name: role.as_str().to_string(),
+            role,
+            sha256: crate::config::hash_token(token.as_bytes()),
+            rate_per_sec: rate,
+        })
+        .collect()
+    }
 
     struct Fixture {
         app: Router,
@@ -673,6 +1168,10 @@ mod tests {
 
     impl Fixture {
         async fn new() -> Fixture {
+            Fixture::with_rate(1_000, 2_000).await
+        }
+
+        async fn with_rate(rate: u64, burst: u64) -> Fixture {
             let dir = tempfile::tempdir().unwrap();
             let (store, writer) = Store::open(&dir.path().join("agent.redb"), "plant-1").unwrap();
             store.apply_master(catalogue(0, 5)).await.unwrap();
@@ -682,14 +1181,14 @@ mod tests {
                 (Pool::credit("ACME"), 1_000_000),
             ];
             store.apply_master(grants(5, 6, &allowance)).await.unwrap();
-            let app = router(ApiState {
+            let state = ApiState {
                 store: store.clone(),
                 site: "plant-1".into(),
-                tokens: Arc::new(vec![TOKEN.to_string()]),
                 link: Arc::new(LinkState::default()),
                 topup: None,
                 max_body_bytes: 65536,
-            });
+            };
+            let app = router_with(state, Boundary::new(Clients::new(clients(rate), burst)));
             Fixture {
                 app,
                 store,
@@ -710,9 +1209,13 @@ mod tests {
         }
 
         async fn get(&self, path: &str) -> (u16, Value) {
+            self.get_as(TOKEN, path).await
+        }
+
+        async fn get_as(&self, token: &str, path: &str) -> (u16, Value) {
             self.send(
                 HttpRequest::get(path)
-                    .header("authorization", format!("Bearer {TOKEN}"))
+                    .header("authorization", format!("Bearer {token}"))
                     .body(Body::empty())
                     .unwrap(),
             )
@@ -720,8 +1223,18 @@ mod tests {
         }
 
         async fn post(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+            self.post_as(TOKEN, path, body, key).await
+        }
+
+        async fn post_as(
+            &self,
+            token: &str,
+            path: &str,
+            body: &str,
+            key: Option<&str>,
+        ) -> (u16, Value) {
             let mut b = HttpRequest::post(path)
-                .header("authorization", format!("Bearer {TOKEN}"))
+                .header("authorization", format!("Bearer {token}"))
                 .header("content-type", "application/json");
             if let Some(k) = key {
                 b = b.header("idempotency-key", k);
@@ -785,6 +1298,309 @@ mod tests {
         f.close().await;
     }
 
+    const ORDER: &str = r#"{"customer_id":"ACME","lines":[{"sku":"GEAR-12T","qty":1}]}"#;
+    const MILESTONE: &str =
+        r#"{"event_id":"e-1","milestone":"picked","scanner_id":"s","at":"2026-01-01T00:00:00Z"}"#;
+
+    /// Goal: each role gets exactly its routes: reader every GET, scanner milestones, order-entry
+    /// orders, admin everything; a forbidden write is 403 `forbidden` naming the role needed,
+    /// decided before the body is read (a huge declared length is still 403), and stores
+    /// nothing; unknown routes (404) and methods (405) answer as before for every valid token.
+    #[tokio::test]
+    async fn roles_allow_their_routes_and_forbid_the_rest() {
+        let f = Fixture::new().await;
+        for token in [READER, SCANNER, ORDERS, TOKEN] {
+            for path in [
+                "/v1/health",
+                "/v1/atp/GEAR-12T",
+                "/v1/allowances",
+                "/v1/customers/ACME",
+            ] {
+                assert_eq!(f.get_as(token, path).await.0, 200, "{path}");
+            }
+            let (st, v) = f.get_as(token, "/v1/nowhere").await;
+            assert_eq!((st, code(&v)), (404, "not_found"));
+            let (st, v) = f.post_as(token, "/v1/nowhere", "{}", None).await;
+            assert_eq!((st, code(&v)), (404, "not_found"));
+        }
+        for (token, role) in [(READER, "reader"), (SCANNER, "scanner")] {
+            let (st, v) = f.post_as(token, "/v1/orders", ORDER, Some("k1")).await;
+            assert_eq!((st, code(&v)), (403, "forbidden"), "{role}: {v}");
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("order-entry") && msg.contains(role), "{msg}");
+        }
+        for token in [READER, ORDERS] {
+            let (st, v) = f
+                .post_as(token, "/v1/shipments/SH-1/milestones", MILESTONE, None)
+                .await;
+            assert_eq!((st, code(&v)), (403, "forbidden"), "{v}");
+            assert!(v["error"]["message"].as_str().unwrap().contains("scanner"));
+        }
+        // Before the body: a declared length far over the limit is still 403, not 413.
+        let (st, v) = f
+            .send(
+                HttpRequest::post("/v1/orders")
+                    .header("authorization", format!("Bearer {SCANNER}"))
+                    .header("content-length", "999999999")
+                    .body(Body::from("{"))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!((st, code(&v)), (403, "forbidden"));
+        // Refused before its body was read: the connection is not to be reused. A refused
+        // request without a body leaves the connection clean.
+        let refused = |token: &str, body: &'static str| {
+            let mut b =
+                HttpRequest::post("/v1/orders").header("authorization", format!("Bearer {token}"));
+            if !body.is_empty() {
+                b = b.header("content-length", body.len().to_string());
+            }
+            f.app.clone().oneshot(b.body(Body::from(body)).unwrap())
+        };
+        let resp = refused(SCANNER, ORDER).await.unwrap();
+        assert_eq!(resp.status(), 403);
+        assert_eq!(resp.headers()["connection"], "close");
+        let resp = refused("wrong-token-wrong-token", ORDER).await.unwrap();
+        assert_eq!(resp.status(), 401);
+        assert_eq!(resp.headers()["connection"], "close");
+        let resp = refused(SCANNER, "").await.unwrap();
+        assert_eq!(resp.status(), 403);
+        assert!(resp.headers().get("connection").is_none());
+        // A method a route does not have stays 405 for every role, as before.
+        for token in [READER, ORDERS, TOKEN] {
+            let (st, v) = f.post_as(token, "/v1/health", "{}", None).await;
+            assert_eq!((st, code(&v)), (405, "method_not_allowed"));
+        }
+        assert_eq!(
+            f.last_seq().await,
+            0,
+            "nothing stored by a forbidden request"
+        );
+
+        let (st, v) = f.post_as(ORDERS, "/v1/orders", ORDER, Some("k1")).await;
+        assert_eq!(st, 201, "{v}");
+        let (st, v) = f
+            .post_as(SCANNER, "/v1/shipments/SH-1/milestones", MILESTONE, None)
+            .await;
+        assert_eq!(st, 201, "{v}");
+        let (st, _) = f.post("/v1/orders", ORDER, Some("k2")).await;
+        assert_eq!(st, 201, "admin may create orders");
+        let m2 = MILESTONE.replace("e-1", "e-2");
+        assert_eq!(
+            f.post("/v1/shipments/SH-1/milestones", &m2, None).await.0,
+            201
+        );
+        assert_eq!(f.last_seq().await, 4);
+        let (_, h) = f.get("/v1/health").await;
+        assert_eq!(h["api"]["forbidden"], 7, "{h}");
+        f.close().await;
+    }
+
+    /// Goal: a client over its rate gets 429 `rate_limited` with a whole-second `Retry-After` of
+    /// at least 1; other clients are unaffected; rejections are counted in the health JSON.
+    #[tokio::test]
+    async fn over_the_rate_limit_is_429_with_retry_after() {
+        let f = Fixture::with_rate(1, 3).await;
+        for _ in 0..3 {
+            assert_eq!(f.get_as(READER, "/v1/atp/GEAR-12T").await.0, 200);
+        }
+        let resp = f
+            .app
+            .clone()
+            .oneshot(
+                HttpRequest::get("/v1/atp/GEAR-12T")
+                    .header("authorization", format!("Bearer {READER}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 429);
+        let retry: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry >= 1, "{retry}");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(code(&v), "rate_limited");
+        let (st, h) = f.get_as(SCANNER, "/v1/health").await;
+        assert_eq!(st, 200, "another client is not affected");
+        assert_eq!(h["api"]["rate_limited"], 1, "{h}");
+        f.close().await;
+    }
+
+    /// Goal: the bucket allows `burst` at once, then `rate` per second, and says how long to wait.
+    #[test]
+    fn token_bucket_refills_at_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::full(2, t0);
+        assert!(b.take(t0, 4, 2).is_ok());
+        assert!(b.take(t0, 4, 2).is_ok());
+        let wait = b.take(t0, 4, 2).unwrap_err();
+        assert!((wait.as_secs_f64() - 0.25).abs() < 1e-6, "{wait:?}");
+        assert!(b.take(t0 + Duration::from_millis(250), 4, 2).is_ok());
+        assert!(b.take(t0 + Duration::from_millis(250), 4, 2).is_err());
+        // A long pause refills only up to the burst.
+        let later = t0 + Duration::from_secs(60);
+        assert!(b.take(later, 4, 2).is_ok());
+        assert!(b.take(later, 4, 2).is_ok());
+        assert!(b.take(later, 4, 2).is_err());
+        // A clock that seems to go back never adds tokens.
+        assert!(b.take(t0, 4, 2).is_err());
+    }
+
+    /// Goal: the table of roles per route: reads for all, each write for its role, others admin.
+    #[test]
+    fn needed_roles() {
+        assert_eq!(
+            needed_role(&Method::GET, "/v1/orders/{order_id}"),
+            Role::Reader
+        );
+        assert_eq!(needed_role(&Method::HEAD, "/v1/health"), Role::Reader);
+        assert_eq!(needed_role(&Method::POST, ORDERS_ROUTE), Role::OrderEntry);
+        assert_eq!(needed_role(&Method::POST, MILESTONES_ROUTE), Role::Scanner);
+        assert_eq!(needed_role(&Method::PUT, ORDERS_ROUTE), Role::Admin);
+        assert_eq!(needed_role(&Method::POST, "/v1/health"), Role::Admin);
+    }
+
+    /// Starts `serve` on `listener`; keep the returned sender alive as long as the server.
+    fn spawn_serve(
+        listener: tokio::net::TcpListener,
+        app: Router,
+        max_connections: usize,
+        header_read_timeout: Duration,
+    ) -> (
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+        Arc<ApiCounters>,
+    ) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let limits = ServeLimits {
+            header_read_timeout,
+            max_connections,
+        };
+        let counters = Arc::new(ApiCounters::default());
+        let server = tokio::spawn(serve(listener, app, limits, counters.clone(), rx));
+        (tx, server, counters)
+    }
+
+    /// Reads until EOF or error; `true` when the peer closed (or reset) within `within`.
+    async fn closed_within(sock: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, sock.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Goal: over a real socket, a client that trickles its headers is disconnected after the
+    /// header read timeout while another connection is served; past `max_connections` a new
+    /// connection is closed at once, and once a slot frees a request is served again; shutdown
+    /// ends the loop. Method: two servers on real sockets, raw TCP clients, bounded waits.
+    #[tokio::test]
+    async fn serve_drops_slow_headers_and_caps_connections() {
+        use tokio::io::AsyncWriteExt;
+        let f = Fixture::new().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, server, counters) =
+            spawn_serve(listener, f.app.clone(), 2, Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        let get = format!(
+            "GET /v1/health HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"
+        );
+        let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+        ok.write_all(get.as_bytes()).await.unwrap();
+        let mut resp = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_end(&mut ok, &mut resp),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(
+            resp.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&resp)
+        );
+        assert!(closed_within(&mut slow, Duration::from_secs(5)).await);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "closed after {took:?}");
+
+        assert_eq!(counters.header_timeouts.load(Ordering::Relaxed), 1);
+
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+
+        // Two idle connections fill the slots; a third is closed at once (the header read
+        // timeout is far longer, so only the cap can close it).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, server, counters) =
+            spawn_serve(listener, f.app.clone(), 2, Duration::from_secs(30));
+        let a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed_within(&mut c, Duration::from_secs(5)).await,
+            "over the cap"
+        );
+        assert_eq!(counters.connections_refused.load(Ordering::Relaxed), 1);
+        drop((a, b));
+        let mut served = false;
+        for _ in 0..100 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut resp = Vec::new();
+            if s.write_all(get.as_bytes()).await.is_ok()
+                && tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut resp),
+                )
+                .await
+                .is_ok()
+                && resp.starts_with(b"HTTP/1.1 200")
+            {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            served,
+            "a request is served once the idle connections are gone"
+        );
+        // Shutdown closes an idle connection at once (it does not wait for its header timeout)
+        // and stops accepting.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(closed_within(&mut idle, Duration::from_secs(1)).await);
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        f.close().await;
+    }
+
     /// Goal: a body over the limit is refused with 413 JSON, whether its length is declared or
     /// it is streamed, and nothing is stored.
     #[tokio::test]
@@ -808,8 +1624,7 @@ mod tests {
         let f = Fixture::new().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = f.app.clone();
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let (_stop, server, _) = spawn_serve(listener, f.app.clone(), 16, Duration::from_secs(5));
         let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
         let head = format!(
             "POST /v1/orders HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n\

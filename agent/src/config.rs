@@ -32,6 +32,27 @@ pub const MIN_TOKEN_LEN: usize = 16;
 pub const MAX_TOKEN_LEN: usize = 256;
 /// Most bearer tokens in one config (one per client system is plenty).
 pub const MAX_TOKENS: usize = 256;
+/// Longest client name: it appears in every log line about the client's requests.
+pub const MAX_CLIENT_NAME_LEN: usize = 64;
+/// Bytes of randomness in a token made by `outpost-agent hash-token --generate` (256 bits).
+pub const GENERATED_TOKEN_BYTES: usize = 32;
+/// Default sustained requests per second per client: far above what a scanner or an order-entry
+/// screen sends, low enough that one runaway client cannot monopolise the writer.
+pub const DEFAULT_RATE_LIMIT_PER_SEC: u64 = 1_000;
+/// Default burst per client: two seconds at the default rate, so a reconnecting client can catch up.
+pub const DEFAULT_RATE_LIMIT_BURST: u64 = 2_000;
+/// Largest accepted rate or burst: beyond this the limit would never bite on one site's hardware.
+pub const MAX_RATE_LIMIT: u64 = 1_000_000;
+/// Default time a client has to send a request's headers (and the longest an idle keep-alive
+/// connection is kept): generous for a scanner on a bad Wi-Fi link, short against slow-loris.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+/// Range of accepted header read timeouts: below 100 ms a loaded link fails spuriously; past a
+/// minute a slow-loris client holds a connection slot for too long.
+pub const HEADER_READ_TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 100..=60_000;
+/// Default most connections served at once; past it a new connection is closed at once.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 1_024;
+/// Largest accepted connection cap: beyond this the process's file descriptors run out first.
+pub const MAX_MAX_CONNECTIONS: u64 = 65_536;
 /// Longest site id this agent accepts: order ids are `{site}-o{seq}` and must fit
 /// `outpost_protocol::MAX_ID_LEN` (64) with a 20-digit sequence number: 64 - 2 - 20 = 42.
 pub const MAX_SITE_ID_LEN_FOR_ORDER_IDS: usize = 42;
@@ -96,8 +117,15 @@ impl Default for AllowanceConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     pub listen: String,
-    pub tokens: Vec<String>,
+    /// `[[api.tokens]]` tables, one per client system. TOML only: an array of tables cannot be
+    /// written as an `OUTPOST_*` variable.
+    #[serde(deserialize_with = "lenient_tokens")]
+    pub tokens: Vec<TokenEntry>,
     pub max_body_bytes: u64,
+    pub rate_limit_per_sec: u64,
+    pub rate_limit_burst: u64,
+    pub header_read_timeout_ms: u64,
+    pub max_connections: u64,
 }
 
 impl Default for ApiConfig {
@@ -106,20 +134,219 @@ impl Default for ApiConfig {
             listen: String::new(),
             tokens: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            rate_limit_per_sec: DEFAULT_RATE_LIMIT_PER_SEC,
+            rate_limit_burst: DEFAULT_RATE_LIMIT_BURST,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
 
 impl fmt::Debug for ApiConfig {
-    /// Tokens are secrets: never print them.
+    /// Tokens and their hashes are secrets: only names and roles are shown.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiConfig")
             .field("listen", &self.listen)
-            .field("tokens", &format_args!("[{} redacted]", self.tokens.len()))
+            .field("tokens", &self.tokens)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("rate_limit_per_sec", &self.rate_limit_per_sec)
+            .field("rate_limit_burst", &self.rate_limit_burst)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
+
+/// One element of `api.tokens` as written. Deserialised leniently (untagged) so that `validate`
+/// can say exactly what is wrong with each entry instead of failing the whole file.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenEntry {
+    /// `[[api.tokens]]` with the expected keys and types.
+    Client(TokenConfig),
+    /// The old `tokens = ["plain"]` form: refused, the operator must hash the token.
+    Plain(String),
+    /// Anything else (unknown keys, wrong types); `validate` names the problems.
+    Invalid(serde_json::Value),
+}
+
+impl fmt::Debug for TokenEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenEntry::Client(c) => c.fmt(f),
+            TokenEntry::Plain(_) => f.write_str("<plain-text token redacted>"),
+            TokenEntry::Invalid(_) => f.write_str("<invalid entry redacted>"),
+        }
+    }
+}
+
+/// Reads `api.tokens` whatever its shape, so that a mistake is reported by `validate` under its
+/// key, and never by the deserializer, whose messages quote the value (a token, here).
+fn lenient_tokens<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<TokenEntry>, D::Error> {
+    let entry =
+        |v: serde_json::Value| serde_json::from_value(v.clone()).unwrap_or(TokenEntry::Invalid(v));
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Array(items) => items.into_iter().map(entry).collect(),
+        // `tokens = "..."`: the old form with a single token.
+        serde_json::Value::String(s) => vec![TokenEntry::Plain(s)],
+        other => vec![TokenEntry::Invalid(other)],
+    })
+}
+
+/// `[[api.tokens]]`: one client system allowed to call the local API.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// What logs show for this client (never the token).
+    pub name: String,
+    /// `reader`, `scanner`, `order-entry` or `admin`.
+    pub role: String,
+    /// SHA-256 of the bearer token, 64 lower-case hex characters (`outpost-agent hash-token`).
+    pub sha256: String,
+    /// Overrides `api.rate_limit_per_sec` for this client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_sec: Option<u64>,
+}
+
+impl fmt::Debug for TokenConfig {
+    /// The hash identifies the token offline (a guessed token can be checked against it): redacted.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("sha256", &"<redacted>")
+            .field("rate_per_sec", &self.rate_per_sec)
+            .finish()
+    }
+}
+
+/// What a client may do on the local API. Each role includes `Reader`; `Admin` may do everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Every `GET`: stock, prices, customers, orders, health.
+    Reader,
+    /// Reader, plus posting shipment milestones.
+    Scanner,
+    /// Reader, plus creating orders.
+    OrderEntry,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Reader, Role::Scanner, Role::OrderEntry, Role::Admin];
+
+    /// The name used in configs, logs and error messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Scanner => "scanner",
+            Role::OrderEntry => "order-entry",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// Whether a client of this role may use a route that needs `needed`.
+    pub fn allows(self, needed: Role) -> bool {
+        self == Role::Admin || self == needed || needed == Role::Reader
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated client: its name, role, token hash and rate limit.
+#[derive(Clone)]
+pub struct ApiClient {
+    pub name: String,
+    pub role: Role,
+    /// SHA-256 of the bearer token.
+    pub sha256: [u8; 32],
+    /// Sustained requests per second (the client's override or `api.rate_limit_per_sec`).
+    pub rate_per_sec: u64,
+}
+
+impl fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("rate_per_sec", &self.rate_per_sec)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SHA-256 of a bearer token, as configured in `[[api.tokens]] sha256` and compared at each request.
+pub fn hash_token(token: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token).into()
+}
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Parses 64 lower-case hex characters; `None` for anything else.
+pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 || !b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let nibble = |c: u8| if c <= b'9' { c - b'0' } else { c - b'a' + 10 };
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        out[i] = (nibble(pair[0]) << 4) | nibble(pair[1]);
+    }
+    Some(out)
+}
+
+/// Why a token cannot be used: its length or characters (never its value).
+pub fn check_token(token: &str) -> Result<(), String> {
+    if !(MIN_TOKEN_LEN..=MAX_TOKEN_LEN).contains(&token.len())
+        || !token.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(format!(
+            "a token must be {MIN_TOKEN_LEN}..={MAX_TOKEN_LEN} visible ASCII characters (no spaces), got {} bytes",
+            token.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A new random token: `GENERATED_TOKEN_BYTES` bytes as lower-case hex.
+pub fn generate_token() -> String {
+    let bytes: [u8; GENERATED_TOKEN_BYTES] = rand::random();
+    to_hex(&bytes)
+}
+
+/// Whether `name` is a valid client name: 1..=64 characters of `[A-Za-z0-9._-]`.
+pub fn valid_client_name(name: &str) -> bool {
+    (1..=MAX_CLIENT_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Keys of a `[[api.tokens]]` table.
+const TOKEN_KEYS: &[&str] = &["name", "role", "sha256", "rate_per_sec"];
+
+/// The message for the old plain-text form (which names no token: it is a secret).
+const PLAIN_TOKEN_MESSAGE: &str = "plain-text tokens are no longer accepted: hash each token with \
+    `outpost-agent hash-token` and list it as an [[api.tokens]] table with name, role and sha256";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -173,11 +400,18 @@ pub struct AllowanceSettings {
     pub request_deadline: Duration,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ApiSettings {
     pub listen: SocketAddr,
-    pub tokens: Vec<String>,
+    /// Every configured client (Debug shows names and roles only).
+    pub clients: Vec<ApiClient>,
     pub max_body_bytes: usize,
+    /// Burst of every client's token bucket.
+    pub rate_limit_burst: u64,
+    /// Longest a client may take to send a request's headers; also the idle keep-alive limit.
+    pub header_read_timeout: Duration,
+    /// Most connections served at once.
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -212,12 +446,7 @@ impl fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("site_id", &self.site_id)
             .field("data_dir", &self.data_dir)
-            .field("api.listen", &self.api.listen)
-            .field(
-                "api.tokens",
-                &format_args!("[{} redacted]", self.api.tokens.len()),
-            )
-            .field("api.max_body_bytes", &self.api.max_body_bytes)
+            .field("api", &self.api)
             .field("sync", &self.sync)
             .field("allowance", &self.allowance)
             .finish()
@@ -274,7 +503,15 @@ impl LoadConfigError {
 
 const ROOT_KEYS: &[&str] = &["site_id", "data_dir", "api", "sync", "allowance"];
 const ALLOWANCE_KEYS: &[&str] = &["request_deadline_ms"];
-const API_KEYS: &[&str] = &["listen", "tokens", "max_body_bytes"];
+const API_KEYS: &[&str] = &[
+    "listen",
+    "tokens",
+    "max_body_bytes",
+    "rate_limit_per_sec",
+    "rate_limit_burst",
+    "header_read_timeout_ms",
+    "max_connections",
+];
 const SYNC_KEYS: &[&str] = &[
     "central_addr",
     "central_name",
@@ -323,12 +560,24 @@ pub fn load_with_env(
                 .prefix_separator("_")
                 .separator(ENV_SEPARATOR)
                 .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("api.tokens")
-                .source(Some(env.into_iter().collect())),
+                .source(Some(env.clone().into_iter().collect())),
         )
         .build()
         .map_err(read_err)?;
+
+    // Client tokens are an array of tables, which an environment variable cannot express; the old
+    // comma-separated plain-text form must not slip in this way either.
+    let tokens_var = format!("{ENV_PREFIX}_API{ENV_SEPARATOR}TOKENS");
+    if env.keys().any(|k| k.eq_ignore_ascii_case(&tokens_var)) {
+        return Err(invalid(vec![Problem {
+            key: "api.tokens".into(),
+            message: format!(
+                "cannot be set from the environment ({tokens_var}): list each client as an \
+                 [[api.tokens]] table (name, role, sha256) in the config file; hash tokens with \
+                 `outpost-agent hash-token`"
+            ),
+        }]));
+    }
 
     let unknown = unknown_keys(&merged);
     let mut cfg: AgentConfig = match merged.try_deserialize() {
@@ -447,22 +696,37 @@ impl AgentConfig {
                 None
             }
         };
-        if self.api.tokens.is_empty() {
-            p.add("api.tokens", "at least one token is required");
-        } else if self.api.tokens.len() > MAX_TOKENS {
-            p.add("api.tokens", format!("at most {MAX_TOKENS} tokens"));
-        }
-        for (i, t) in self.api.tokens.iter().enumerate() {
-            if !(MIN_TOKEN_LEN..=MAX_TOKEN_LEN).contains(&t.len())
-                || !t.bytes().all(|b| b.is_ascii_graphic())
-            {
-                p.add(
-                    &format!("api.tokens[{i}]"),
-                    format!(
-                        "must be {MIN_TOKEN_LEN}..={MAX_TOKEN_LEN} visible ASCII characters (no spaces)"
-                    ),
-                );
+        let clients = self.check_tokens(&mut p);
+        let rate = |p: &mut Problems, key: &str, v: u64| {
+            if !(1..=MAX_RATE_LIMIT).contains(&v) {
+                p.add(key, format!("must be 1..={MAX_RATE_LIMIT}, got {v}"));
             }
+        };
+        rate(
+            &mut p,
+            "api.rate_limit_per_sec",
+            self.api.rate_limit_per_sec,
+        );
+        rate(&mut p, "api.rate_limit_burst", self.api.rate_limit_burst);
+        if !HEADER_READ_TIMEOUT_RANGE_MS.contains(&self.api.header_read_timeout_ms) {
+            p.add(
+                "api.header_read_timeout_ms",
+                format!(
+                    "must be {}..={} ms, got {}",
+                    HEADER_READ_TIMEOUT_RANGE_MS.start(),
+                    HEADER_READ_TIMEOUT_RANGE_MS.end(),
+                    self.api.header_read_timeout_ms
+                ),
+            );
+        }
+        if !(1..=MAX_MAX_CONNECTIONS).contains(&self.api.max_connections) {
+            p.add(
+                "api.max_connections",
+                format!(
+                    "must be 1..={MAX_MAX_CONNECTIONS}, got {}",
+                    self.api.max_connections
+                ),
+            );
         }
         if !(MIN_MAX_BODY_BYTES..=MAX_MAX_BODY_BYTES).contains(&self.api.max_body_bytes) {
             p.add(
@@ -561,9 +825,13 @@ impl AgentConfig {
                 data_dir: self.data_dir.clone(),
                 api: ApiSettings {
                     listen,
-                    tokens: self.api.tokens.clone(),
+                    clients,
                     max_body_bytes: usize::try_from(self.api.max_body_bytes)
                         .expect("bounded by MAX_MAX_BODY_BYTES"),
+                    rate_limit_burst: self.api.rate_limit_burst,
+                    header_read_timeout: Duration::from_millis(self.api.header_read_timeout_ms),
+                    max_connections: usize::try_from(self.api.max_connections)
+                        .expect("bounded by MAX_MAX_CONNECTIONS"),
                 },
                 sync: SyncSettings {
                     central_addr: s.central_addr.clone(),
@@ -585,6 +853,107 @@ impl AgentConfig {
             }),
             _ => Err(problems),
         }
+    }
+
+    /// Checks every `[[api.tokens]]` entry, naming each problem by `api.tokens[i].key`, and returns
+    /// the clients (complete only when no problem was added). Messages never quote a token or a
+    /// hash: `check-config` output ends up in logs.
+    fn check_tokens(&self, p: &mut Problems) -> Vec<ApiClient> {
+        let tokens = &self.api.tokens;
+        if tokens.is_empty() {
+            p.add(
+                "api.tokens",
+                "at least one [[api.tokens]] client (name, role, sha256) is required",
+            );
+        } else if tokens.len() > MAX_TOKENS {
+            p.add("api.tokens", format!("at most {MAX_TOKENS} tokens"));
+        }
+        let roles = Role::ALL.map(Role::as_str).join(", ");
+        let mut clients: Vec<ApiClient> = Vec::new();
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut hashes: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+        for (i, entry) in tokens.iter().enumerate() {
+            let key = |k: &str| format!("api.tokens[{i}].{k}");
+            let t = match entry {
+                TokenEntry::Client(t) => t,
+                TokenEntry::Plain(_) => {
+                    p.add(&format!("api.tokens[{i}]"), PLAIN_TOKEN_MESSAGE);
+                    continue;
+                }
+                TokenEntry::Invalid(v) => {
+                    check_invalid_token_entry(p, i, v);
+                    continue;
+                }
+            };
+            let mut ok = true;
+            if !valid_client_name(&t.name) {
+                ok = false;
+                p.add(
+                    &key("name"),
+                    format!(
+                        "must be 1..={MAX_CLIENT_NAME_LEN} characters of A-Z a-z 0-9 . _ -, got {:?}",
+                        t.name
+                    ),
+                );
+            } else if let Some(first) = names.insert(&t.name, i) {
+                ok = false;
+                p.add(
+                    &key("name"),
+                    format!("{:?} is also the name of api.tokens[{first}]", t.name),
+                );
+            }
+            let role = Role::parse(&t.role);
+            if role.is_none() {
+                ok = false;
+                p.add(
+                    &key("role"),
+                    format!("must be one of {roles}, got {:?}", t.role),
+                );
+            }
+            let hash = parse_sha256_hex(&t.sha256);
+            match hash {
+                None => {
+                    ok = false;
+                    p.add(
+                        &key("sha256"),
+                        format!(
+                            "must be 64 lower-case hex characters (the SHA-256 of the token, from \
+                             `outpost-agent hash-token`), got {} characters",
+                            t.sha256.len()
+                        ),
+                    );
+                }
+                Some(h) => {
+                    if let Some(first) = hashes.insert(h, i) {
+                        ok = false;
+                        p.add(
+                            &key("sha256"),
+                            format!(
+                                "is the same as api.tokens[{first}].sha256: each client needs its own token"
+                            ),
+                        );
+                    }
+                }
+            }
+            if let Some(r) = t.rate_per_sec
+                && !(1..=MAX_RATE_LIMIT).contains(&r)
+            {
+                ok = false;
+                p.add(
+                    &key("rate_per_sec"),
+                    format!("must be 1..={MAX_RATE_LIMIT}, got {r}"),
+                );
+            }
+            if let (true, Some(role), Some(sha256)) = (ok, role, hash) {
+                clients.push(ApiClient {
+                    name: t.name.clone(),
+                    role,
+                    sha256,
+                    rate_per_sec: t.rate_per_sec.unwrap_or(self.api.rate_limit_per_sec),
+                });
+            }
+        }
+        clients
     }
 
     /// The CA, certificate and key must be readable PEM, and the certificate must name this site:
@@ -630,6 +999,53 @@ impl AgentConfig {
     }
 }
 
+/// Names what is wrong with an `api.tokens` entry that is neither a string nor a well-formed table:
+/// unknown keys, missing keys, values of the wrong type. Values are never quoted.
+fn check_invalid_token_entry(p: &mut Problems, i: usize, v: &serde_json::Value) {
+    let Some(table) = v.as_object() else {
+        p.add(
+            &format!("api.tokens[{i}]"),
+            "must be an [[api.tokens]] table with name, role and sha256",
+        );
+        return;
+    };
+    let mut named = false;
+    for k in table.keys() {
+        if !TOKEN_KEYS.contains(&k.as_str()) {
+            named = true;
+            p.add(&format!("api.tokens[{i}].{k}"), "unknown key");
+        }
+    }
+    for k in ["name", "role", "sha256"] {
+        match table.get(k) {
+            None => {
+                named = true;
+                p.add(&format!("api.tokens[{i}].{k}"), "is required");
+            }
+            Some(v) if !v.is_string() => {
+                named = true;
+                p.add(&format!("api.tokens[{i}].{k}"), "must be a string");
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(r) = table.get("rate_per_sec")
+        && !r.is_u64()
+    {
+        named = true;
+        p.add(
+            &format!("api.tokens[{i}].rate_per_sec"),
+            format!("must be an integer 1..={MAX_RATE_LIMIT}"),
+        );
+    }
+    if !named {
+        p.add(
+            &format!("api.tokens[{i}]"),
+            "must be an [[api.tokens]] table with name, role and sha256",
+        );
+    }
+}
+
 /// `ip:port`, `[ipv6]:port` or `host:port` with a non-zero port.
 fn valid_host_port(s: &str) -> bool {
     if s.parse::<SocketAddr>().is_ok() {
@@ -664,6 +1080,9 @@ pub(crate) mod tests {
     use super::*;
     use crate::testutil::Pki;
 
+    /// The admin token of `write_config`'s file.
+    pub(crate) const TEST_TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
     pub(crate) fn write_config(dir: &Path, pki: &Pki, site: &str, extra_sync: &str) -> PathBuf {
         let text = format!(
             r#"
@@ -672,7 +1091,11 @@ data_dir = "data/{site}"
 
 [api]
 listen = "127.0.0.1:0"
-tokens = ["0123456789abcdef0123456789abcdef"]
+
+[[api.tokens]]
+name = "test-admin"
+role = "admin"
+sha256 = "{hash}"
 
 [sync]
 central_addr = "127.0.0.1:7601"
@@ -681,7 +1104,8 @@ ca_cert = "certs/ca.pem"
 cert = "certs/{site}.pem"
 key = "certs/{site}.key"
 {extra_sync}
-"#
+"#,
+            hash = to_hex(&hash_token(TEST_TOKEN.as_bytes()))
         );
         pki.write_site_files(&dir.join("certs"), site);
         let path = dir.join(format!("{site}.toml"));
@@ -841,10 +1265,10 @@ window_events = 10
             ("OUTPOST_SYNC__CENTRAL_ADDR", "127.0.0.1:9000"),
             ("OUTPOST_SYNC__IDLE_TIMEOUT_MS", "5000"),
             ("OUTPOST_API__LISTEN", "127.0.0.1:7777"),
-            (
-                "OUTPOST_API__TOKENS",
-                "aaaaaaaaaaaaaaaaaaaa,bbbbbbbbbbbbbbbbbbbb",
-            ),
+            ("OUTPOST_API__RATE_LIMIT_PER_SEC", "5"),
+            ("OUTPOST_API__RATE_LIMIT_BURST", "7"),
+            ("OUTPOST_API__HEADER_READ_TIMEOUT_MS", "500"),
+            ("OUTPOST_API__MAX_CONNECTIONS", "8"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -853,12 +1277,229 @@ window_events = 10
         assert_eq!(s.sync.central_addr, "127.0.0.1:9000");
         assert_eq!(s.sync.idle_timeout, Duration::from_millis(5000));
         assert_eq!(s.api.listen.port(), 7777);
-        assert_eq!(s.api.tokens.len(), 2);
+        assert_eq!(s.api.clients.len(), 1);
+        assert_eq!(
+            s.api.clients[0].rate_per_sec, 5,
+            "the default follows the env"
+        );
+        assert_eq!(s.api.rate_limit_burst, 7);
+        assert_eq!(s.api.header_read_timeout, Duration::from_millis(500));
+        assert_eq!(s.api.max_connections, 8);
+
+        // Tokens are TOML-only; the old comma-separated form is refused with a reason.
+        let tokens: BTreeMap<String, String> = [(
+            "OUTPOST_API__TOKENS".to_string(),
+            "aaaaaaaaaaaaaaaaaaaa,bbbbbbbbbbbbbbbbbbbb".to_string(),
+        )]
+        .into();
+        let all = load_with_env(&path, tokens)
+            .unwrap_err()
+            .problems()
+            .join("\n");
+        assert!(
+            all.contains("api.tokens: cannot be set from the environment"),
+            "{all}"
+        );
+        assert!(
+            !all.contains("aaaaaaaaaaaaaaaaaaaa"),
+            "no token echoed: {all}"
+        );
 
         let bad: BTreeMap<String, String> =
             [("OUTPOST_SYNC__CENTRAL_ADDR".to_string(), "nope".to_string())].into();
         let all = load_with_env(&path, bad).unwrap_err().problems().join("\n");
         assert!(all.contains("sync.central_addr"), "{all}");
+    }
+
+    /// Writes `write_config`'s file with `tokens` (TOML) in place of its `[[api.tokens]]` table.
+    fn with_tokens(dir: &Path, pki: &Pki, tokens: &str) -> PathBuf {
+        let path = write_config(dir, pki, "plant-1", "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let start = text.find("[[api.tokens]]").unwrap();
+        let end = text.find("[sync]").unwrap();
+        let text = format!("{}{tokens}\n{}", &text[..start], &text[end..]);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Goal: hashed, role-scoped clients load with their names, roles, hashes and rate limits; the
+    /// API limits have their documented defaults; Debug output never shows a hash or a token.
+    #[test]
+    fn clients_load_with_roles_and_defaults_and_debug_redacts_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let h1 = to_hex(&hash_token(b"scanner-token-0123456789"));
+        let h2 = to_hex(&hash_token(b"orders-token-0123456789"));
+        let path = with_tokens(
+            dir.path(),
+            &pki,
+            &format!(
+                "[[api.tokens]]\nname = \"scanners\"\nrole = \"scanner\"\nsha256 = \"{h1}\"\nrate_per_sec = 50\n\n\
+                 [[api.tokens]]\nname = \"erp.orders_1\"\nrole = \"order-entry\"\nsha256 = \"{h2}\"\n"
+            ),
+        );
+        let s = load_with_env(&path, BTreeMap::new()).unwrap();
+        let c = &s.api.clients;
+        assert_eq!(c.len(), 2);
+        assert_eq!((c[0].name.as_str(), c[0].role), ("scanners", Role::Scanner));
+        assert_eq!(c[0].rate_per_sec, 50);
+        assert_eq!(c[0].sha256, hash_token(b"scanner-token-0123456789"));
+        assert_eq!(
+            (c[1].name.as_str(), c[1].role),
+            ("erp.orders_1", Role::OrderEntry)
+        );
+        assert_eq!(c[1].rate_per_sec, DEFAULT_RATE_LIMIT_PER_SEC);
+        assert_eq!(s.api.rate_limit_burst, 2_000);
+        assert_eq!(s.api.header_read_timeout, Duration::from_millis(5_000));
+        assert_eq!(s.api.max_connections, 1_024);
+        let dbg = format!("{s:?}");
+        assert!(
+            dbg.contains("scanners") && dbg.contains("OrderEntry"),
+            "{dbg}"
+        );
+        assert!(!dbg.contains(&h1) && !dbg.contains(&h2), "{dbg}");
+        let raw: AgentConfig = toml_like(
+            &std::fs::read_to_string(&path).unwrap(),
+            &dir.path().join("x.toml"),
+        );
+        let dbg = format!("{raw:?}");
+        assert!(dbg.contains("scanners") && !dbg.contains(&h1), "{dbg}");
+    }
+
+    /// Parses a config file's text as `AgentConfig` (no validation), through the same reader.
+    fn toml_like(text: &str, path: &Path) -> AgentConfig {
+        std::fs::write(path, text).unwrap();
+        config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap()
+    }
+
+    /// Goal: the old `tokens = ["plain"]` form is refused, telling the operator to hash tokens with
+    /// `outpost-agent hash-token`, without echoing the token.
+    #[test]
+    fn plain_text_tokens_are_refused_with_a_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        // The old form sits in `[api]` itself, in place of the tables.
+        let path = with_tokens(dir.path(), &pki, "");
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntokens = [\"0123456789abcdef0123456789abcdef\"]",
+        );
+        std::fs::write(&path, text).unwrap();
+        let all = load_with_env(&path, BTreeMap::new())
+            .unwrap_err()
+            .problems()
+            .join("\n");
+        assert!(
+            all.contains("api.tokens[0]: plain-text tokens are no longer accepted"),
+            "{all}"
+        );
+        assert!(all.contains("outpost-agent hash-token"), "{all}");
+        assert!(!all.contains("0123456789abcdef0123456789abcdef"), "{all}");
+        // A bare string (not even a list) is the same mistake, reported the same way.
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "tokens = [\"0123456789abcdef0123456789abcdef\"]",
+            "tokens = \"0123456789abcdef0123456789abcdef\"",
+        );
+        std::fs::write(&path, text).unwrap();
+        let all = load_with_env(&path, BTreeMap::new())
+            .unwrap_err()
+            .problems()
+            .join("\n");
+        assert!(
+            all.contains("api.tokens[0]: plain-text tokens are no longer accepted"),
+            "{all}"
+        );
+        assert!(!all.contains("0123456789abcdef0123456789abcdef"), "{all}");
+    }
+
+    /// Goal: every problem of every client entry is reported at once by its key, and no hash or
+    /// token is quoted. Method: one file with a bad name, a duplicate name, an unknown role, a
+    /// short hash, a duplicate hash, a zero rate, an unknown key and a missing key.
+    #[test]
+    fn every_token_problem_is_listed_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let h = to_hex(&hash_token(b"some-token-0123456789"));
+        let upper = h.to_uppercase();
+        let path = with_tokens(
+            dir.path(),
+            &pki,
+            &format!(
+                "[[api.tokens]]\nname = \"bad name!\"\nrole = \"reader\"\nsha256 = \"{h}\"\n\
+                 [[api.tokens]]\nname = \"a\"\nrole = \"superuser\"\nsha256 = \"{upper}\"\n\
+                 [[api.tokens]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{h}\"\nrate_per_sec = 0\n\
+                 [[api.tokens]]\nname = \"b\"\nrole = \"admin\"\ntoken = \"x\"\n"
+            ),
+        );
+        let env: BTreeMap<String, String> = [
+            ("OUTPOST_API__RATE_LIMIT_BURST", "0"),
+            ("OUTPOST_API__HEADER_READ_TIMEOUT_MS", "10"),
+            ("OUTPOST_API__MAX_CONNECTIONS", "0"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let all = load_with_env(&path, env).unwrap_err().problems().join("\n");
+        for key in [
+            "api.tokens[0].name: must be 1..=64 characters",
+            "api.tokens[1].role: must be one of reader, scanner, order-entry, admin",
+            "api.tokens[1].sha256: must be 64 lower-case hex characters",
+            "api.tokens[2].name: \"a\" is also the name of api.tokens[1]",
+            "api.tokens[2].sha256: is the same as api.tokens[0].sha256",
+            "api.tokens[2].rate_per_sec: must be 1..=",
+            "api.tokens[3].token: unknown key",
+            "api.tokens[3].sha256: is required",
+            "api.rate_limit_burst: must be 1..=",
+            "api.header_read_timeout_ms: must be 100..=60000 ms",
+            "api.max_connections: must be 1..=",
+        ] {
+            assert!(all.contains(key), "{key} missing from:\n{all}");
+        }
+        assert!(
+            !all.contains(&h) && !all.contains(&upper),
+            "no hash quoted: {all}"
+        );
+    }
+
+    /// Goal: the hashing helpers agree with the SHA-256 test vector and round-trip through hex.
+    #[test]
+    fn token_hashing_and_hex() {
+        assert_eq!(
+            to_hex(&hash_token(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let h = hash_token(b"0123456789abcdef");
+        assert_eq!(parse_sha256_hex(&to_hex(&h)), Some(h));
+        assert_eq!(parse_sha256_hex(&to_hex(&h).to_uppercase()), None);
+        assert_eq!(parse_sha256_hex("ab"), None);
+        assert!(check_token("0123456789abcdef").is_ok());
+        assert!(check_token("short").is_err());
+        assert!(check_token("0123456789abcdef 0123").is_err());
+        let t = generate_token();
+        assert_eq!(t.len(), 64);
+        assert!(check_token(&t).is_ok());
+        assert_ne!(t, generate_token());
+        for (role, needed, ok) in [
+            (Role::Reader, Role::Reader, true),
+            (Role::Reader, Role::Scanner, false),
+            (Role::Scanner, Role::Scanner, true),
+            (Role::Scanner, Role::OrderEntry, false),
+            (Role::OrderEntry, Role::OrderEntry, true),
+            (Role::OrderEntry, Role::Scanner, false),
+            (Role::OrderEntry, Role::Admin, false),
+            (Role::Admin, Role::Scanner, true),
+            (Role::Admin, Role::Admin, true),
+        ] {
+            assert_eq!(role.allows(needed), ok, "{role} for {needed}");
+        }
+        for r in Role::ALL {
+            assert_eq!(Role::parse(r.as_str()), Some(r));
+        }
     }
 
     #[test]

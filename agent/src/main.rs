@@ -1,7 +1,7 @@
-//! `outpost-agent`: the site agent's command line (run, check-config). Thin: parses flags, sets up
-//! tracing and calls into the library.
+//! `outpost-agent`: the site agent's command line (run, check-config, hash-token). Thin: parses
+//! flags, sets up tracing and calls into the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,6 +31,77 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print the SHA-256 of a bearer token read from standard input (for `[[api.tokens]] sha256`),
+    /// or with --generate make a new random token and print it with a ready `[[api.tokens]]` table.
+    HashToken {
+        /// Make a new random 32-byte token instead of reading one.
+        #[arg(long)]
+        generate: bool,
+        /// Client name for the printed table (with --generate).
+        #[arg(long, default_value = "client", requires = "generate")]
+        name: String,
+        /// Role for the printed table (with --generate): reader, scanner, order-entry or admin.
+        #[arg(long, default_value = "reader", requires = "generate")]
+        role: String,
+    },
+}
+
+/// Most bytes read from standard input by `hash-token`: a token is at most `MAX_TOKEN_LEN`;
+/// leave room for surrounding whitespace, refuse the rest.
+const MAX_STDIN_BYTES: u64 = 4096;
+
+fn hash_token(generate: bool, name: &str, role: &str) -> ExitCode {
+    use outpost_agent::config::{self, Role};
+    if generate {
+        if !config::valid_client_name(name) {
+            eprintln!(
+                "--name must be 1..={} characters of A-Z a-z 0-9 . _ -",
+                config::MAX_CLIENT_NAME_LEN
+            );
+            return ExitCode::FAILURE;
+        }
+        let Some(role) = Role::parse(role) else {
+            let roles = Role::ALL.map(Role::as_str).join(", ");
+            eprintln!("--role must be one of {roles}");
+            return ExitCode::FAILURE;
+        };
+        let token = config::generate_token();
+        let hash = config::to_hex(&config::hash_token(token.as_bytes()));
+        println!("token: {token}");
+        println!();
+        println!("# Give the token to the client; put only this table in the agent's config.");
+        println!("[[api.tokens]]");
+        println!("name = \"{name}\"");
+        println!("role = \"{role}\"");
+        println!("sha256 = \"{hash}\"");
+        return ExitCode::SUCCESS;
+    }
+    if std::io::stdin().is_terminal() {
+        eprintln!("reading the token from standard input; end it with Enter and Ctrl-D");
+    }
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin()
+        .take(MAX_STDIN_BYTES + 1)
+        .read_to_end(&mut input)
+    {
+        eprintln!("cannot read the token from standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    if input.len() as u64 > MAX_STDIN_BYTES {
+        eprintln!("standard input is longer than {MAX_STDIN_BYTES} bytes: not a token");
+        return ExitCode::FAILURE;
+    }
+    let Ok(text) = std::str::from_utf8(&input) else {
+        eprintln!("the token must be visible ASCII characters");
+        return ExitCode::FAILURE;
+    };
+    let token = text.trim();
+    if let Err(e) = config::check_token(token) {
+        eprintln!("{e}");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", config::to_hex(&config::hash_token(token.as_bytes())));
+    ExitCode::SUCCESS
 }
 
 fn init_tracing(json: bool) {
@@ -50,6 +121,11 @@ fn init_tracing(json: bool) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::HashToken {
+            generate,
+            name,
+            role,
+        } => hash_token(generate, &name, &role),
         Command::CheckConfig { config } => match outpost_agent::config::load(&config) {
             Ok(_) => {
                 println!("config OK");

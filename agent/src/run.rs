@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::api::{self, ApiState};
+use crate::api::{self, ApiState, Boundary, Clients, ServeLimits};
 use crate::config::Settings;
 use crate::store::{OpenStoreError, Store};
 use crate::sync::{LinkState, SyncClient};
@@ -96,35 +96,56 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         addr: settings.api.listen,
         source,
     })?;
-    let app = api::router(ApiState {
-        store: store.clone(),
-        site: settings.site_id.clone(),
-        tokens: Arc::new(settings.api.tokens.clone()),
-        link,
-        topup: Some(topup),
-        max_body_bytes: settings.api.max_body_bytes,
-    });
+    let boundary = Boundary::new(Clients::new(
+        settings.api.clients.clone(),
+        settings.api.rate_limit_burst,
+    ));
+    let counters = boundary.counters.clone();
+    let app = api::router_with(
+        ApiState {
+            store: store.clone(),
+            site: settings.site_id.clone(),
+            link,
+            topup: Some(topup),
+            max_body_bytes: settings.api.max_body_bytes,
+        },
+        boundary,
+    );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut http_shutdown = shutdown_rx.clone();
-    let mut server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.wait_for(|s| *s).await;
-            })
-            .into_future(),
-    );
+    let limits = ServeLimits {
+        header_read_timeout: settings.api.header_read_timeout,
+        max_connections: settings.api.max_connections,
+    };
+    let mut server = tokio::spawn(api::serve(
+        listener,
+        app,
+        limits,
+        counters,
+        shutdown_rx.clone(),
+    ));
     let mut sync_task = tokio::spawn(sync.run(shutdown_rx));
 
     write_ready(&ready_path, api_addr).map_err(|source| RunError::Ready {
         path: ready_path.clone(),
         source,
     })?;
+    // Clients by name and role only: tokens and their hashes never reach the log.
+    let clients = settings
+        .api
+        .clients
+        .iter()
+        .map(|c| format!("{} ({})", c.name, c.role))
+        .collect::<Vec<_>>()
+        .join(", ");
     tracing::info!(
         site.id = %settings.site_id,
         api = %api_addr,
         central = %settings.sync.central_addr,
         store = %settings.store_path().display(),
+        %clients,
+        max_connections = settings.api.max_connections,
+        header_read_timeout_ms = settings.api.header_read_timeout.as_millis() as u64,
         "listening"
     );
 

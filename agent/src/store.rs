@@ -344,6 +344,35 @@ impl Store {
         Self::open_with(site, Box::new(move || open_db(&path)))
     }
 
+    /// Opens the store on a custom redb storage backend (simulated disks that lose unsynced
+    /// writes, in tests). `make` is called again whenever the writer reopens the database;
+    /// `name` only names the store in errors.
+    pub fn open_on_backend<B, F>(
+        site: &str,
+        name: &Path,
+        make: F,
+    ) -> Result<(Store, StoreWriter), OpenStoreError>
+    where
+        B: redb::StorageBackend,
+        F: Fn() -> std::io::Result<B> + Send + Sync + 'static,
+    {
+        let name = name.to_path_buf();
+        Self::open_with(
+            site,
+            Box::new(move || {
+                let open_err = |source: redb::Error| OpenStoreError::Open {
+                    path: name.clone(),
+                    source,
+                };
+                let backend = make().map_err(|e| open_err(redb::StorageError::from(e).into()))?;
+                let db = Database::builder()
+                    .create_with_backend(backend)
+                    .map_err(|e| open_err(e.into()))?;
+                prepare_db(db, &name)
+            }),
+        )
+    }
+
     /// `open` with a custom opener (tests inject storage faults through it).
     fn open_with(site: &str, opener: Opener) -> Result<(Store, StoreWriter), OpenStoreError> {
         let db = opener()?;

@@ -693,7 +693,7 @@ fn log_failure(e: &SyncError, welcomed: bool, failures: u32) {
         e,
         SyncError::Diverged(_)
             | SyncError::Refused(Refuse {
-                code: RefuseCode::IncompatibleVersion | RefuseCode::WrongSite,
+                code: RefuseCode::IncompatibleVersion | RefuseCode::WrongSite | RefuseCode::Revoked,
                 ..
             })
     );
@@ -1064,14 +1064,16 @@ mod tests {
             let (stop, stop_rx) = watch::channel(false);
             let task = tokio::spawn(client.run(stop_rx));
             let topup = TopUp::new(ask_tx, deadline, store.master_rev_watch(), link.clone());
-            let app = crate::api::router(crate::api::ApiState {
-                store: store.clone(),
-                site: "plant-1".into(),
-                tokens: Arc::new(vec![TOKEN.to_string()]),
-                link: link.clone(),
-                topup: Some(topup),
-                max_body_bytes: 65536,
-            });
+            let app = crate::api::router_with(
+                crate::api::ApiState {
+                    store: store.clone(),
+                    site: "plant-1".into(),
+                    link: link.clone(),
+                    topup: Some(topup),
+                    max_body_bytes: 65536,
+                },
+                crate::api::Boundary::admin_tokens(&[TOKEN]),
+            );
             eventually("connected", || link.is_connected()).await;
             assert_eq!(link.stale_secs(now_ms()), Some(0));
             TopUpRig {

@@ -52,7 +52,11 @@ data_dir = "data/plant-1"
 
 [api]
 listen = "127.0.0.1:0"
-tokens = ["{TOKEN}"]
+
+[[api.tokens]]
+name = "floor-admin"
+role = "admin"
+sha256 = "{hash}"
 
 [sync]
 central_addr = "{central_addr}"
@@ -62,7 +66,9 @@ cert = "certs/plant-1.pem"
 key = "certs/plant-1.key"
 connect_timeout_ms = 500
 backoff_max_ms = 200
-"#
+"#,
+            hash =
+                outpost_agent::config::to_hex(&outpost_agent::config::hash_token(TOKEN.as_bytes()))
         ),
     )
     .unwrap();
@@ -229,4 +235,82 @@ fn runs_without_central_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "exit {status}; log:\n{log}");
     assert!(!ready.exists(), "ready file removed on clean shutdown");
     assert!(log.contains("listening"), "{log}");
+    assert!(
+        log.contains("floor-admin (admin)"),
+        "clients by name and role: {log}"
+    );
+    let hash = outpost_agent::config::to_hex(&outpost_agent::config::hash_token(TOKEN.as_bytes()));
+    assert!(
+        !log.contains(TOKEN) && !log.contains(&hash),
+        "no secret in the log: {log}"
+    );
+}
+
+/// Runs `outpost-agent hash-token ARGS` with `stdin` as standard input.
+fn hash_token_cli(args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = Command::new(bin())
+        .arg("hash-token")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Goal: `hash-token` prints the SHA-256 of the trimmed token from stdin, refuses a short one,
+/// and `--generate` prints a new token with a `[[api.tokens]]` table that the config accepts
+/// and that holds the token's hash, not the token.
+#[test]
+fn hash_token_hashes_stdin_and_generates_loadable_tables() {
+    let out = hash_token_cli(&[], "abcdefghijklmnopqrstuvwxyz\n");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "71c480df93d6ae2f1efad1447c66c9525e316218cf51fc8d9ed832f2daf18b73"
+    );
+    let out = hash_token_cli(&[], "  too-short \n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("16..=256"),
+        "{out:?}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = hash_token_cli(
+        &["--generate", "--name", "scanners", "--role", "scanner"],
+        "",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let token = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .expect("token line")
+        .to_string();
+    assert_eq!(token.len(), 64);
+    let table = &text[text.find("[[api.tokens]]").expect("table")..];
+    assert!(!table.contains(&token), "the table holds the hash only");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "127.0.0.1:7601");
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let at = base.find("[sync]").unwrap();
+    std::fs::write(&cfg, format!("{}{table}\n{}", &base[..at], &base[at..])).unwrap();
+    let check = Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    let out = hash_token_cli(&[], &token);
+    assert!(table.contains(String::from_utf8_lossy(&out.stdout).trim()));
+    let out = hash_token_cli(&["--generate", "--role", "root"], "");
+    assert_eq!(out.status.code(), Some(1));
 }

@@ -8,6 +8,8 @@
 mod lifecycle_tests;
 mod ops;
 mod orders;
+#[cfg(test)]
+mod roles_tests;
 pub mod views;
 
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use serde_json::{Map, Value, json};
 pub use orders::{IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_LEN};
 pub use views::event_json;
 
+use crate::config::{ApiClient, Role};
 use crate::registry::Registry;
 use crate::store::{ReadError, Store, StoreUnavailable, UpsertMasterError};
 
@@ -48,7 +51,80 @@ pub const MAX_REPORTED_PROBLEMS: usize = 20;
 pub struct ApiState {
     pub store: Store,
     pub registry: Arc<Registry>,
-    pub token: Arc<str>,
+    pub clients: Arc<Clients>,
+}
+
+/// Who made a request: the client's configured name and role (never its token). The
+/// authentication layer puts it in the request's extensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub name: Arc<str>,
+    pub role: Role,
+}
+
+/// The API's clients as the authentication layer uses them: name, role and token hash.
+pub struct Clients(Vec<(Caller, [u8; 32])>);
+
+impl std::fmt::Debug for Clients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(c, _)| c))
+            .finish()
+    }
+}
+
+impl Clients {
+    /// From the validated `[[api.tokens]]`; clients whose hash does not parse are left out
+    /// (`validate` refuses such a config).
+    pub fn from_config(clients: &[ApiClient]) -> Clients {
+        Clients(
+            clients
+                .iter()
+                .filter_map(|c| {
+                    let caller = Caller {
+                        name: Arc::from(c.name.as_str()),
+                        role: c.role,
+                    };
+                    c.hash_bytes().map(|h| (caller, h))
+                })
+                .collect(),
+        )
+    }
+
+    /// Clients given by plain tokens (tests and tools that generate their own).
+    pub fn from_tokens<'a>(tokens: impl IntoIterator<Item = (&'a str, Role, &'a str)>) -> Clients {
+        Clients(
+            tokens
+                .into_iter()
+                .map(|(name, role, token)| {
+                    let hash = crate::config::parse_sha256_hex(&crate::config::sha256_hex(token))
+                        .expect("sha256_hex gives 64 lower-case hex digits");
+                    (
+                        Caller {
+                            name: Arc::from(name),
+                            role,
+                        },
+                        hash,
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// The client whose token hashes to the presented token's hash. Every client's hash is
+    /// compared, in time independent of where hashes differ, so timing tells nothing about
+    /// which client, if any, nearly matched.
+    pub fn authenticate(&self, presented: &str) -> Option<&Caller> {
+        use sha2::Digest;
+        let hash: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        for (caller, expected) in &self.0 {
+            if constant_time_eq(&hash, expected) && found.is_none() {
+                found = Some(caller);
+            }
+        }
+        found
+    }
 }
 
 /// An API error: status, stable machine-readable code and a human sentence, and optionally more
@@ -86,6 +162,19 @@ impl ApiError {
             "unauthorized",
             "missing or invalid bearer token",
         )
+    }
+    fn forbidden(caller: &Caller, needed: Role) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this route needs the {} role; client {:?} has the {} role",
+                needed.as_str(),
+                &*caller.name,
+                caller.role.as_str()
+            ),
+        )
+        .with(json!({"needed_role": needed.as_str()}))
     }
     fn validation(message: impl Into<String>) -> Self {
         Self::new(
@@ -179,17 +268,36 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Checks the bearer token before anything else runs, so that an unauthenticated body is never
-/// read.
-async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+/// read, and records who is calling (`Caller`) for the role checks and the handlers.
+async fn require_token(State(st): State<ApiState>, mut req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), st.token.as_bytes()) => next.run(req).await,
-        _ => ApiError::unauthorized().into_response(),
+    let caller = presented.and_then(|t| st.clients.authenticate(t)).cloned();
+    match caller {
+        Some(c) => {
+            tracing::debug!(client = %c.name, role = c.role.as_str(), method = %req.method(), path = %req.uri().path(), "request");
+            req.extensions_mut().insert(c);
+            next.run(req).await
+        }
+        None => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// Refuses (403, before the body is read) callers whose role does not allow admin routes. Runs
+/// as a route layer, so only on matched admin routes and after `require_token`.
+async fn require_admin(req: Request, next: Next) -> Response {
+    match req.extensions().get::<Caller>() {
+        Some(c) if c.role.allows(Role::Admin) => next.run(req).await,
+        Some(c) => {
+            tracing::info!(client = %c.name, role = c.role.as_str(), method = %req.method(), path = %req.uri().path(), "forbidden: the route needs the admin role");
+            ApiError::forbidden(c, Role::Admin).into_response()
+        }
+        // require_token runs first on every route; without a caller nothing is allowed.
+        None => ApiError::unauthorized().into_response(),
     }
 }
 
@@ -209,6 +317,7 @@ async fn json_errors(req: Request, next: Next) -> Response {
             StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
             StatusCode::REQUEST_TIMEOUT => "timeout",
             StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
             s if s.is_server_error() => "internal",
             _ => "bad_request",
         };
@@ -239,8 +348,20 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// The API router with its layers: JSON errors outermost, then the request timeout, then
-/// authentication, then the body limit that the extractors enforce.
+/// authentication, then the body limit that the extractors enforce. Routes are split by the role
+/// they need: the ERP's (which admin may use too) and admin's only, whose role check runs before
+/// any body is read.
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    let admin_only = Router::new()
+        .route("/v1/exceptions/{id}/resolve", post(ops::resolve_exception))
+        .route("/v1/exceptions/{id}/replay", post(ops::replay_exception))
+        .route("/v1/dead-letters", get(ops::list_dead_letters))
+        .route("/v1/ledger", get(ops::get_ledger))
+        .route(
+            "/v1/sites/{site}/revoke",
+            post(ops::revoke_site).delete(ops::reinstate_site),
+        )
+        .route_layer(middleware::from_fn(require_admin));
     Router::new()
         .route("/v1/master/prices", put(put_prices))
         .route("/v1/master/atp", put(put_atp))
@@ -254,14 +375,11 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/orders/{order_id}/status", post(orders::post_status))
         .route("/v1/exceptions", get(ops::list_exceptions))
         .route("/v1/exceptions/{id}", get(ops::get_exception))
-        .route("/v1/exceptions/{id}/resolve", post(ops::resolve_exception))
-        .route("/v1/exceptions/{id}/replay", post(ops::replay_exception))
-        .route("/v1/dead-letters", get(ops::list_dead_letters))
         .route(
             "/v1/sites/{site}/reconciliations",
             get(ops::list_reconciliations),
         )
-        .route("/v1/ledger", get(ops::get_ledger))
+        .merge(admin_only)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -452,33 +570,54 @@ fn rfc3339(t: SystemTime) -> String {
     rfc3339_ms(ms)
 }
 
+/// One row of `GET /v1/sites` while it is being assembled.
+#[derive(Default)]
+struct SiteRow {
+    connected: bool,
+    seen: Option<SystemTime>,
+    hwm: u64,
+    clock_offset_ms: Option<i64>,
+    revoked: Option<crate::store::RevokedSite>,
+}
+
 async fn get_sites(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let stored = st.store.sites()?;
+    let revoked = st.store.revoked_sites()?;
     let live = st.registry.snapshot();
-    let mut rows = std::collections::BTreeMap::<String, (bool, Option<SystemTime>, u64)>::new();
+    let mut rows = std::collections::BTreeMap::<String, SiteRow>::new();
     for s in stored {
         let seen = s
             .record
             .map(|r| UNIX_EPOCH + Duration::from_millis(r.last_seen_ms.max(0) as u64));
-        rows.insert(s.site, (false, seen, s.hwm));
+        let row = rows.entry(s.site).or_default();
+        row.seen = seen;
+        row.hwm = s.hwm;
+    }
+    for (site, r) in revoked {
+        rows.entry(site).or_default().revoked = Some(r);
     }
     let now = SystemTime::now();
     for (site, l) in live {
-        let row = rows.entry(site).or_insert((false, None, 0));
-        row.0 = l.connected;
+        let row = rows.entry(site).or_default();
+        row.connected = l.connected;
+        row.clock_offset_ms = l.clock_offset_ms;
         // A connected site is being heard from now (QUIC keep-alives prove it); otherwise the
         // later of the durable and the in-memory last contact.
         let seen = if l.connected { Some(now) } else { l.last_seen };
-        row.1 = row.1.max(seen);
+        row.seen = row.seen.max(seen);
     }
     let out: Vec<Value> = rows
         .into_iter()
-        .map(|(site, (connected, seen, hwm))| {
+        .map(|(site, r)| {
             json!({
                 "site": site,
-                "connected": connected,
-                "last_seen": seen.map(rfc3339),
-                "acked_seq": hwm,
+                "connected": r.connected,
+                "last_seen": r.seen.map(rfc3339),
+                "acked_seq": r.hwm,
+                "clock_offset_ms": r.clock_offset_ms,
+                "revoked": r.revoked.is_some(),
+                "revoked_reason": r.revoked.as_ref().map(|x| x.reason.clone()),
+                "revoked_at": r.revoked.as_ref().map(|x| rfc3339_ms(x.at_ms)),
             })
         })
         .collect();
@@ -514,7 +653,11 @@ mod tests {
         let state = ApiState {
             store: store.clone(),
             registry: Arc::new(Registry::new()),
-            token: Arc::from(TOKEN),
+            clients: Arc::new(super::Clients::from_tokens([(
+                "admin",
+                crate::config::Role::Admin,
+                TOKEN,
+            )])),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -1,6 +1,7 @@
 //! Operator CLI client of central's HTTP API (`outpost-central exceptions ...`,
-//! `outpost-central reconciliations SITE`): finds central (flags or the dev fleet's files),
-//! calls the API and renders answers as tables. I/O shell (files, HTTP).
+//! `outpost-central reconciliations SITE`, `outpost-central sites ...`): finds central (flags or
+//! the dev fleet's files), calls the API and renders answers as tables; and `hash-token`, which
+//! turns a bearer token into the SHA-256 that `[[api.tokens]]` holds. I/O shell (files, HTTP).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -112,14 +113,28 @@ fn from_fleet(path: &Path) -> Result<(String, String), CliError> {
 /// Calls central: `GET` when `body` is `None`, else `POST` with the JSON body. A non-2xx answer
 /// becomes `CliError::Api` with central's error code and message.
 pub async fn call(remote: &Remote, path: &str, body: Option<Value>) -> Result<Value, CliError> {
+    let method = match body {
+        None => reqwest::Method::GET,
+        Some(_) => reqwest::Method::POST,
+    };
+    call_method(remote, method, path, body).await
+}
+
+/// Calls central with `method` and an optional JSON body; errors as for `call`.
+pub async fn call_method(
+    remote: &Remote,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, CliError> {
     let client = reqwest::Client::builder()
         .timeout(CLI_REQUEST_TIMEOUT)
         .build()?;
     let url = format!("{}{path}", remote.api);
-    let req = match body {
-        None => client.get(url),
-        Some(b) => client.post(url).json(&b),
-    };
+    let mut req = client.request(method, url);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
     let resp = req.bearer_auth(&remote.token).send().await?;
     let status = resp.status();
     let text = resp.text().await?;
@@ -203,6 +218,83 @@ pub fn exceptions_table(list: &Value) -> String {
     table(
         &["ID", "SITE", "SEQ", "ORDER", "REASONS", "STATUS", "CREATED"],
         &rows,
+    )
+}
+
+/// The fleet view (`GET /v1/sites`) as a table.
+pub fn sites_table(list: &Value) -> String {
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            vec![
+                text(&s["site"]),
+                text(&s["connected"]),
+                text(&s["last_seen"]),
+                text(&s["acked_seq"]),
+                text(&s["clock_offset_ms"]),
+                if s["revoked"] == Value::Bool(true) {
+                    format!(
+                        "since {} ({})",
+                        text(&s["revoked_at"]),
+                        text(&s["revoked_reason"])
+                    )
+                } else {
+                    "no".into()
+                },
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "no sites\n".into();
+    }
+    table(
+        &[
+            "SITE",
+            "CONNECTED",
+            "LAST_SEEN",
+            "ACKED_SEQ",
+            "CLOCK_OFFSET_MS",
+            "REVOKED",
+        ],
+        &rows,
+    )
+}
+
+/// Reads a bearer token from `input` for `hash-token`: the first line, without its line end.
+/// Refuses tokens central would not accept as a shared secret.
+pub fn read_token(mut input: impl std::io::Read) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut buf = String::new();
+    input
+        .by_ref()
+        .take(crate::config::MAX_TOKEN_LEN as u64 + 2)
+        .read_to_string(&mut buf)
+        .map_err(|e| format!("cannot read the token from stdin: {e}"))?;
+    let token = buf.lines().next().unwrap_or("");
+    let min = crate::config::MIN_TOKEN_LEN;
+    let max = crate::config::MAX_TOKEN_LEN;
+    if !(min..=max).contains(&token.len()) {
+        return Err(format!(
+            "the token must be {min}..={max} characters, got {}",
+            token.len()
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token must be printable ASCII without spaces".into());
+    }
+    Ok(token.to_string())
+}
+
+/// The `[[api.tokens]]` entry for a client.
+pub fn client_toml(name: &str, role: crate::config::Role, token: &str) -> String {
+    format!(
+        "[[api.tokens]]\nname = {}\nrole = \"{}\"\nsha256 = \"{}\"\n",
+        toml::Value::String(name.to_string()),
+        role.as_str(),
+        crate::config::sha256_hex(token)
     )
 }
 
@@ -313,5 +405,38 @@ mod tests {
         assert_eq!(exceptions_table(&json!([])), "no exceptions\n");
         let r = reconciliations_table(&json!([{"session": 2, "dark_since": null}]));
         assert!(r.lines().nth(1).unwrap().starts_with("2 "), "{r}");
+        let t = sites_table(&json!([
+            {"site": "plant-1", "connected": false, "last_seen": null, "acked_seq": 3,
+             "clock_offset_ms": null, "revoked": true, "revoked_reason": "stolen",
+             "revoked_at": "2026-01-01T00:00:00.000Z"},
+            {"site": "plant-2", "connected": true, "last_seen": null, "acked_seq": 0,
+             "clock_offset_ms": -12, "revoked": false}
+        ]));
+        assert!(t.lines().nth(1).unwrap().contains("stolen"), "{t}");
+        assert!(t.lines().nth(2).unwrap().contains("-12"), "{t}");
+        assert_eq!(sites_table(&json!([])), "no sites\n");
+    }
+
+    #[test]
+    fn hash_token_reads_one_line_and_refuses_weak_tokens() {
+        assert_eq!(
+            read_token("0123456789abcdef\n".as_bytes()).unwrap(),
+            "0123456789abcdef"
+        );
+        assert_eq!(
+            read_token("0123456789abcdef\r\n".as_bytes()).unwrap(),
+            "0123456789abcdef"
+        );
+        assert!(read_token("short\n".as_bytes()).is_err());
+        assert!(read_token("has a space in it ok\n".as_bytes()).is_err());
+        assert!(read_token("x".repeat(1000).as_bytes()).is_err());
+        let snippet = client_toml("erp", crate::config::Role::Erp, "test");
+        assert!(snippet.contains("role = \"erp\""), "{snippet}");
+        assert!(
+            snippet.contains("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"),
+            "{snippet}"
+        );
+        let parsed: toml::Table = snippet.parse().unwrap();
+        assert_eq!(parsed["api"]["tokens"][0]["name"].as_str(), Some("erp"));
     }
 }

@@ -20,10 +20,55 @@ pub const DEFAULT_KEEP_ALIVE_MS: u64 = 1_000;
 pub const MIN_IDLE_TIMEOUT_MS: u64 = 100;
 /// Longest idle timeout: a dead peer must not hold a session slot for longer.
 pub const MAX_IDLE_TIMEOUT_MS: u64 = 600_000;
-/// Shortest accepted bearer token: 16 characters is 64 bits of hex, the floor for a shared secret.
+/// Shortest accepted bearer token: 16 characters is 64 bits of hex, the floor for a shared secret
+/// (`hash-token` refuses shorter ones).
 pub const MIN_TOKEN_LEN: usize = 16;
 /// Longest accepted bearer token: keeps the header small and the comparison cheap.
 pub const MAX_TOKEN_LEN: usize = 256;
+/// Longest API client name: it appears in every request's log line.
+pub const MAX_CLIENT_NAME_LEN: usize = 64;
+/// Most API clients: each request hashes once and compares against every client.
+pub const MAX_API_CLIENTS: usize = 256;
+/// Default and bounds of `quic.max_connections`: a few hundred sites per central, with room for
+/// reconnect overlap; each connection may hold up to its receive window in memory.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const MAX_MAX_CONNECTIONS: usize = 65_536;
+/// Default of `quic.max_incoming`: handshakes quinn queues before central accepts or refuses
+/// them; a flood of Initials is cut here.
+pub const DEFAULT_MAX_INCOMING: usize = 256;
+pub const MAX_MAX_INCOMING: usize = 65_536;
+/// Default of `quic.incoming_buffer_bytes`: handshake data buffered per not-yet-accepted
+/// connection (a few Initial packets).
+pub const DEFAULT_INCOMING_BUFFER_BYTES: u64 = 64 * 1024;
+/// Smallest per-connection incoming buffer: one full-size Initial datagram.
+pub const MIN_INCOMING_BUFFER_BYTES: u64 = 1_200;
+/// Default of `quic.incoming_buffer_total_bytes`: handshake data buffered for all
+/// not-yet-accepted connections together.
+pub const DEFAULT_INCOMING_BUFFER_TOTAL_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest incoming buffers (per connection, in total): beyond this a flood pins real memory.
+pub const MAX_INCOMING_BUFFER_BYTES: u64 = 16 * 1024 * 1024;
+pub const MAX_INCOMING_BUFFER_TOTAL_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default of `quic.max_bidi_streams`: the sync protocol uses one bidirectional stream per
+/// connection (a reconnect is a new connection).
+pub const DEFAULT_MAX_BIDI_STREAMS: u32 = 1;
+pub const MAX_MAX_BIDI_STREAMS: u32 = 16;
+/// Default of `quic.stream_receive_window_bytes`: two full frames (`MAX_FRAME_BYTES`) in flight.
+pub const DEFAULT_STREAM_RECEIVE_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
+/// Default of `quic.receive_window_bytes` (all streams of a connection together).
+pub const DEFAULT_RECEIVE_WINDOW_BYTES: u64 = 16 * 1024 * 1024;
+/// Bounds of the receive windows: below 64 KiB uploads crawl; above 256 MiB one connection
+/// could pin a large share of memory.
+pub const MIN_RECEIVE_WINDOW_BYTES: u64 = 64 * 1024;
+pub const MAX_RECEIVE_WINDOW_BYTES: u64 = 256 * 1024 * 1024;
+/// Default of `quic.max_handshakes_per_ip`: handshakes in flight from one source address; a
+/// site needs one, a NAT with many sites a few.
+pub const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 16;
+/// Default of `quic.memory_limit_mib`: above this resident size central refuses new
+/// connections (live sessions continue) until it is back under.
+pub const DEFAULT_MEMORY_LIMIT_MIB: u64 = 256;
+/// Bounds of `quic.memory_limit_mib`: central itself needs some tens of MiB.
+pub const MIN_MEMORY_LIMIT_MIB: u64 = 32;
+pub const MAX_MEMORY_LIMIT_MIB: u64 = 1024 * 1024;
 /// Prefix of environment variables that override config keys (`OUTPOST_API__LISTEN`).
 pub const ENV_PREFIX: &str = "OUTPOST";
 /// Separator of nested keys in environment variable names.
@@ -94,10 +139,124 @@ impl AllowanceConfig {
 pub struct ApiConfig {
     /// `host:port`; port 0 picks an ephemeral port (reported in the ready file).
     pub listen: String,
-    /// Bearer token of the ERP / operators.
-    pub token: String,
+    /// The API's clients (`[[api.tokens]]`): each a name, a role and the SHA-256 of its bearer
+    /// token. Central never stores a token itself.
+    #[serde(default)]
+    pub tokens: Vec<ApiClient>,
+    /// The removed single plain-text token. Still parsed so that an old config is refused with
+    /// a message saying what to do instead of "unknown field"; never used.
+    #[serde(default, skip_serializing)]
+    pub token: Option<Redacted>,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
+}
+
+/// What an API client may do: `admin` everything, `erp` the ERP integration's routes (master
+/// data, the event feed, orders, reads of exceptions and sites, health).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Erp,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Erp => "erp",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Whether a client with this role may use a route that needs `needed`.
+    pub fn allows(self, needed: Role) -> bool {
+        matches!((self, needed), (Role::Admin, _) | (Role::Erp, Role::Erp))
+    }
+}
+
+/// One API client (`[[api.tokens]]`). Its `Debug` output never shows the hash.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiClient {
+    /// 1..=64 characters of `[A-Za-z0-9._-]`, unique; logs name the client, never the token.
+    pub name: String,
+    pub role: Role,
+    /// 64 lower-case hex digits: the SHA-256 of the bearer token (`outpost-central hash-token`).
+    #[serde(skip_serializing)]
+    pub sha256: Redacted,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiClient {
+    /// The hash as bytes; `None` unless it is 64 lower-case hex digits (`validate` reports that).
+    pub fn hash_bytes(&self) -> Option<[u8; 32]> {
+        parse_sha256_hex(self.sha256.expose())
+    }
+}
+
+/// A secret-ish string (a token hash, or a removed plain token) that `Debug` never prints.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(String);
+
+impl Redacted {
+    pub fn new(s: impl Into<String>) -> Self {
+        Redacted(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// 64 lower-case hex digits as 32 bytes.
+pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// The SHA-256 of a bearer token as 64 lower-case hex digits (what `[[api.tokens]]` holds).
+pub fn sha256_hex(token: &str) -> String {
+    use sha2::Digest;
+    use std::fmt::Write as _;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+fn valid_client_name(name: &str) -> bool {
+    (1..=MAX_CLIENT_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +272,34 @@ pub struct QuicConfig {
     pub idle_timeout_ms: u64,
     #[serde(default = "default_keep_alive_ms")]
     pub keep_alive_ms: u64,
+    /// Most live agent connections; more are refused at the handshake.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Handshakes quinn queues before central accepts or refuses them (`max_incoming`).
+    #[serde(default = "default_max_incoming")]
+    pub max_incoming: usize,
+    /// Handshake bytes buffered per not-yet-accepted connection (`incoming_buffer_size`).
+    #[serde(default = "default_incoming_buffer_bytes")]
+    pub incoming_buffer_bytes: u64,
+    /// Handshake bytes buffered for all not-yet-accepted connections (`incoming_buffer_size_total`).
+    #[serde(default = "default_incoming_buffer_total_bytes")]
+    pub incoming_buffer_total_bytes: u64,
+    /// Bidirectional streams an agent may have open at once (the protocol uses one).
+    /// Unidirectional streams and datagrams are always refused.
+    #[serde(default = "default_max_bidi_streams")]
+    pub max_bidi_streams: u32,
+    /// Bytes an agent may send on one stream ahead of central reading them.
+    #[serde(default = "default_stream_receive_window_bytes")]
+    pub stream_receive_window_bytes: u64,
+    /// Bytes an agent may send on a connection ahead of central reading them.
+    #[serde(default = "default_receive_window_bytes")]
+    pub receive_window_bytes: u64,
+    /// Handshakes in flight from one source IP address; more are refused.
+    #[serde(default = "default_max_handshakes_per_ip")]
+    pub max_handshakes_per_ip: usize,
+    /// Resident memory (MiB) above which central refuses new connections; live sessions go on.
+    #[serde(default = "default_memory_limit_mib")]
+    pub memory_limit_mib: u64,
 }
 
 fn default_atp_target() -> i64 {
@@ -135,6 +322,119 @@ fn default_idle_timeout_ms() -> u64 {
 }
 fn default_keep_alive_ms() -> u64 {
     DEFAULT_KEEP_ALIVE_MS
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_max_incoming() -> usize {
+    DEFAULT_MAX_INCOMING
+}
+fn default_incoming_buffer_bytes() -> u64 {
+    DEFAULT_INCOMING_BUFFER_BYTES
+}
+fn default_incoming_buffer_total_bytes() -> u64 {
+    DEFAULT_INCOMING_BUFFER_TOTAL_BYTES
+}
+fn default_max_bidi_streams() -> u32 {
+    DEFAULT_MAX_BIDI_STREAMS
+}
+fn default_stream_receive_window_bytes() -> u64 {
+    DEFAULT_STREAM_RECEIVE_WINDOW_BYTES
+}
+fn default_receive_window_bytes() -> u64 {
+    DEFAULT_RECEIVE_WINDOW_BYTES
+}
+fn default_max_handshakes_per_ip() -> usize {
+    DEFAULT_MAX_HANDSHAKES_PER_IP
+}
+fn default_memory_limit_mib() -> u64 {
+    DEFAULT_MEMORY_LIMIT_MIB
+}
+
+impl QuicConfig {
+    /// A config with the given addresses and files and every limit at its default.
+    pub fn with_defaults(listen: &str, ca_cert: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
+        QuicConfig {
+            listen: listen.to_string(),
+            ca_cert,
+            cert,
+            key,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            keep_alive_ms: DEFAULT_KEEP_ALIVE_MS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_incoming: DEFAULT_MAX_INCOMING,
+            incoming_buffer_bytes: DEFAULT_INCOMING_BUFFER_BYTES,
+            incoming_buffer_total_bytes: DEFAULT_INCOMING_BUFFER_TOTAL_BYTES,
+            max_bidi_streams: DEFAULT_MAX_BIDI_STREAMS,
+            stream_receive_window_bytes: DEFAULT_STREAM_RECEIVE_WINDOW_BYTES,
+            receive_window_bytes: DEFAULT_RECEIVE_WINDOW_BYTES,
+            max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP,
+            memory_limit_mib: DEFAULT_MEMORY_LIMIT_MIB,
+        }
+    }
+
+    /// The limits' problems, each naming its key.
+    fn validate_limits(&self, problems: &mut Vec<String>) {
+        let mut range = |key: &str, v: u64, lo: u64, hi: u64| {
+            if !(lo..=hi).contains(&v) {
+                problems.push(format!("quic.{key}: must be {lo}..={hi}, got {v}"));
+            }
+        };
+        range(
+            "max_connections",
+            self.max_connections as u64,
+            1,
+            MAX_MAX_CONNECTIONS as u64,
+        );
+        range(
+            "max_incoming",
+            self.max_incoming as u64,
+            1,
+            MAX_MAX_INCOMING as u64,
+        );
+        range(
+            "incoming_buffer_bytes",
+            self.incoming_buffer_bytes,
+            MIN_INCOMING_BUFFER_BYTES,
+            MAX_INCOMING_BUFFER_BYTES,
+        );
+        range(
+            "incoming_buffer_total_bytes",
+            self.incoming_buffer_total_bytes,
+            self.incoming_buffer_bytes,
+            MAX_INCOMING_BUFFER_TOTAL_BYTES,
+        );
+        range(
+            "max_bidi_streams",
+            u64::from(self.max_bidi_streams),
+            1,
+            u64::from(MAX_MAX_BIDI_STREAMS),
+        );
+        range(
+            "stream_receive_window_bytes",
+            self.stream_receive_window_bytes,
+            MIN_RECEIVE_WINDOW_BYTES,
+            MAX_RECEIVE_WINDOW_BYTES,
+        );
+        range(
+            "receive_window_bytes",
+            self.receive_window_bytes,
+            self.stream_receive_window_bytes,
+            MAX_RECEIVE_WINDOW_BYTES,
+        );
+        range(
+            "max_handshakes_per_ip",
+            self.max_handshakes_per_ip as u64,
+            1,
+            self.max_incoming as u64,
+        );
+        range(
+            "memory_limit_mib",
+            self.memory_limit_mib,
+            MIN_MEMORY_LIMIT_MIB,
+            MAX_MEMORY_LIMIT_MIB,
+        );
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,15 +518,15 @@ impl CentralConfig {
             ));
         }
         check_addr(&mut problems, "api.listen", &self.api.listen);
-        let token = &self.api.token;
-        if token.len() < MIN_TOKEN_LEN || token.len() > MAX_TOKEN_LEN {
-            problems.push(format!(
-                "api.token: must be {MIN_TOKEN_LEN}..={MAX_TOKEN_LEN} characters, got {}",
-                token.len()
-            ));
-        } else if !token.bytes().all(|b| b.is_ascii_graphic()) {
-            problems.push("api.token: must be printable ASCII without spaces".to_string());
+        if self.api.token.is_some() {
+            problems.push(
+                "api.token: a plain-text token is no longer accepted; hash it with \
+                 `outpost-central hash-token` (or make a new one with `hash-token --generate`) \
+                 and list it as [[api.tokens]] with name, role (erp or admin) and sha256"
+                    .to_string(),
+            );
         }
+        self.validate_clients(&mut problems);
         if !(1..=MAX_MAX_BODY_BYTES).contains(&self.api.max_body_bytes) {
             problems.push(format!(
                 "api.max_body_bytes: must be 1..={MAX_MAX_BODY_BYTES}, got {}",
@@ -255,6 +555,7 @@ impl CentralConfig {
                 "quic.keep_alive_ms: must be 1..{idle} (below quic.idle_timeout_ms), got {ka}"
             ));
         }
+        self.quic.validate_limits(&mut problems);
         let a = &self.allowance;
         if !(0..=outpost_protocol::MAX_QTY).contains(&a.atp_target) {
             problems.push(format!(
@@ -288,6 +589,52 @@ impl CentralConfig {
             ));
         }
         problems
+    }
+
+    fn validate_clients(&self, problems: &mut Vec<String>) {
+        let clients = &self.api.tokens;
+        if clients.is_empty() && self.api.token.is_none() {
+            problems.push(
+                "api.tokens: at least one client is required ([[api.tokens]] with name, role \
+                 and sha256; see `outpost-central hash-token --generate`)"
+                    .to_string(),
+            );
+        }
+        if clients.len() > MAX_API_CLIENTS {
+            problems.push(format!(
+                "api.tokens: at most {MAX_API_CLIENTS} clients, got {}",
+                clients.len()
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        for (i, c) in clients.iter().enumerate() {
+            if !valid_client_name(&c.name) {
+                problems.push(format!(
+                    "api.tokens[{i}].name: must be 1..={MAX_CLIENT_NAME_LEN} characters of \
+                     [A-Za-z0-9._-], got {:?}",
+                    c.name.chars().take(80).collect::<String>()
+                ));
+            } else if !names.insert(c.name.as_str()) {
+                problems.push(format!(
+                    "api.tokens[{i}].name: {:?} is used by another client",
+                    c.name
+                ));
+            }
+            match c.hash_bytes() {
+                None => problems.push(format!(
+                    "api.tokens[{i}].sha256: must be 64 lower-case hex digits (the SHA-256 of \
+                     the token, from `outpost-central hash-token`)"
+                )),
+                Some(h) => {
+                    if !hashes.insert(h) {
+                        problems.push(format!(
+                            "api.tokens[{i}].sha256: the same token is listed for another client"
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     pub fn api_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
@@ -331,7 +678,16 @@ data_dir = "data"
 
 [api]
 listen = "127.0.0.1:7600"
-token = "0123456789abcdef0123456789abcdef"
+
+[[api.tokens]]
+name = "erp"
+role = "erp"
+sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+[[api.tokens]]
+name = "ops.admin-1"
+role = "admin"
+sha256 = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
 
 [quic]
 listen = "127.0.0.1:7601"
@@ -356,6 +712,210 @@ key = "central.key"
         assert_eq!(cfg.allowance.atp_target, 20);
         assert_eq!(cfg.allowance.credit_target_fraction, 0.2);
         assert_eq!(cfg.allowance.reclaim_silent_secs, 86_400);
+        assert_eq!(
+            cfg.quic,
+            QuicConfig::with_defaults(
+                "127.0.0.1:7601",
+                dir.path().join("ca.pem"),
+                dir.path().join("central.pem"),
+                dir.path().join("central.key"),
+            )
+        );
+        assert_eq!(cfg.api.tokens.len(), 2);
+        assert_eq!(cfg.api.tokens[0].role, Role::Erp);
+        assert_eq!(cfg.api.tokens[1].name, "ops.admin-1");
+        assert_eq!(cfg.api.tokens[1].role, Role::Admin);
+        assert_eq!(
+            cfg.api.tokens[0].hash_bytes(),
+            parse_sha256_hex(&sha256_hex("test"))
+        );
+    }
+
+    #[test]
+    fn hashes_never_show_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pems(dir.path());
+        let path = dir.path().join("central.toml");
+        std::fs::write(&path, VALID).unwrap();
+        let cfg = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap();
+        let shown = format!("{cfg:?} {cfg:#?}");
+        assert!(shown.contains("ops.admin-1"), "names are shown: {shown}");
+        for client in &cfg.api.tokens {
+            let h = client.sha256.expose();
+            assert!(!shown.contains(h), "hash {h} leaked into {shown}");
+            assert!(!shown.contains(&h[..16]), "hash prefix leaked into {shown}");
+        }
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(!json.contains("9f86d0818"), "{json}");
+    }
+
+    #[test]
+    fn the_old_plain_token_is_refused_with_instructions() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pems(dir.path());
+        let path = dir.path().join("central.toml");
+        let old = VALID.split("[[api.tokens]]").next().unwrap().replace(
+            "[api]\n",
+            "[api]\ntoken = \"0123456789abcdef0123456789abcdef\"\n",
+        );
+        std::fs::write(&path, format!("{old}\n[quic]\nlisten = \"127.0.0.1:7601\"\nca_cert = \"ca.pem\"\ncert = \"central.pem\"\nkey = \"central.key\"\n")).unwrap();
+        let err = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap_err();
+        let LoadConfigError::Invalid { problems, .. } = err else {
+            panic!("expected validation problems, got {err}");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("api.token:"), "{problems:?}");
+        assert!(problems[0].contains("hash-token"), "{problems:?}");
+        assert!(
+            !problems[0].contains("0123456789abcdef"),
+            "the token is not echoed: {problems:?}"
+        );
+    }
+
+    #[test]
+    fn api_clients_are_validated_by_index() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pems(dir.path());
+        let path = dir.path().join("central.toml");
+        let good = sha256_hex("a-good-token-0123456789");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+data_dir = "data"
+[api]
+listen = "127.0.0.1:7600"
+[[api.tokens]]
+name = "erp"
+role = "erp"
+sha256 = "{good}"
+[[api.tokens]]
+name = "erp"
+role = "admin"
+sha256 = "{upper}"
+[[api.tokens]]
+name = "bad name!"
+role = "admin"
+sha256 = "{good}"
+[[api.tokens]]
+name = ""
+role = "erp"
+sha256 = "abc"
+[quic]
+listen = "127.0.0.1:7601"
+ca_cert = "ca.pem"
+cert = "central.pem"
+key = "central.key"
+"#,
+                upper = good.to_uppercase()
+            ),
+        )
+        .unwrap();
+        let err = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap_err();
+        let LoadConfigError::Invalid { problems, .. } = err else {
+            panic!("expected validation problems, got {err}");
+        };
+        for key in [
+            "api.tokens[1].name:",
+            "api.tokens[1].sha256:",
+            "api.tokens[2].name:",
+            "api.tokens[2].sha256:",
+            "api.tokens[3].name:",
+            "api.tokens[3].sha256:",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(key)),
+                "no problem reported for {key}: {problems:?}"
+            );
+        }
+        assert_eq!(problems.len(), 6, "{problems:?}");
+        assert!(!problems.iter().any(|p| p.contains(&good)), "{problems:?}");
+
+        // No client at all, and an unknown role.
+        std::fs::write(
+            &path,
+            "data_dir = \"data\"\n[api]\nlisten = \"127.0.0.1:7600\"\n[quic]\nlisten = \"127.0.0.1:7601\"\nca_cert = \"ca.pem\"\ncert = \"central.pem\"\nkey = \"central.key\"\n",
+        )
+        .unwrap();
+        let err = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap_err();
+        assert!(
+            err.to_string().contains("api.tokens: at least one"),
+            "{err}"
+        );
+        std::fs::write(&path, VALID.replace("role = \"erp\"", "role = \"root\"")).unwrap();
+        let err = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap_err();
+        assert!(matches!(err, LoadConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn roles_allow_what_they_should() {
+        assert!(Role::Admin.allows(Role::Admin));
+        assert!(Role::Admin.allows(Role::Erp));
+        assert!(Role::Erp.allows(Role::Erp));
+        assert!(!Role::Erp.allows(Role::Admin));
+        assert_eq!(
+            sha256_hex("test"),
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
+        assert_eq!(parse_sha256_hex(&"A".repeat(64)), None);
+        assert_eq!(parse_sha256_hex("00"), None);
+        assert_eq!(parse_sha256_hex(&"0f".repeat(32)), Some([0x0f; 32]));
+    }
+
+    #[test]
+    fn quic_limits_are_read_and_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pems(dir.path());
+        let path = dir.path().join("central.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "{VALID}max_connections = 10\nmax_handshakes_per_ip = 2\nmemory_limit_mib = 192\n"
+            ),
+        )
+        .unwrap();
+        let cfg = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap();
+        assert_eq!(cfg.quic.max_connections, 10);
+        assert_eq!(cfg.quic.max_handshakes_per_ip, 2);
+        assert_eq!(cfg.quic.memory_limit_mib, 192);
+        assert_eq!(cfg.quic.max_bidi_streams, 1);
+        let env = HashMap::from([(
+            "OUTPOST_QUIC__MEMORY_LIMIT_MIB".to_string(),
+            "300".to_string(),
+        )]);
+        let cfg = CentralConfig::load_with_env(&path, Some(env)).unwrap();
+        assert_eq!(cfg.quic.memory_limit_mib, 300);
+
+        std::fs::write(
+            &path,
+            format!(
+                "{VALID}max_connections = 0\nmax_incoming = 4\nincoming_buffer_bytes = 100\n\
+                 incoming_buffer_total_bytes = 50\nmax_bidi_streams = 0\n\
+                 stream_receive_window_bytes = 1024\nreceive_window_bytes = 512\n\
+                 max_handshakes_per_ip = 5\nmemory_limit_mib = 1\n"
+            ),
+        )
+        .unwrap();
+        let err = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap_err();
+        let LoadConfigError::Invalid { problems, .. } = err else {
+            panic!("expected validation problems, got {err}");
+        };
+        for key in [
+            "quic.max_connections:",
+            "quic.incoming_buffer_bytes:",
+            "quic.incoming_buffer_total_bytes:",
+            "quic.max_bidi_streams:",
+            "quic.stream_receive_window_bytes:",
+            "quic.receive_window_bytes:",
+            "quic.max_handshakes_per_ip:",
+            "quic.memory_limit_mib:",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(key)),
+                "no problem reported for {key}: {problems:?}"
+            );
+        }
+        assert_eq!(problems.len(), 8, "{problems:?}");
     }
 
     #[test]

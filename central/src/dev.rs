@@ -45,7 +45,11 @@ pub struct FleetCentral {
     /// `http://127.0.0.1:PORT` (port 0 when initialised with `--base-port 0`: the real port is
     /// in `data_dir/ready.json`).
     pub api: String,
+    /// The `admin` client's bearer token (the CLI and most tests use it).
     pub token: String,
+    /// The `erp` client's bearer token (master data, feed, orders; no operator routes).
+    #[serde(default)]
+    pub erp_token: String,
     /// `127.0.0.1:PORT` of the QUIC listener (same caveat for port 0).
     pub quic: String,
     pub command: Vec<String>,
@@ -56,7 +60,12 @@ pub struct FleetCentral {
 pub struct FleetSite {
     pub id: String,
     pub api: String,
+    /// The site's admin token (same as `tokens["admin"]`).
     pub token: String,
+    /// One token per role of the agent's local API (`reader`, `scanner`, `order-entry`,
+    /// `admin`), role → token. The site's config holds only their SHA-256 hashes.
+    #[serde(default)]
+    pub tokens: std::collections::BTreeMap<String, String>,
     pub command: Vec<String>,
     pub data_dir: String,
 }
@@ -200,13 +209,22 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
     let central_data = dir.join("data").join("central");
     std::fs::create_dir_all(&central_data).map_err(io_err(&central_data))?;
     let central_token = random_token();
+    let erp_token = random_token();
     let central_toml = dir.join("central.toml");
     let central_cfg = format!(
         "# Written by `outpost-central dev init`.\n\
          data_dir = {data}\n\n\
          [api]\n\
-         listen = {api}\n\
-         token = {token}\n\n\
+         listen = {api}\n\n\
+         # API clients: the SHA-256 of each bearer token (the tokens are in fleet.json).\n\
+         [[api.tokens]]\n\
+         name = \"erp\"\n\
+         role = \"erp\"\n\
+         sha256 = {erp_hash}\n\n\
+         [[api.tokens]]\n\
+         name = \"admin\"\n\
+         role = \"admin\"\n\
+         sha256 = {admin_hash}\n\n\
          [quic]\n\
          listen = {quic}\n\
          ca_cert = {ca}\n\
@@ -219,7 +237,8 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
          reclaim_silent_secs = {silent}\n",
         data = toml_str(&path_str(&central_data)),
         api = toml_str(&format!("127.0.0.1:{api_port}")),
-        token = toml_str(&central_token),
+        erp_hash = toml_str(&crate::config::sha256_hex(&erp_token)),
+        admin_hash = toml_str(&crate::config::sha256_hex(&central_token)),
         quic = toml_str(&format!("127.0.0.1:{quic_port}")),
         ca = toml_str(&path_str(&ca_pem)),
         cert = toml_str(&path_str(&central_files.cert)),
@@ -236,15 +255,48 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
         let site_port = port(opts.base_port, 2 + i);
         let data = dir.join("data").join(&id);
         std::fs::create_dir_all(&data).map_err(io_err(&data))?;
-        let token = random_token();
+        // One client per role of the agent's API, each named after its role. The config gets
+        // only the SHA-256 of each token; the tokens themselves go to fleet.json.
+        let tokens: std::collections::BTreeMap<String, String> =
+            ["reader", "scanner", "order-entry", "admin"]
+                .into_iter()
+                .map(|role| (role.to_string(), random_token()))
+                .collect();
+        let token = tokens["admin"].clone();
+        let clients: String = tokens
+            .iter()
+            .map(|(role, t)| {
+                use sha2::Digest;
+                let hash = sha2::Sha256::digest(t.as_bytes()).iter().fold(
+                    String::with_capacity(64),
+                    |mut s, b| {
+                        let _ = write!(s, "{b:02x}");
+                        s
+                    },
+                );
+                // The dev fleet's tests and load drills drive each site through its admin
+                // client, so that one is not held to the default rate limit; the other roles are.
+                let rate = if role == "admin" {
+                    "# Dev fleet: tests drive load with this client.\nrate_per_sec = 1000000\n"
+                } else {
+                    ""
+                };
+                format!(
+                    "[[api.tokens]]\nname = {name}\nrole = {name}\nsha256 = {hash}\n{rate}\n",
+                    name = toml_str(role),
+                    hash = toml_str(&hash),
+                )
+            })
+            .collect();
         let toml_path = dir.join(format!("{id}.toml"));
         let cfg = format!(
             "# Written by `outpost-central dev init`.\n\
              site_id = {site}\n\
              data_dir = {data}\n\n\
              [api]\n\
-             listen = {api}\n\
-             tokens = [{token}]\n\n\
+             listen = {api}\n\n\
+             # Clients of the local API: SHA-256 of each bearer token (`outpost-agent hash-token`).\n\
+             {clients}\
              [sync]\n\
              central_addr = {central}\n\
              central_name = {name}\n\
@@ -254,7 +306,6 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
             site = toml_str(&id),
             data = toml_str(&path_str(&data)),
             api = toml_str(&format!("127.0.0.1:{site_port}")),
-            token = toml_str(&token),
             central = toml_str(&format!("127.0.0.1:{quic_port}")),
             name = toml_str(DEFAULT_CENTRAL_NAME),
             ca = toml_str(&path_str(&ca_pem)),
@@ -266,6 +317,7 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
             id,
             api: format!("http://127.0.0.1:{site_port}"),
             token,
+            tokens,
             command: vec![
                 path_str(&agent_bin),
                 "run".into(),
@@ -279,6 +331,7 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
         central: FleetCentral {
             api: format!("http://127.0.0.1:{api_port}"),
             token: central_token,
+            erp_token,
             quic: format!("127.0.0.1:{quic_port}"),
             command: vec![
                 path_str(&exe),
@@ -690,7 +743,8 @@ fn print_summary(
     let _ = writeln!(s, "\ncentral");
     let _ = writeln!(s, "  api     {central_api}");
     let _ = writeln!(s, "  quic    {central_quic}");
-    let _ = writeln!(s, "  token   {}", fleet.central.token);
+    let _ = writeln!(s, "  token   {} (admin)", fleet.central.token);
+    let _ = writeln!(s, "  erp     {} (erp role)", fleet.central.erp_token);
     let _ = writeln!(s, "  config  {}", dir.join("central.toml").display());
     let _ = writeln!(s, "  data    {}", fleet.central.data_dir);
     let _ = writeln!(s, "  log     {}", logs.join("central.log").display());
@@ -709,7 +763,9 @@ fn print_summary(
     for (site, api) in fleet.sites.iter().zip(site_apis) {
         let _ = writeln!(s, "\n{}", site.id);
         let _ = writeln!(s, "  api     {api}");
-        let _ = writeln!(s, "  token   {}", site.token);
+        for (role, token) in &site.tokens {
+            let _ = writeln!(s, "  token   {token}  ({role})");
+        }
         let _ = writeln!(
             s,
             "  config  {}",
@@ -757,7 +813,8 @@ fn print_summary(
         dir.join(FLEET_FILE).display()
     );
     if let (Some(site), Some(api)) = (fleet.sites.first(), site_apis.first()) {
-        let st = &site.token;
+        let role = |r: &str| site.tokens.get(r).unwrap_or(&site.token).clone();
+        let st = role("reader");
         let _ = writeln!(
             s,
             "  curl -s -H 'Authorization: Bearer {st}' {api}/v1/atp/BOLT-M8"
@@ -766,12 +823,14 @@ fn print_summary(
             s,
             "  curl -s -H 'Authorization: Bearer {st}' '{api}/v1/prices/BOLT-M8?customer=C-ACME'"
         );
+        let st = role("order-entry");
         let _ = writeln!(
             s,
             "  curl -s -X POST -H 'Authorization: Bearer {st}' -H 'Idempotency-Key: demo-1' \
              -H 'Content-Type: application/json' \
              -d '{{\"customer_id\":\"C-ACME\",\"lines\":[{{\"sku\":\"BOLT-M8\",\"qty\":40}}]}}' {api}/v1/orders"
         );
+        let st = role("scanner");
         let _ = writeln!(
             s,
             "  curl -s -X POST -H 'Authorization: Bearer {st}' -H 'Content-Type: application/json' \
@@ -874,7 +933,17 @@ mod tests {
             Some(Default::default()),
         )
         .unwrap();
-        assert_eq!(cfg.api.token, fleet.central.token);
+        assert_eq!(cfg.api.token, None);
+        let clients = crate::api::Clients::from_config(&cfg.api.tokens);
+        let admin = clients.authenticate(&fleet.central.token).unwrap();
+        assert_eq!(
+            (&*admin.name, admin.role),
+            ("admin", crate::config::Role::Admin)
+        );
+        let erp = clients.authenticate(&fleet.central.erp_token).unwrap();
+        assert_eq!((&*erp.name, erp.role), ("erp", crate::config::Role::Erp));
+        let text = std::fs::read_to_string(dir.path().join("central.toml")).unwrap();
+        assert!(!text.contains(&fleet.central.token) && !text.contains(&fleet.central.erp_token));
         assert_eq!(cfg.allowance, crate::config::AllowanceConfig::default());
         assert_eq!(load_fleet(dir.path()).unwrap(), fleet);
         let agent_cfg: toml::Table = std::fs::read_to_string(dir.path().join("warehouse-1.toml"))

@@ -53,6 +53,27 @@ enum Cmd {
         #[command(subcommand)]
         command: ExceptionsCmd,
     },
+    /// The fleet's sites, and revoking or reinstating one (talks to central's HTTP API; admin
+    /// token needed for revoke and reinstate).
+    Sites {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: SitesCmd,
+    },
+    /// Print the SHA-256 of a bearer token read from stdin (what [[api.tokens]] holds), or with
+    /// --generate make a new token and print it with its config entry.
+    HashToken {
+        /// Generate a new random token instead of reading one.
+        #[arg(long)]
+        generate: bool,
+        /// The client's name in the printed entry (with --generate).
+        #[arg(long, default_value = "erp")]
+        name: String,
+        /// The client's role in the printed entry (with --generate).
+        #[arg(long, default_value = "erp", value_parser = ["erp", "admin"])]
+        role: String,
+    },
     /// A site's reconciliation reports, newest first (talks to central's HTTP API).
     Reconciliations {
         #[command(flatten)]
@@ -112,6 +133,21 @@ enum ExceptionsCmd {
     },
     /// Re-run the checks against current master data; the order enters the feed if it passes.
     Replay { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum SitesCmd {
+    /// Every site: connected, last seen, acked seq, clock offset, revoked.
+    List,
+    /// Refuse the site from now on and close its live connection (its agent keeps its outbox).
+    Revoke {
+        site: String,
+        /// Why (shown in the site list and in the agent's log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Admit a revoked site again; its agent reconnects at its next attempt.
+    Reinstate { site: String },
 }
 
 #[derive(Subcommand)]
@@ -306,8 +342,68 @@ async fn exceptions(remote_args: RemoteArgs, command: ExceptionsCmd) -> ExitCode
     }
 }
 
+async fn sites(remote_args: RemoteArgs, command: SitesCmd) -> ExitCode {
+    let r = match remote(&remote_args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let json = remote_args.json;
+    match command {
+        SitesCmd::List => report(
+            cli::call(&r, "/v1/sites", None).await,
+            json,
+            cli::sites_table,
+        ),
+        SitesCmd::Revoke { site, reason } => {
+            let path = format!("/v1/sites/{site}/revoke");
+            let body = serde_json::json!({ "reason": reason.unwrap_or_default() });
+            report(cli::call(&r, &path, Some(body)).await, json, pretty)
+        }
+        SitesCmd::Reinstate { site } => {
+            let path = format!("/v1/sites/{site}/revoke");
+            let result = cli::call_method(&r, reqwest::Method::DELETE, &path, None).await;
+            report(result, json, pretty)
+        }
+    }
+}
+
+fn hash_token(generate: bool, name: &str, role: &str) -> ExitCode {
+    use outpost_central::config::Role;
+    let role = if role == "admin" {
+        Role::Admin
+    } else {
+        Role::Erp
+    };
+    if generate {
+        let token = dev::random_token();
+        println!("token (give it to the client; central keeps only its hash):\n  {token}\n");
+        println!("config entry for central.toml:\n");
+        print!("{}", cli::client_toml(name, role, &token));
+        return ExitCode::SUCCESS;
+    }
+    match cli::read_token(std::io::stdin().lock()) {
+        Ok(token) => {
+            println!("{}", outpost_central::config::sha256_hex(&token));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        Cmd::Sites { remote, command } => return Ok(sites(remote, command).await),
+        Cmd::HashToken {
+            generate,
+            name,
+            role,
+        } => return Ok(hash_token(generate, &name, &role)),
         Cmd::Exceptions { remote, command } => return Ok(exceptions(remote, command).await),
         Cmd::Reconciliations {
             remote: args,

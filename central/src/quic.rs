@@ -1,11 +1,16 @@
-//! The sync server (quinn + rustls, mutual TLS): accepts agent connections, takes each site's
-//! identity from its client certificate, runs the Hello/Welcome session (starting the site's
-//! reconciliation report and topping it up), ingests uploaded batches (ack only after the
-//! durable commit), answers allowance requests and pushes master-data changes (grants included)
-//! as the revision advances. I/O shell around `outpost_protocol::session`.
+//! The sync server (quinn + rustls, mutual TLS): accepts agent connections within the configured
+//! limits (live connections, handshakes per source address, central's own memory), takes each
+//! site's identity from its client certificate, refuses revoked sites, runs the Hello/Welcome
+//! session (estimating the site's clock offset, starting its reconciliation report and topping
+//! it up), ingests uploaded batches (ack only after the durable commit), answers allowance
+//! requests and pushes master-data changes (grants included) as the revision advances. I/O shell
+//! around `outpost_protocol::session`.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outpost_protocol::identity::site_id_from_cert_der;
 use outpost_protocol::io::{read_frame, write_frame};
@@ -24,23 +29,19 @@ use tracing::Instrument;
 
 use crate::certs::{CertError, load_certs, load_key};
 use crate::config::QuicConfig;
-use crate::registry::Registry;
+use crate::registry::{EndSignal, Registry};
 use crate::store::{AllowanceAnswer, IngestBatchError, Store};
 
-/// Most simultaneous agent connections: a few hundred sites per central, with room for
-/// reconnect overlap. Connections beyond it are refused at the handshake.
-pub const MAX_CONNECTIONS: usize = 1024;
-/// Most handshakes queued in quinn at once (a flood of Initials is cut here).
-pub const MAX_INCOMING: usize = 256;
-/// Streams an agent may open at once: the protocol uses one; a few spare for a racing reconnect.
-pub const MAX_BIDI_STREAMS: u32 = 4;
-/// Per-stream and per-connection receive windows: several full frames in flight, bounded memory
-/// per connection.
-pub const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
-pub const RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
-/// Bytes of not-yet-accepted handshake data buffered per incoming connection and in total.
-pub const INCOMING_BUFFER_BYTES: u64 = 64 * 1024;
-pub const INCOMING_BUFFER_TOTAL_BYTES: u64 = 16 * 1024 * 1024;
+// The connection, handshake, stream, window and memory limits are config (`[quic]`, see
+// `config.rs` for their defaults and why).
+
+/// How often central samples its own resident memory for `quic.memory_limit_mib`.
+pub const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
+/// At most one warning per this interval while connections are refused for memory or per-address
+/// limits; the rest are counted into the next warning.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// A clock offset beyond this is logged as a warning (certificates and logs get confusing).
+pub const CLOCK_OFFSET_WARN_MS: i64 = 5 * 60 * 1000;
 /// Limit on the TLS handshake of one connection.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an agent has, after the handshake, to open its stream and send Hello.
@@ -99,19 +100,26 @@ pub fn server_config(cfg: &QuicConfig) -> Result<quinn::ServerConfig, TlsSetupEr
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport_config(cfg)));
     server
-        .max_incoming(MAX_INCOMING)
-        .incoming_buffer_size(INCOMING_BUFFER_BYTES)
-        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL_BYTES);
+        .max_incoming(cfg.max_incoming)
+        .incoming_buffer_size(cfg.incoming_buffer_bytes)
+        .incoming_buffer_size_total(cfg.incoming_buffer_total_bytes);
     Ok(server)
+}
+
+fn varint(v: u64) -> VarInt {
+    // validate() bounds every window far below the VarInt limit (2^62).
+    VarInt::from_u64(v).unwrap_or(VarInt::MAX)
 }
 
 fn transport_config(cfg: &QuicConfig) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS))
+    // Unidirectional streams and datagrams are not part of the protocol: none are accepted, so
+    // a peer cannot make central buffer them.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_bidi_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(None)
-        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
-        .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
+        .stream_receive_window(varint(cfg.stream_receive_window_bytes))
+        .receive_window(varint(cfg.receive_window_bytes))
         .keep_alive_interval(Some(Duration::from_millis(cfg.keep_alive_ms)));
     // validate() bounds idle_timeout_ms far below the VarInt limit.
     let idle = quinn::IdleTimeout::try_from(Duration::from_millis(cfg.idle_timeout_ms))
@@ -127,33 +135,222 @@ pub struct SyncContext {
     pub registry: Arc<Registry>,
 }
 
+/// What the accept loop enforces before a handshake starts (from `[quic]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptLimits {
+    pub max_connections: usize,
+    pub max_handshakes_per_ip: usize,
+    pub memory_limit_bytes: u64,
+}
+
+impl AcceptLimits {
+    pub fn from_config(cfg: &QuicConfig) -> Self {
+        AcceptLimits {
+            max_connections: cfg.max_connections,
+            max_handshakes_per_ip: cfg.max_handshakes_per_ip,
+            memory_limit_bytes: cfg.memory_limit_mib.saturating_mul(1024 * 1024),
+        }
+    }
+}
+
+/// Central's own resident memory, sampled every `MEMORY_SAMPLE_INTERVAL` by `run_memory_sampler`.
+#[derive(Debug, Default)]
+pub struct MemoryGauge {
+    rss_bytes: AtomicU64,
+    over_limit: AtomicBool,
+}
+
+impl MemoryGauge {
+    pub fn rss_bytes(&self) -> u64 {
+        self.rss_bytes.load(Ordering::Relaxed)
+    }
+    pub fn over_limit(&self) -> bool {
+        self.over_limit.load(Ordering::Relaxed)
+    }
+    fn record(&self, rss: u64, limit: u64) {
+        self.rss_bytes.store(rss, Ordering::Relaxed);
+        self.over_limit.store(rss > limit, Ordering::Relaxed);
+    }
+}
+
+/// Samples this process's resident set size until `stop` turns true. A failed sample leaves the
+/// previous figure (a gauge that cannot read memory never refuses connections by itself).
+pub async fn run_memory_sampler(
+    gauge: Arc<MemoryGauge>,
+    limit_bytes: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System};
+    let Ok(pid) = sysinfo::get_current_pid() else {
+        tracing::warn!("cannot find central's own pid; quic.memory_limit_mib is not enforced");
+        return;
+    };
+    let mut sys = System::new();
+    let mut tick = tokio::time::interval(MEMORY_SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_over = false;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        // Reads /proc/self/statm: microseconds, fine on the executor.
+        sys.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            false,
+            ProcessRefreshKind::nothing().with_memory(),
+        );
+        let Some(rss) = sys.process(pid).map(|p| p.memory()) else {
+            continue;
+        };
+        gauge.record(rss, limit_bytes);
+        let over = gauge.over_limit();
+        if over != was_over {
+            if over {
+                tracing::warn!(
+                    rss_mib = rss >> 20,
+                    limit_mib = limit_bytes >> 20,
+                    "memory above quic.memory_limit_mib: refusing new connections (live sessions continue)"
+                );
+            } else {
+                tracing::info!(
+                    rss_mib = rss >> 20,
+                    limit_mib = limit_bytes >> 20,
+                    "memory back under quic.memory_limit_mib: accepting connections"
+                );
+            }
+            was_over = over;
+        }
+    }
+}
+
+/// Handshakes in flight per source address.
+#[derive(Debug, Default)]
+struct Handshakes(Mutex<HashMap<IpAddr, usize>>);
+
+impl Handshakes {
+    /// Counts a handshake from `ip` if fewer than `max` are in flight; the slot is freed when
+    /// the returned guard drops.
+    fn try_start(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<HandshakeSlot> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = g.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+struct HandshakeSlot {
+    table: Arc<Handshakes>,
+    ip: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut g = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                g.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Why an incoming connection was refused before its handshake; counted and logged at most once
+/// per `REFUSAL_LOG_INTERVAL` each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum RefusedFor {
+    Connections,
+    HandshakesPerIp,
+    Memory,
+}
+
+#[derive(Default)]
+struct RefusalLog(HashMap<RefusedFor, (Option<Instant>, u64)>);
+
+impl RefusalLog {
+    fn refused(&mut self, why: RefusedFor, remote: std::net::SocketAddr, gauge: &MemoryGauge) {
+        let (last, count) = self.0.entry(why).or_insert((None, 0));
+        *count += 1;
+        if last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_INTERVAL) {
+            return;
+        }
+        let n = std::mem::take(count);
+        *last = Some(Instant::now());
+        match why {
+            RefusedFor::Connections => {
+                tracing::warn!(%remote, refused = n, "connection limit (quic.max_connections) reached; refusing")
+            }
+            RefusedFor::HandshakesPerIp => {
+                tracing::warn!(%remote, refused = n, "too many handshakes in flight from this address (quic.max_handshakes_per_ip); refusing")
+            }
+            RefusedFor::Memory => {
+                tracing::warn!(%remote, refused = n, rss_mib = gauge.rss_bytes() >> 20, "memory above quic.memory_limit_mib; refusing new connections")
+            }
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` turns true, then tells every session to end, waits for
-/// them (bounded) and closes the endpoint.
-pub async fn run(endpoint: Endpoint, ctx: SyncContext, shutdown: watch::Receiver<bool>) {
+/// them (bounded) and closes the endpoint. Before a handshake starts, a connection is refused
+/// when central holds `max_connections` already, when its address has `max_handshakes_per_ip`
+/// handshakes in flight, or while central's memory is above its limit.
+pub async fn run(
+    endpoint: Endpoint,
+    ctx: SyncContext,
+    limits: AcceptLimits,
+    shutdown: watch::Receiver<bool>,
+) {
     let mut stop = shutdown.clone();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let handshakes = Arc::new(Handshakes::default());
+    let gauge = Arc::new(MemoryGauge::default());
+    let sampler = AbortOnDrop(tokio::spawn(run_memory_sampler(
+        gauge.clone(),
+        limits.memory_limit_bytes,
+        shutdown.clone(),
+    )));
+    let mut refusals = RefusalLog::default();
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let remote = incoming.remote_address();
+                if gauge.over_limit() {
+                    refusals.refused(RefusedFor::Memory, remote, &gauge);
+                    incoming.refuse();
+                    continue;
+                }
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+                    refusals.refused(RefusedFor::Connections, remote, &gauge);
                     incoming.refuse();
                     continue;
                 };
-                let span = tracing::info_span!("conn", remote = %incoming.remote_address(), site.id = tracing::field::Empty);
+                let Some(slot) = handshakes.try_start(remote.ip(), limits.max_handshakes_per_ip) else {
+                    refusals.refused(RefusedFor::HandshakesPerIp, remote, &gauge);
+                    incoming.refuse();
+                    continue;
+                };
+                let span = tracing::info_span!("conn", %remote, site.id = tracing::field::Empty);
                 let ctx = ctx.clone();
                 let shutdown = shutdown.clone();
                 sessions.spawn(async move {
-                    handle_incoming(incoming, ctx, shutdown).await;
+                    handle_incoming(incoming, slot, ctx, shutdown).await;
                     drop(permit);
                 }.instrument(span));
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
         }
     }
+    drop(sampler);
     endpoint.set_server_config(None);
     let drained = tokio::time::timeout(SESSION_DRAIN, async {
         while sessions.join_next().await.is_some() {}
@@ -191,6 +388,7 @@ pub fn cert_site(conn: &Connection) -> Result<String, String> {
 
 async fn handle_incoming(
     incoming: quinn::Incoming,
+    handshake_slot: HandshakeSlot,
     ctx: SyncContext,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -212,6 +410,8 @@ async fn handle_incoming(
             return;
         }
     };
+    // The handshake is over: it no longer counts against its address.
+    drop(handshake_slot);
     let site = match cert_site(&conn) {
         Ok(s) => s,
         Err(why) => {
@@ -229,6 +429,21 @@ async fn handle_incoming(
         shutdown,
     };
     session.run().await;
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The site's clock minus central's: the agent stamped its Hello `agent_time_ms` about half a
+/// round trip before central read it at `received_ms`.
+pub fn clock_offset_ms(agent_time_ms: i64, received_ms: i64, rtt: Duration) -> i64 {
+    let half_rtt = i64::try_from(rtt.as_millis() / 2).unwrap_or(i64::MAX);
+    agent_time_ms
+        .saturating_sub(received_ms)
+        .saturating_add(half_rtt)
 }
 
 fn truncate(reason: &str) -> &[u8] {
@@ -341,7 +556,12 @@ impl Session {
                     return;
                 }
             };
+        let received_ms = unix_ms(SystemTime::now());
         if let Err(r) = check_hello(&self.site, &hello) {
+            self.send_refuse(&mut send, r).await;
+            return;
+        }
+        if let Some(r) = self.refusal_if_revoked() {
             self.send_refuse(&mut send, r).await;
             return;
         }
@@ -351,6 +571,20 @@ impl Session {
             site: self.site.clone(),
             id: ticket.id,
         };
+        // Checked again once registered: a revocation committed between the first check and the
+        // registration found no session to end, and is seen here.
+        if let Some(r) = self.refusal_if_revoked() {
+            self.send_refuse(&mut send, r).await;
+            return;
+        }
+        let offset_ms = clock_offset_ms(hello.agent_time_ms, received_ms, self.conn.rtt());
+        self.ctx.registry.set_clock_offset(&self.site, offset_ms);
+        if offset_ms.unsigned_abs() > CLOCK_OFFSET_WARN_MS.unsigned_abs() {
+            tracing::warn!(
+                clock_offset_ms = offset_ms,
+                "the site's clock is more than 5 minutes off central's (events are ordered by sequence, not by clock; certificates and logs may be affected)"
+            );
+        }
         // Durably opens this session's reconciliation report and tops the site up before the
         // Welcome, so the Welcome's revision already covers the grants.
         let start = match self
@@ -388,6 +622,7 @@ impl Session {
             agent_last_seq = hello.last_seq,
             acked_seq,
             central_rev,
+            clock_offset_ms = offset_ms,
             session = start.session,
             "session started"
         );
@@ -395,7 +630,7 @@ impl Session {
             .serve(
                 send,
                 recv,
-                ticket.superseded,
+                ticket.end,
                 rev_rx,
                 hello.master_rev,
                 central_rev,
@@ -415,7 +650,7 @@ impl Session {
         &self,
         mut send: SendStream,
         mut recv: RecvStream,
-        mut superseded: tokio::sync::oneshot::Receiver<()>,
+        mut end_signal: tokio::sync::oneshot::Receiver<EndSignal>,
         mut rev_rx: watch::Receiver<u64>,
         mut agent_rev: u64,
         mut central_rev: u64,
@@ -451,8 +686,12 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = &mut superseded => {
-                    let r = refuse(RefuseCode::Superseded, "a newer connection from this site replaced this one");
+                signal = &mut end_signal => {
+                    let r = match signal {
+                        Ok(EndSignal::Revoked) => refuse(RefuseCode::Revoked, "this site was revoked by an operator at central"),
+                        // A dropped sender means the registry replaced this session too.
+                        Ok(EndSignal::Superseded) | Err(_) => refuse(RefuseCode::Superseded, "a newer connection from this site replaced this one"),
+                    };
                     self.send_refuse(&mut send, r.clone()).await;
                     return End::Refused(r);
                 }
@@ -614,6 +853,30 @@ impl Session {
         Ok(through_rev)
     }
 
+    /// A `Refuse` when the site is on the deny list. A store that cannot be read admits the site:
+    /// the certificate check has passed, and refusing every site whenever a read fails would
+    /// turn a storage hiccup into a fleet-wide outage.
+    fn refusal_if_revoked(&self) -> Option<Refuse> {
+        match self.ctx.store.revoked_site(&self.site) {
+            Ok(Some(r)) => {
+                tracing::info!(reason = %r.reason, "revoked site refused");
+                Some(refuse(
+                    RefuseCode::Revoked,
+                    format!(
+                        "this site was revoked by an operator at central at {}: {}",
+                        crate::api::rfc3339_ms(r.at_ms),
+                        r.reason
+                    ),
+                ))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the revocation list; admitting the site");
+                None
+            }
+        }
+    }
+
     async fn write(&self, send: &mut SendStream, msg: &CentralMsg) -> Result<(), String> {
         match tokio::time::timeout(WRITE_TIMEOUT, write_frame(send, msg)).await {
             Ok(Ok(())) => Ok(()),
@@ -664,5 +927,64 @@ mod tests {
             got: 5,
         };
         assert_eq!(refuse_for_ingest(&gap).code, RefuseCode::ProtocolViolation);
+    }
+
+    #[test]
+    fn refuse_codes_keep_their_wire_encoding() {
+        // Guards against inserting a code in the middle: older agents decode by index.
+        for (code, index) in [
+            (RefuseCode::IncompatibleVersion, 0u8),
+            (RefuseCode::WrongSite, 1),
+            (RefuseCode::ProtocolViolation, 2),
+            (RefuseCode::Superseded, 3),
+            (RefuseCode::Unavailable, 4),
+            (RefuseCode::Revoked, 5),
+        ] {
+            assert_eq!(
+                postcard::to_allocvec(&code).unwrap(),
+                vec![index],
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn clock_offset_adds_half_the_round_trip() {
+        let rtt = Duration::from_millis(40);
+        assert_eq!(clock_offset_ms(1_000_000, 1_000_000, rtt), 20);
+        // Agent two hours behind.
+        assert_eq!(
+            clock_offset_ms(1_000_000 - 7_200_000, 1_000_000, Duration::ZERO),
+            -7_200_000
+        );
+        assert_eq!(clock_offset_ms(i64::MIN, i64::MAX, rtt), i64::MIN + 20);
+    }
+
+    #[test]
+    fn handshakes_are_counted_per_address_and_freed_on_drop() {
+        let t = Arc::new(Handshakes::default());
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.1".parse().unwrap();
+        let s1 = t.try_start(a, 2).unwrap();
+        let _s2 = t.try_start(a, 2).unwrap();
+        assert!(
+            t.try_start(a, 2).is_none(),
+            "third from the same address refused"
+        );
+        let _other = t.try_start(b, 2).expect("another address is not affected");
+        drop(s1);
+        let _s3 = t.try_start(a, 2).expect("a freed slot is reusable");
+        assert!(t.try_start(a, 2).is_none());
+    }
+
+    #[test]
+    fn memory_gauge_flags_over_limit() {
+        let g = MemoryGauge::default();
+        assert!(!g.over_limit());
+        g.record(300 << 20, 256 << 20);
+        assert!(g.over_limit());
+        assert_eq!(g.rss_bytes(), 300 << 20);
+        g.record(100 << 20, 256 << 20);
+        assert!(!g.over_limit());
     }
 }

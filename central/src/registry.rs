@@ -1,6 +1,7 @@
 //! In-memory registry of live sync sessions: which sites are connected now, when each was last
-//! heard from, and the handle that lets a newer session supersede an older one. Pure in-process
-//! state shared by the QUIC sessions and the HTTP API.
+//! heard from, each site's clock offset as estimated at its last Hello, and the handle that lets
+//! a newer session supersede an older one or a revocation end it. Pure in-process state shared by
+//! the QUIC sessions and the HTTP API.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,24 +9,36 @@ use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
-/// A session's ticket: it is the live one for its site until superseded or unregistered.
+/// Why a live session must end now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndSignal {
+    /// A newer session of the same site replaced this one.
+    Superseded,
+    /// An operator revoked the site.
+    Revoked,
+}
+
+/// A session's ticket: it is the live one for its site until superseded, revoked or
+/// unregistered.
 #[derive(Debug)]
 pub struct SessionTicket {
     pub id: u64,
-    /// Fires (or closes) when a newer session of the same site has replaced this one.
-    pub superseded: oneshot::Receiver<()>,
+    /// Fires when the session must end (a newer session replaced it, or the site was revoked).
+    /// Closed without a value never happens while the ticket is live.
+    pub end: oneshot::Receiver<EndSignal>,
 }
 
 #[derive(Debug)]
 struct Live {
     id: u64,
-    supersede: oneshot::Sender<()>,
+    end: oneshot::Sender<EndSignal>,
 }
 
 #[derive(Debug, Default)]
 struct Entry {
     live: Option<Live>,
     last_seen: Option<SystemTime>,
+    clock_offset_ms: Option<i64>,
 }
 
 /// Connection state of one site, as reported by `GET /v1/sites`.
@@ -33,6 +46,8 @@ struct Entry {
 pub struct SiteLiveness {
     pub connected: bool,
     pub last_seen: Option<SystemTime>,
+    /// The site's clock minus central's, estimated at its last Hello since central started.
+    pub clock_offset_ms: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -59,11 +74,34 @@ impl Registry {
         let id = g.0;
         let (tx, rx) = oneshot::channel();
         let entry = g.1.entry(site.to_string()).or_default();
-        if let Some(old) = entry.live.replace(Live { id, supersede: tx }) {
-            let _ = old.supersede.send(());
+        if let Some(old) = entry.live.replace(Live { id, end: tx }) {
+            let _ = old.end.send(EndSignal::Superseded);
         }
         entry.last_seen = Some(SystemTime::now());
-        SessionTicket { id, superseded: rx }
+        SessionTicket { id, end: rx }
+    }
+
+    /// `site` was revoked: its live session, if any, is told to end and the site shows as
+    /// disconnected at once. Returns whether a session was live.
+    pub fn revoke(&self, site: &str) -> bool {
+        let mut g = self.lock();
+        let Some(entry) = g.1.get_mut(site) else {
+            return false;
+        };
+        match entry.live.take() {
+            Some(live) => {
+                let _ = live.end.send(EndSignal::Revoked);
+                entry.last_seen = Some(SystemTime::now());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records the clock offset estimated from `site`'s latest Hello.
+    pub fn set_clock_offset(&self, site: &str, offset_ms: i64) {
+        let mut g = self.lock();
+        g.1.entry(site.to_string()).or_default().clock_offset_ms = Some(offset_ms);
     }
 
     /// The session `id` of `site` ended. A superseded session's end leaves the newer one alone.
@@ -92,6 +130,7 @@ impl Registry {
                     SiteLiveness {
                         connected: e.live.is_some(),
                         last_seen: e.last_seen,
+                        clock_offset_ms: e.clock_offset_ms,
                     },
                 )
             })
@@ -111,16 +150,40 @@ mod tests {
     fn a_new_session_supersedes_the_old_one_and_the_old_end_does_not_disconnect_the_new() {
         let r = Registry::new();
         let mut a = r.register("plant-1");
-        assert!(a.superseded.try_recv().is_err(), "not superseded yet");
+        assert!(a.end.try_recv().is_err(), "not superseded yet");
         let mut b = r.register("plant-1");
-        assert!(a.superseded.try_recv().is_ok(), "old session told");
+        assert_eq!(
+            a.end.try_recv(),
+            Ok(EndSignal::Superseded),
+            "old session told"
+        );
         r.unregister("plant-1", a.id);
         assert_eq!(r.connected_count(), 1);
         assert!(r.snapshot()["plant-1"].connected);
         r.unregister("plant-1", b.id);
-        assert!(b.superseded.try_recv().is_err());
+        assert!(b.end.try_recv().is_err());
         let snap = r.snapshot();
         assert!(!snap["plant-1"].connected);
         assert!(snap["plant-1"].last_seen.is_some());
+    }
+
+    #[test]
+    fn revoking_ends_the_live_session_and_keeps_the_clock_offset() {
+        let r = Registry::new();
+        assert!(!r.revoke("plant-1"), "nothing live to end");
+        let mut a = r.register("plant-1");
+        r.set_clock_offset("plant-1", -7_200_000);
+        assert!(r.revoke("plant-1"));
+        assert_eq!(a.end.try_recv(), Ok(EndSignal::Revoked));
+        let snap = r.snapshot();
+        assert!(!snap["plant-1"].connected, "disconnected at once");
+        assert_eq!(snap["plant-1"].clock_offset_ms, Some(-7_200_000));
+        // The revoked session's own end does not disturb a later one.
+        let b = r.register("plant-1");
+        r.unregister("plant-1", a.id);
+        assert!(r.snapshot()["plant-1"].connected);
+        r.unregister("plant-1", b.id);
+        assert!(!r.revoke("plant-1"));
+        assert!(!r.snapshot().contains_key("plant-2"));
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::api::{ApiState, router};
+use crate::api::{ApiState, Clients, router};
 use crate::config::CentralConfig;
 use crate::quic::{SyncContext, TlsSetupError};
 use crate::registry::Registry;
@@ -156,7 +156,7 @@ pub async fn serve(
     let state = ApiState {
         store: store.clone(),
         registry: registry.clone(),
-        token: Arc::from(cfg.api.token.as_str()),
+        clients: Arc::new(Clients::from_config(&cfg.api.tokens)),
     };
     let app = router(state, cfg.api.max_body_bytes as usize);
     let mut http_stop = stop_rx.clone();
@@ -177,7 +177,8 @@ pub async fn serve(
         store: store.clone(),
         registry,
     };
-    let mut quic = tokio::spawn(crate::quic::run(endpoint, ctx, stop_rx));
+    let limits = crate::quic::AcceptLimits::from_config(&cfg.quic);
+    let mut quic = tokio::spawn(crate::quic::run(endpoint, ctx, limits, stop_rx));
 
     let mut failure = None;
     tokio::select! {

@@ -16,6 +16,7 @@ mod ingest;
 mod lifecycle_tests;
 mod orders;
 mod records;
+mod revoked;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -41,6 +42,7 @@ pub use records::{
     AllowanceUse, CentralData, CentralOrderRequest, Channel, DeadLetter, ExceptionRecord,
     OpenReclaim, OrderRecord, OrderState, ReconReport, Resolution, ResolutionAction, SiteData,
 };
+pub use revoked::RevokedSite;
 
 use crate::ledger::{LedgerKey, Targets};
 
@@ -357,8 +359,12 @@ impl Op {
     }
 }
 
+/// Opens the database again (the writer reopens it after an I/O error).
+type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
 struct Shared {
     path: PathBuf,
+    opener: Opener,
     opts: StoreOptions,
     /// `None` while the writer is reopening after an I/O error, or after shutdown.
     db: RwLock<Option<Arc<Database>>>,
@@ -416,7 +422,38 @@ impl Store {
     /// Opens (creating if missing) the store at `path` and starts its writer thread, which applies
     /// the allowance policy `opts`.
     pub fn open_with(path: &Path, opts: StoreOptions) -> Result<Store, OpenStoreError> {
-        let db = Database::create(path).map_err(|source| OpenStoreError::Open {
+        let file = path.to_path_buf();
+        Self::open_with_opener(path, opts, Box::new(move || Database::create(&file)))
+    }
+
+    /// Opens the store on a custom redb storage backend (simulated disks that lose unsynced
+    /// writes, in tests). `make` is called again whenever the writer reopens the database;
+    /// `path` only names the store in errors and logs.
+    pub fn open_on_backend<B, F>(
+        path: &Path,
+        opts: StoreOptions,
+        make: F,
+    ) -> Result<Store, OpenStoreError>
+    where
+        B: redb::StorageBackend,
+        F: Fn() -> std::io::Result<B> + Send + Sync + 'static,
+    {
+        Self::open_with_opener(
+            path,
+            opts,
+            Box::new(move || {
+                let backend = make().map_err(|e| redb::DatabaseError::Storage(e.into()))?;
+                Database::builder().create_with_backend(backend)
+            }),
+        )
+    }
+
+    fn open_with_opener(
+        path: &Path,
+        opts: StoreOptions,
+        opener: Opener,
+    ) -> Result<Store, OpenStoreError> {
+        let db = opener().map_err(|source| OpenStoreError::Open {
             path: path.to_path_buf(),
             source,
         })?;
@@ -433,6 +470,7 @@ impl Store {
         let (rev_tx, _) = watch::channel(revision);
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
+            opener,
             opts,
             db: RwLock::new(Some(Arc::new(db))),
             revision: rev_tx,
@@ -987,6 +1025,8 @@ fn init_tables(db: &Database) -> Result<u64, InitError> {
         txn.open_table(DEAD_LETTERS)?;
         txn.open_table(REPORTS)?;
         txn.open_table(CENTRAL_IDEM)?;
+        // Added without a schema bump: an older store simply gets the empty table.
+        txn.open_table(revoked::REVOKED)?;
     }
     txn.commit()?;
     Ok(revision)
@@ -1152,7 +1192,7 @@ fn reopen(shared: &Shared) {
             }
         }
     }
-    match Database::create(&shared.path) {
+    match (shared.opener)() {
         Ok(db) => {
             tracing::info!(path = %shared.path.display(), "store reopened");
             *shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_central::certs;
-use outpost_central::config::{AllowanceConfig, ApiConfig, CentralConfig, QuicConfig};
+use outpost_central::config::{
+    AllowanceConfig, ApiClient, ApiConfig, CentralConfig, QuicConfig, Redacted, Role, sha256_hex,
+};
 use outpost_protocol::io::{read_frame, write_frame};
 use outpost_protocol::{
     ALPN, AgentMsg, CentralMsg, EventBody, EventEnvelope, Grant, Hello, MasterChange, Milestone,
@@ -86,16 +88,23 @@ async fn start_central() -> Central {
         data_dir: dir.path().join("data"),
         api: ApiConfig {
             listen: "127.0.0.1:0".into(),
-            token: TOKEN.into(),
+            tokens: vec![ApiClient {
+                name: "admin".into(),
+                role: Role::Admin,
+                sha256: Redacted::new(sha256_hex(TOKEN)),
+            }],
+            token: None,
             max_body_bytes: 1 << 20,
         },
         quic: QuicConfig {
-            listen: "127.0.0.1:0".into(),
-            ca_cert: certs_dir.join("ca.pem"),
-            cert: certs_dir.join("central.pem"),
-            key: certs_dir.join("central.key"),
             idle_timeout_ms: 3000,
             keep_alive_ms: 500,
+            ..QuicConfig::with_defaults(
+                "127.0.0.1:0",
+                certs_dir.join("ca.pem"),
+                certs_dir.join("central.pem"),
+                certs_dir.join("central.key"),
+            )
         },
         allowance: AllowanceConfig::default(),
     };
@@ -712,5 +721,76 @@ async fn the_operator_cli_lists_shows_replays_and_resolves_exceptions() {
     let (code, _, err) = cli(&["exceptions", "list"]).await;
     assert_eq!(code, 2);
     assert!(err.contains("--fleet"), "{err}");
+    central.stop().await;
+}
+
+/// Goal: a revocation ends the site's live session at once with `Refuse{Revoked}` and keeps it
+/// out at every later Hello until reinstated; the Hello's clock gives the site's clock offset.
+/// Method: a hand-rolled agent whose clock is two hours behind says Hello; revoke over HTTP; the
+/// live session gets the refusal within a second; a new connection is refused at Hello; after
+/// reinstating, a new connection is welcomed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_ends_the_live_session_and_refuses_hellos_until_reinstated() {
+    let central = start_central().await;
+    let two_hours_ms = 2 * 3_600 * 1_000;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut live = Agent::connect(&central, "plant-1").await;
+    live.send(AgentMsg::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+        site: "plant-1".into(),
+        master_rev: 0,
+        last_seq: 0,
+        agent_time_ms: now_ms - two_hours_ms,
+    }))
+    .await;
+    assert!(matches!(live.recv().await, CentralMsg::Welcome(_)));
+    let sites = central.get("/v1/sites").await;
+    let offset = sites[0]["clock_offset_ms"].as_i64().expect("offset known");
+    assert!(
+        (offset + two_hours_ms).abs() < 2_000,
+        "offset {offset} is about -2 h"
+    );
+
+    let revoke = |method: reqwest::Method| {
+        central
+            .http
+            .request(method, format!("{}/v1/sites/plant-1/revoke", central.api))
+            .bearer_auth(TOKEN)
+            .json(&json!({"reason": "lost"}))
+            .send()
+    };
+    let started = std::time::Instant::now();
+    let resp = revoke(reqwest::Method::POST).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let r = tokio::time::timeout(Duration::from_secs(1), live.recv())
+        .await
+        .expect("the live session is refused within a second");
+    expect_refuse(r, RefuseCode::Revoked);
+    println!("revoked session refused after {:?}", started.elapsed());
+    let sites = central.get("/v1/sites").await;
+    assert_eq!(sites[0]["connected"], false, "{sites}");
+    assert_eq!(sites[0]["revoked"], true, "{sites}");
+
+    let mut again = Agent::connect(&central, "plant-1").await;
+    expect_refuse(again.hello("plant-1", 0, 0).await, RefuseCode::Revoked);
+    // Another site is not affected.
+    let mut other = Agent::connect(&central, "plant-2").await;
+    assert!(matches!(
+        other.hello("plant-2", 0, 0).await,
+        CentralMsg::Welcome(_)
+    ));
+
+    let resp = revoke(reqwest::Method::DELETE).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut back = Agent::connect(&central, "plant-1").await;
+    assert!(matches!(
+        back.hello("plant-1", 0, 0).await,
+        CentralMsg::Welcome(_)
+    ));
+    drop((back, other));
     central.stop().await;
 }

@@ -97,6 +97,9 @@ pub enum RefuseCode {
     Superseded,
     /// Central is shutting down or cannot serve right now; retry later.
     Unavailable,
+    /// An operator at central revoked this site: it is refused until reinstated. The agent keeps
+    /// its outbox and keeps retrying. (Last, so that the encodings of the codes above stay.)
+    Revoked,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -277,6 +277,11 @@ impl Proc {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Whether the process is still running (it has not exited, on its own or killed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL: no chance to flush or clean up.
     pub fn kill9(&mut self) -> Result<()> {
         self.child.kill()?;
@@ -343,6 +348,19 @@ impl Api {
         }
     }
 
+    /// A client for `p` whose every request gives up after `timeout` (chaos workloads count a
+    /// request that took longer as an unknown outcome instead of waiting the default 10 s).
+    pub fn with_timeout(p: &Proc, timeout: Duration) -> Api {
+        Api {
+            base: format!("http://{}", p.ready.api),
+            token: p.token.clone(),
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .expect("http client"),
+        }
+    }
+
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<Resp> {
         let r = rb.bearer_auth(&self.token).send().await?;
         let status = r.status().as_u16();
@@ -398,7 +416,12 @@ where
 
 /// Reads central's whole event feed, page by page (bounded number of pages).
 pub async fn read_feed(central: &Api) -> Result<Vec<Value>> {
-    let mut after = 0u64;
+    Ok(read_feed_after(central, 0).await?.0)
+}
+
+/// Reads central's event feed after cursor `after`, page by page (bounded number of pages), and
+/// returns the entries and the cursor to continue from (`after` itself when nothing is new).
+pub async fn read_feed_after(central: &Api, mut after: u64) -> Result<(Vec<Value>, u64)> {
     let mut all = Vec::new();
     for _ in 0..10_000 {
         let r = central
@@ -410,7 +433,7 @@ pub async fn read_feed(central: &Api) -> Result<Vec<Value>> {
         let events = r.body["events"].as_array().context("events")?.clone();
         let next = r.body["next"].as_u64().context("next")?;
         if events.is_empty() {
-            return Ok(all);
+            return Ok((all, after));
         }
         if next <= after {
             bail!("feed cursor did not advance: {after} -> {next}");

@@ -28,7 +28,11 @@ async fn start() -> Harness {
     let state = ApiState {
         store: store.clone(),
         registry: Arc::new(Registry::new()),
-        token: Arc::from(TOKEN),
+        clients: Arc::new(super::Clients::from_tokens([(
+            "admin",
+            crate::config::Role::Admin,
+            TOKEN,
+        )])),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -1,10 +1,10 @@
 //! Operator routes of central's API: the exception queue (list, show, resolve, replay), dead
-//! letters, per-site reconciliation reports and a read-only view of the allowance ledger. I/O
-//! shell over the store.
+//! letters, per-site reconciliation reports, a read-only view of the allowance ledger and the
+//! revocation of sites. I/O shell over the store and the session registry.
 
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use outpost_protocol::identity::validate_site_id;
 use outpost_protocol::validate_text;
@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::views::{dead_letter_json, exception_json, ledger_json, report_json};
-use super::{ApiError, ApiJson, ApiState};
+use super::{ApiError, ApiJson, ApiState, Caller, rfc3339_ms};
 use crate::ledger::LedgerKey;
 use crate::store::{
     ExceptionFilter, ExceptionOpError, LedgerFilter, MAX_REPORTS_PER_SITE, ResolveAction,
@@ -243,4 +243,64 @@ pub(super) async fn get_ledger(
     Ok(Json(Value::Array(
         entries.iter().map(ledger_json).collect(),
     )))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RevokeIn {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn site_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    match path {
+        Ok(Path(s)) if validate_site_id(&s).is_ok() => Ok(s),
+        _ => Err(ApiError::validation(
+            "the site id must be a valid site id (as in the site's certificate)",
+        )),
+    }
+}
+
+/// `POST /v1/sites/{site}/revoke` `{"reason": "..."}` (admin): puts the site on the deny list,
+/// durably, then closes its live connection; it is refused at every Hello until reinstated. Its
+/// agent keeps its outbox and retries. Revoking a revoked site changes nothing.
+pub(super) async fn revoke_site(
+    State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<ApiJson<RevokeIn>, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    let site = site_param(path)?;
+    let ApiJson(r) = body?;
+    let reason = r.reason.unwrap_or_default();
+    validate_text("reason", &reason).map_err(|e| ApiError::validation(e.to_string()))?;
+    let entry = st.store.revoke_site(&site, reason).await?;
+    // After the commit: a session that starts from now on finds the entry, and the live one is
+    // told here.
+    let was_connected = st.registry.revoke(&site);
+    tracing::warn!(site.id = %site, reason = %entry.reason, client = %caller.name, was_connected, "site revoked");
+    Ok(Json(json!({
+        "site": site,
+        "revoked": true,
+        "reason": entry.reason,
+        "revoked_at": rfc3339_ms(entry.at_ms),
+        "was_connected": was_connected,
+    })))
+}
+
+/// `DELETE /v1/sites/{site}/revoke` (admin): takes the site off the deny list; its agent is
+/// admitted at its next reconnect attempt.
+pub(super) async fn reinstate_site(
+    State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let site = site_param(path)?;
+    let old = st.store.reinstate_site(&site).await?;
+    tracing::warn!(site.id = %site, client = %caller.name, was_revoked = old.is_some(), "site reinstated");
+    Ok(Json(json!({
+        "site": site,
+        "revoked": false,
+        "was_revoked": old.is_some(),
+    })))
 }
