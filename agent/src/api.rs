@@ -5,6 +5,7 @@
 //! drops clients that trickle their headers. Async shell: handlers read redb directly
 //! (microseconds) and await the writer for writes.
 
+use outpost_protocol::secret::constant_time_eq;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -621,14 +622,6 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this route does not accept this method",
     )
-}
-
-/// Compares in time independent of where the first difference is (the length is not secret).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Bearer authentication (401) and the client's rate limit (429), before anything else. Logs

@@ -2,6 +2,10 @@
 //! that every problem is reported at once, each naming its key. Reads local files only (the config
 //! and the certificates it names); no network.
 
+pub use outpost_protocol::secret::{
+    MAX_CLIENT_NAME_LEN, MAX_TOKEN_LEN, MIN_TOKEN_LEN, check_token, hash_token, parse_sha256_hex,
+    to_hex, valid_client_name,
+};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -26,14 +30,8 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024;
 pub const MIN_MAX_BODY_BYTES: u64 = 16 * 1024;
 /// Largest accepted body limit: the local API never needs more, and each request is buffered.
 pub const MAX_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
-/// Shortest bearer token: 16 characters of a random hex token is 64 bits, the least we accept.
-pub const MIN_TOKEN_LEN: usize = 16;
-/// Longest bearer token, to keep header sizes bounded.
-pub const MAX_TOKEN_LEN: usize = 256;
 /// Most bearer tokens in one config (one per client system is plenty).
 pub const MAX_TOKENS: usize = 256;
-/// Longest client name: it appears in every log line about the client's requests.
-pub const MAX_CLIENT_NAME_LEN: usize = 64;
 /// Bytes of randomness in a token made by `outpost-agent hash-token --generate` (256 bits).
 pub const GENERATED_TOKEN_BYTES: usize = 32;
 /// Default sustained requests per second per client: far above what a scanner or an order-entry
@@ -283,62 +281,10 @@ impl fmt::Debug for ApiClient {
     }
 }
 
-/// SHA-256 of a bearer token, as configured in `[[api.tokens]] sha256` and compared at each request.
-pub fn hash_token(token: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(token).into()
-}
-
-/// Lower-case hex of `bytes`.
-pub fn to_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-/// Parses 64 lower-case hex characters; `None` for anything else.
-pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 || !b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    let nibble = |c: u8| if c <= b'9' { c - b'0' } else { c - b'a' + 10 };
-    let mut out = [0u8; 32];
-    for (i, pair) in b.chunks_exact(2).enumerate() {
-        out[i] = (nibble(pair[0]) << 4) | nibble(pair[1]);
-    }
-    Some(out)
-}
-
-/// Why a token cannot be used: its length or characters (never its value).
-pub fn check_token(token: &str) -> Result<(), String> {
-    if !(MIN_TOKEN_LEN..=MAX_TOKEN_LEN).contains(&token.len())
-        || !token.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(format!(
-            "a token must be {MIN_TOKEN_LEN}..={MAX_TOKEN_LEN} visible ASCII characters (no spaces), got {} bytes",
-            token.len()
-        ));
-    }
-    Ok(())
-}
-
 /// A new random token: `GENERATED_TOKEN_BYTES` bytes as lower-case hex.
 pub fn generate_token() -> String {
     let bytes: [u8; GENERATED_TOKEN_BYTES] = rand::random();
     to_hex(&bytes)
-}
-
-/// Whether `name` is a valid client name: 1..=64 characters of `[A-Za-z0-9._-]`.
-pub fn valid_client_name(name: &str) -> bool {
-    (1..=MAX_CLIENT_NAME_LEN).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Keys of a `[[api.tokens]]` table.

@@ -12,6 +12,7 @@ mod orders;
 mod roles_tests;
 pub mod views;
 
+pub use outpost_protocol::secret::constant_time_eq;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -115,8 +116,7 @@ impl Clients {
     /// compared, in time independent of where hashes differ, so timing tells nothing about
     /// which client, if any, nearly matched.
     pub fn authenticate(&self, presented: &str) -> Option<&Caller> {
-        use sha2::Digest;
-        let hash: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
+        let hash = outpost_protocol::secret::hash_token(presented.as_bytes());
         let mut found = None;
         for (caller, expected) in &self.0 {
             if constant_time_eq(&hash, expected) && found.is_none() {
@@ -252,19 +252,6 @@ where
             .map(ApiJson)
             .map_err(|e| ApiError::bad_json(format!("invalid JSON body: {e}")))
     }
-}
-
-/// Compares two byte strings in time independent of where they differ (the length of the
-/// configured token is not secret).
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y));
-    std::hint::black_box(diff) == 0
 }
 
 /// Checks the bearer token before anything else runs, so that an unauthenticated body is never

@@ -1,6 +1,10 @@
 //! Central's configuration: a TOML file plus `OUTPOST_*` environment overrides, validated as a
 //! whole so that every problem is reported at once. Reads files; no sockets.
 
+pub use outpost_protocol::secret::{
+    MAX_CLIENT_NAME_LEN, MAX_TOKEN_LEN, MIN_TOKEN_LEN, parse_sha256_hex, sha256_hex,
+    valid_client_name,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,13 +24,6 @@ pub const DEFAULT_KEEP_ALIVE_MS: u64 = 1_000;
 pub const MIN_IDLE_TIMEOUT_MS: u64 = 100;
 /// Longest idle timeout: a dead peer must not hold a session slot for longer.
 pub const MAX_IDLE_TIMEOUT_MS: u64 = 600_000;
-/// Shortest accepted bearer token: 16 characters is 64 bits of hex, the floor for a shared secret
-/// (`hash-token` refuses shorter ones).
-pub const MIN_TOKEN_LEN: usize = 16;
-/// Longest accepted bearer token: keeps the header small and the comparison cheap.
-pub const MAX_TOKEN_LEN: usize = 256;
-/// Longest API client name: it appears in every request's log line.
-pub const MAX_CLIENT_NAME_LEN: usize = 64;
 /// Most API clients: each request hashes once and compares against every client.
 pub const MAX_API_CLIENTS: usize = 256;
 /// Default and bounds of `quic.max_connections`: a few hundred sites per central, with room for
@@ -220,43 +217,6 @@ impl std::fmt::Debug for Redacted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")
     }
-}
-
-/// 64 lower-case hex digits as 32 bytes.
-pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
-    let b = hex.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; 32];
-    for (i, pair) in b.chunks_exact(2).enumerate() {
-        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(out)
-}
-
-/// The SHA-256 of a bearer token as 64 lower-case hex digits (what `[[api.tokens]]` holds).
-pub fn sha256_hex(token: &str) -> String {
-    use sha2::Digest;
-    use std::fmt::Write as _;
-    sha2::Sha256::digest(token.as_bytes())
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-fn valid_client_name(name: &str) -> bool {
-    (1..=MAX_CLIENT_NAME_LEN).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -266,14 +266,7 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
         let clients: String = tokens
             .iter()
             .map(|(role, t)| {
-                use sha2::Digest;
-                let hash = sha2::Sha256::digest(t.as_bytes()).iter().fold(
-                    String::with_capacity(64),
-                    |mut s, b| {
-                        let _ = write!(s, "{b:02x}");
-                        s
-                    },
-                );
+                let hash = crate::config::sha256_hex(t);
                 // The dev fleet's tests and load drills drive each site through its admin
                 // client, so that one is not held to the default rate limit; the other roles are.
                 let rate = if role == "admin" {

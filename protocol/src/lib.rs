@@ -9,6 +9,7 @@ pub mod identity;
 pub mod io;
 pub mod messages;
 pub mod money;
+pub mod secret;
 pub mod session;
 
 pub use escrow::{CentralPool, EscrowError, Pool, SitePool};
