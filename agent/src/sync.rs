@@ -980,6 +980,7 @@ mod tests {
         let mut hwm = 0;
         while let Ok(Some(msg)) = read_frame::<AgentMsg, _>(&mut recv).await {
             match msg {
+                AgentMsg::Heartbeat(_) => {}
                 AgentMsg::Events(batch) => {
                     let plan =
                         outpost_protocol::session::plan_ingest("plant-1", hwm, &batch).unwrap();

@@ -709,6 +709,10 @@ impl Session {
                         Some(Err(e)) => {
                             return self.frame_error(&mut send, e).await;
                         }
+                        Some(Ok(AgentMsg::Heartbeat(_))) => {
+                            // Fleet health signals: for now they only show the site is alive.
+                            self.ctx.registry.touch(&self.site);
+                        }
                         Some(Ok(AgentMsg::Hello(_))) => {
                             let r = refuse(RefuseCode::ProtocolViolation, "Hello sent twice");
                             self.send_refuse(&mut send, r.clone()).await;

@@ -34,6 +34,43 @@ pub enum AgentMsg {
         pool: Pool,
         qty: i64,
     },
+    /// The agent's health signals, sent every `[health] heartbeat_secs` on a live session.
+    Heartbeat(Heartbeat),
+}
+
+/// What an agent reports about itself and its host (fleet health). Counters are cumulative
+/// since the agent started (central derives rates from consecutive heartbeats); `None` where a
+/// figure could not be read on this host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The agent's wall clock when it sent this, ms since the Unix epoch (clock offset).
+    pub agent_time_ms: i64,
+    pub agent_version: String,
+    pub uptime_secs: u64,
+    /// CPU of the agent process, percent of one core.
+    pub process_cpu_pct: Option<f32>,
+    pub process_rss_bytes: Option<u64>,
+    /// CPU of the whole host, percent of all cores.
+    pub host_cpu_pct: Option<f32>,
+    pub host_mem_used_bytes: Option<u64>,
+    pub host_mem_total_bytes: Option<u64>,
+    /// Free and total space of the filesystem holding the store.
+    pub disk_free_bytes: Option<u64>,
+    pub disk_total_bytes: Option<u64>,
+    pub store_file_bytes: Option<u64>,
+    /// Events in the outbox not yet acknowledged by central, and their encoded size.
+    pub outbox_events: u64,
+    pub outbox_bytes: u64,
+    /// When the oldest unacknowledged event was stored (site clock, ms since the epoch): the
+    /// age of the data at risk. `None` when the outbox is empty.
+    pub oldest_unsynced_ms: Option<i64>,
+    /// Master revision applied at the site.
+    pub master_rev: u64,
+    /// When that revision was applied (site clock, ms since the epoch), `None` if never.
+    pub master_applied_ms: Option<i64>,
+    /// Local API requests and error answers (4xx and 5xx) since the agent started.
+    pub api_requests: u64,
+    pub api_errors: u64,
 }
 
 /// Sent by central.

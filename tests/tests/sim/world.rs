@@ -1105,7 +1105,7 @@ impl Sim {
                     }
                 }
             }
-            AgentMsg::AllowanceRequest { .. } => {}
+            AgentMsg::AllowanceRequest { .. } | AgentMsg::Heartbeat(_) => {}
         }
     }
 
