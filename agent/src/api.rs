@@ -44,6 +44,8 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub const ORDERS_ROUTE: &str = "/v1/orders";
 /// `POST` route that records shipment milestones (role `scanner`).
 pub const MILESTONES_ROUTE: &str = "/v1/shipments/{shipment_id}/milestones";
+/// `GET` route of the Prometheus metrics (`metrics.rs`); any role may read it.
+pub const METRICS_ROUTE: &str = "/metrics";
 /// Least time between two warnings about refused connections; the ones in between are counted.
 pub const REFUSED_WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// Pause after an accept error that is not about one connection (out of file descriptors), so
@@ -215,6 +217,9 @@ pub struct ApiCounters {
     pub header_timeouts: AtomicU64,
     /// Connections open now.
     pub connections_open: AtomicU64,
+    /// HTTP requests answered, and those answered 4xx or 5xx (reported in heartbeats).
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
 }
 
 impl ApiCounters {
@@ -231,6 +236,8 @@ impl ApiCounters {
             "connections_refused": get(&self.connections_refused),
             "header_timeouts": get(&self.header_timeouts),
             "connections_open": get(&self.connections_open),
+            "requests": get(&self.requests),
+            "errors": get(&self.errors),
         })
     }
 }
@@ -393,10 +400,19 @@ pub fn router_with(state: ApiState, boundary: Boundary) -> Router {
         max_body_bytes: limit,
     };
     let counters = boundary.counters.clone();
+    let metrics_counters = boundary.counters.clone();
+    let started = std::time::SystemTime::now();
     Router::new()
         .route(
             "/v1/health",
             get(move |s: State<ApiState>| health(s, counters.clone())),
+        )
+        // A read like the others: any valid token may scrape it.
+        .route(
+            METRICS_ROUTE,
+            get(move |s: State<ApiState>| {
+                crate::metrics::handler(s, metrics_counters.clone(), started)
+            }),
         )
         .route("/v1/atp/{sku}", get(atp))
         .route("/v1/allowances", get(allowances))
@@ -418,6 +434,10 @@ pub fn router_with(state: ApiState, boundary: Boundary) -> Router {
             REQUEST_TIMEOUT,
         ))
         .layer(middleware::from_fn(json_timeout))
+        .layer(middleware::from_fn_with_state(
+            boundary.counters.clone(),
+            count_requests,
+        ))
         .layer(tower::limit::ConcurrencyLimitLayer::new(
             MAX_IN_FLIGHT_REQUESTS,
         ))
@@ -592,6 +612,20 @@ pub async fn serve(
     drop(listener);
     while conns.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Counts every answered request, and the 4xx and 5xx answers among them.
+async fn count_requests(
+    State(counters): State<Arc<ApiCounters>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let resp = next.run(req).await;
+    ApiCounters::bump(&counters.requests);
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        ApiCounters::bump(&counters.errors);
+    }
+    resp
 }
 
 /// The timeout layer answers with an empty 408; give it the JSON error shape.

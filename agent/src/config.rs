@@ -83,6 +83,12 @@ pub const DEFAULT_REQUEST_DEADLINE_MS: u64 = 300;
 /// Range of accepted allowance request deadlines. Past five seconds an order capture would feel
 /// hung; the site must keep working at local speed (guarantee 4).
 pub const REQUEST_DEADLINE_RANGE_MS: std::ops::RangeInclusive<u64> = 1..=5_000;
+/// Default seconds between two heartbeats on a live session: central notices a silent site
+/// within a few beats, and a beat (a few hundred bytes) every 5 s costs nothing on any link.
+pub const DEFAULT_HEARTBEAT_SECS: u64 = 5;
+/// Range of accepted heartbeat intervals: at most one beat a second (each one refreshes CPU,
+/// memory and disk figures), at least one an hour.
+pub const HEARTBEAT_RANGE_SECS: std::ops::RangeInclusive<u64> = 1..=3_600;
 
 /// The config file as written (`[api]`, `[sync]`). Every field has a default so that all missing
 /// keys are reported together by `validate` rather than one at a time by the deserializer.
@@ -94,6 +100,22 @@ pub struct AgentConfig {
     pub api: ApiConfig,
     pub sync: SyncConfig,
     pub allowance: AllowanceConfig,
+    pub health: HealthConfig,
+}
+
+/// `[health]`: how often the agent reports its health signals to central.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub heartbeat_secs: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
+        }
+    }
 }
 
 /// `[allowance]`: how the agent asks central for more allowance while an order waits.
@@ -338,6 +360,13 @@ pub struct Settings {
     pub api: ApiSettings,
     pub sync: SyncSettings,
     pub allowance: AllowanceSettings,
+    pub health: HealthSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct HealthSettings {
+    /// Time between two heartbeats on a live session.
+    pub heartbeat: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -395,6 +424,7 @@ impl fmt::Debug for Settings {
             .field("api", &self.api)
             .field("sync", &self.sync)
             .field("allowance", &self.allowance)
+            .field("health", &self.health)
             .finish()
     }
 }
@@ -447,8 +477,9 @@ impl LoadConfigError {
     }
 }
 
-const ROOT_KEYS: &[&str] = &["site_id", "data_dir", "api", "sync", "allowance"];
+const ROOT_KEYS: &[&str] = &["site_id", "data_dir", "api", "sync", "allowance", "health"];
 const ALLOWANCE_KEYS: &[&str] = &["request_deadline_ms"];
+const HEALTH_KEYS: &[&str] = &["heartbeat_secs"];
 const API_KEYS: &[&str] = &[
     "listen",
     "tokens",
@@ -564,6 +595,7 @@ fn unknown_keys(merged: &config::Config) -> Vec<Problem> {
             "api" => Some(API_KEYS),
             "sync" => Some(SYNC_KEYS),
             "allowance" => Some(ALLOWANCE_KEYS),
+            "health" => Some(HEALTH_KEYS),
             _ => None,
         };
         if !ROOT_KEYS.contains(&k.as_str()) {
@@ -764,6 +796,18 @@ impl AgentConfig {
             );
         }
 
+        let heartbeat_secs = self.health.heartbeat_secs;
+        if !HEARTBEAT_RANGE_SECS.contains(&heartbeat_secs) {
+            p.add(
+                "health.heartbeat_secs",
+                format!(
+                    "must be {}..={} s, got {heartbeat_secs}",
+                    HEARTBEAT_RANGE_SECS.start(),
+                    HEARTBEAT_RANGE_SECS.end()
+                ),
+            );
+        }
+
         let problems = p.0;
         match listen {
             Some(listen) if problems.is_empty() => Ok(Settings {
@@ -795,6 +839,9 @@ impl AgentConfig {
                 },
                 allowance: AllowanceSettings {
                     request_deadline: Duration::from_millis(deadline_ms),
+                },
+                health: HealthSettings {
+                    heartbeat: Duration::from_secs(heartbeat_secs),
                 },
             }),
             _ => Err(problems),
@@ -1109,6 +1156,32 @@ key = "certs/{site}.key"
             .problems()
             .join("\n");
         assert!(all.contains("allowance.deadline: unknown key"), "{all}");
+    }
+
+    /// Goal: `[health] heartbeat_secs` defaults to 5, is read from the environment, and is
+    /// refused outside 1..=3600 by its key.
+    #[test]
+    fn heartbeat_interval_is_read_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let path = write_config(dir.path(), &pki, "plant-1", "");
+        let s = load_with_env(&path, BTreeMap::new()).unwrap();
+        assert_eq!(s.health.heartbeat, Duration::from_secs(5));
+        let env = |v: &str| -> BTreeMap<String, String> {
+            [("OUTPOST_HEALTH__HEARTBEAT_SECS".to_string(), v.to_string())].into()
+        };
+        let s = load_with_env(&path, env("1")).unwrap();
+        assert_eq!(s.health.heartbeat, Duration::from_secs(1));
+        for bad in ["0", "3601"] {
+            let all = load_with_env(&path, env(bad))
+                .unwrap_err()
+                .problems()
+                .join("\n");
+            assert!(
+                all.contains("health.heartbeat_secs: must be 1..=3600"),
+                "{all}"
+            );
+        }
     }
 
     /// Goal: a broken config reports every problem at once, each by its key.

@@ -4,6 +4,8 @@
 pub mod api;
 pub mod capture;
 pub mod config;
+pub mod health;
+pub mod metrics;
 pub mod run;
 pub mod store;
 pub mod sync;

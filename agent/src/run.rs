@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, ApiState, Boundary, Clients, ServeLimits};
 use crate::config::Settings;
+use crate::health::HealthProbe;
 use crate::store::{OpenStoreError, Store};
 use crate::sync::{LinkState, SyncClient};
 use crate::tls::TlsError;
@@ -79,13 +80,20 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         store.master_rev_watch(),
         link.clone(),
     );
+    let boundary = Boundary::new(Clients::new(
+        settings.api.clients.clone(),
+        settings.api.rate_limit_burst,
+    ));
+    let counters = boundary.counters.clone();
+    let probe = HealthProbe::new(store.clone(), settings.store_path(), counters.clone());
     let sync = SyncClient::new(
         settings.sync.clone(),
         settings.site_id.clone(),
         store.clone(),
         link.clone(),
         ask_rx,
-    )?;
+    )?
+    .with_heartbeat(settings.health.heartbeat, probe);
     let listener = tokio::net::TcpListener::bind(settings.api.listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -96,11 +104,6 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         addr: settings.api.listen,
         source,
     })?;
-    let boundary = Boundary::new(Clients::new(
-        settings.api.clients.clone(),
-        settings.api.rate_limit_burst,
-    ));
-    let counters = boundary.counters.clone();
     let app = api::router_with(
         ApiState {
             store: store.clone(),

@@ -237,6 +237,15 @@ impl Marks {
     }
 }
 
+/// The outbox at a glance (heartbeat signals): see `Store::outbox_summary`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboxSummary {
+    pub events: u64,
+    pub bytes: u64,
+    /// `at_ms` of the oldest unacknowledged event; `None` when the outbox is empty.
+    pub oldest_at_ms: Option<i64>,
+}
+
 /// What `GET /v1/atp/{sku}` shows: the site's allowance and the ERP's figure for the SKU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AtpView {
@@ -548,6 +557,28 @@ impl Store {
         t.len().map_err(storage)
     }
 
+    /// What the outbox holds, for the heartbeat: its rows, the bytes its table stores (keys,
+    /// values and page overhead of the leaves; the walk visits each page once, so it is bounded
+    /// by the outbox's size) and when its oldest event was stored. Reads one row only.
+    pub fn outbox_summary(&self) -> Result<OutboxSummary, ReadError> {
+        let txn = self.read_txn()?;
+        let t = txn.open_table(OUTBOX).map_err(storage)?;
+        let events = t.len().map_err(storage)?;
+        let bytes = t.stats().map_err(storage)?.stored_bytes();
+        let oldest_at_ms = match t.first().map_err(storage)? {
+            Some((_, v)) => {
+                let e: EventEnvelope = postcard::from_bytes(v.value()).map_err(corrupt)?;
+                Some(e.at_ms)
+            }
+            None => None,
+        };
+        Ok(OutboxSummary {
+            events,
+            bytes,
+            oldest_at_ms,
+        })
+    }
+
     /// The ERP's ATP figure for `sku` at this site, with the master revision it reflects.
     pub fn atp(&self, sku: &str) -> Result<Option<(i64, u64)>, ReadError> {
         let txn = self.read_txn()?;
@@ -632,6 +663,28 @@ impl Store {
             out.push((pool, v.value()));
         }
         Ok((out, false))
+    }
+
+    /// What remains of every allowance this site holds, summed per pool kind: `(atp, credit)`
+    /// (units of SKUs, and `Money` units of credit). One pass over the table, however many pools.
+    pub fn allowance_totals(&self) -> Result<(i64, i64), ReadError> {
+        let txn = self.read_txn()?;
+        let t = txn.open_table(ALLOWANCES).map_err(storage)?;
+        let (mut atp, mut credit) = (0i64, 0i64);
+        for row in t.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            match parse_pool_key(k.value()) {
+                Some(Pool::Atp { .. }) => atp = atp.saturating_add(v.value()),
+                Some(Pool::Credit { .. }) => credit = credit.saturating_add(v.value()),
+                None => {
+                    return Err(ReadError::Corrupt(format!(
+                        "bad allowance key {:?}",
+                        k.value()
+                    )));
+                }
+            }
+        }
+        Ok((atp, credit))
     }
 
     /// Whether an order was already stored under this idempotency key.

@@ -13,7 +13,8 @@ use std::time::Duration;
 use outpost_protocol::io::{read_frame, write_frame};
 use outpost_protocol::session::Uploader;
 use outpost_protocol::{
-    AgentMsg, CentralMsg, EventEnvelope, FrameError, Hello, PROTOCOL_VERSION, Refuse, RefuseCode,
+    AgentMsg, CentralMsg, EventEnvelope, FrameError, Heartbeat, Hello, PROTOCOL_VERSION, Refuse,
+    RefuseCode,
 };
 use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -22,6 +23,7 @@ use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use crate::config::SyncSettings;
+use crate::health::HealthProbe;
 use crate::store::{ReadError, Store, WriteError, now_ms};
 use crate::tls::{self, TlsError};
 use crate::topup::{AllowanceAnswer, AllowanceAsk};
@@ -212,6 +214,9 @@ pub struct SyncClient {
     next_request_id: u64,
     client_config: quinn::ClientConfig,
     endpoint: Option<(bool, quinn::Endpoint)>,
+    /// Heartbeat interval and probe; `None`: no heartbeats (scripted centrals in unit tests).
+    /// The probe outlives sessions so CPU figures always cover the time since the last beat.
+    heartbeat: Option<(Duration, Arc<std::sync::Mutex<HealthProbe>>)>,
 }
 
 /// How a session ended without error.
@@ -251,7 +256,15 @@ impl SyncClient {
             next_request_id: 0,
             client_config,
             endpoint: None,
+            heartbeat: None,
         })
+    }
+
+    /// Sends a heartbeat sampled by `probe` every `every` on each live session, the first one
+    /// right after the Welcome.
+    pub fn with_heartbeat(mut self, every: Duration, probe: HealthProbe) -> Self {
+        self.heartbeat = Some((every, Arc::new(std::sync::Mutex::new(probe))));
+        self
     }
 
     /// Runs sessions until `shutdown` turns true, then closes the endpoint.
@@ -511,7 +524,24 @@ impl SyncClient {
         );
         let (ack_tx, ack_rx) = watch::channel(welcome.acked_seq);
         let acker = tokio::spawn(persist_acks(self.store.clone(), ack_rx).in_current_span());
-        let _guard = TaskGuard(vec![reader, acker]);
+        let mut tasks = vec![reader, acker];
+        // Heartbeats are sampled off the session loop and handed over through a one-slot queue:
+        // a beat that finds the slot taken (the loop is busy writing) is skipped, not queued.
+        let (hb_tx, mut heartbeats) = mpsc::channel::<Heartbeat>(1);
+        if let Some((every, probe)) = self.heartbeat.clone() {
+            // The first beat goes out before the upload starts, so central sees the backlog
+            // built up while the link was down, not the outbox after it drained.
+            if let Some(hb) = sample_heartbeat(probe.clone()).await {
+                match outpost_protocol::encode(&AgentMsg::Heartbeat(hb)) {
+                    Ok(frame) => write_all(&mut send, &frame).await?,
+                    Err(e) => tracing::warn!(error = %e, "cannot encode a heartbeat"),
+                }
+            }
+            tasks.push(tokio::spawn(
+                run_heartbeats(every, probe, hb_tx).in_current_span(),
+            ));
+        }
+        let _guard = TaskGuard(tasks);
         // Dropped with the session: the orders waiting on these requests then go on at once.
         let mut pending = PendingAsks::new();
 
@@ -551,6 +581,14 @@ impl SyncClient {
                     }
                 }
                 _ = self.store.new_events().notified() => {}
+                Some(hb) = heartbeats.recv() => {
+                    // Only a failed write ends the session; a beat that cannot be encoded is
+                    // skipped.
+                    match outpost_protocol::encode(&AgentMsg::Heartbeat(hb)) {
+                        Ok(frame) => write_all(&mut send, &frame).await?,
+                        Err(e) => tracing::warn!(error = %e, "cannot encode a heartbeat"),
+                    }
+                }
                 ask = self.asks.recv(), if self.asks_open => match ask {
                     Some(ask) => self.send_ask(ask, &mut send, &mut pending).await?,
                     None => self.asks_open = false,
@@ -618,6 +656,48 @@ impl SyncClient {
             CentralMsg::Welcome(_) => Err(SyncError::Protocol(
                 "a second Welcome in one session".into(),
             )),
+        }
+    }
+}
+
+/// One heartbeat, sampled on the blocking pool (`/proc`, `statvfs` and redb reads).
+async fn sample_heartbeat(probe: Arc<std::sync::Mutex<HealthProbe>>) -> Option<Heartbeat> {
+    let sampled = tokio::task::spawn_blocking(move || {
+        probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sample()
+    })
+    .await;
+    match sampled {
+        Ok(hb) => Some(hb),
+        Err(e) => {
+            tracing::warn!(error = %e, "sampling a heartbeat failed");
+            None
+        }
+    }
+}
+
+/// Samples a heartbeat every `every` (the first one `every` after the session's first) and hands it to the session loop until
+/// the session ends (the receiver is dropped).
+async fn run_heartbeats(
+    every: Duration,
+    probe: Arc<std::sync::Mutex<HealthProbe>>,
+    out: mpsc::Sender<Heartbeat>,
+) {
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(hb) = sample_heartbeat(probe.clone()).await else {
+            continue;
+        };
+        match out.try_send(hb) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!("previous heartbeat not sent yet; skipping this one");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
     }
 }
@@ -907,6 +987,82 @@ mod tests {
             .expect("sync task stops on shutdown")
             .unwrap();
         assert!(!link.is_connected());
+        writer.shutdown().await;
+    }
+
+    /// Goal: the first heartbeat of a session goes out right after the Welcome and before any
+    /// event, so it shows the backlog built while offline; later ones follow every interval.
+    /// Method: 5 events in the outbox, a scripted central that reads the frames in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_heartbeat_precedes_the_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let central = fake_central(&pki);
+        let addr = central.local_addr().unwrap();
+        let path = dir.path().join("agent.redb");
+        let (store, writer) = Store::open(&path, "plant-1").unwrap();
+        for i in 0..5 {
+            store
+                .record_milestone(scan(&format!("e{i}")), 1_000 + i)
+                .await
+                .unwrap();
+        }
+        let link = Arc::new(LinkState::default());
+        let (_ask_tx, ask_rx) = mpsc::channel(crate::topup::ASK_QUEUE_DEPTH);
+        let probe = HealthProbe::new(
+            store.clone(),
+            path,
+            Arc::new(crate::api::ApiCounters::default()),
+        );
+        let client = SyncClient::new(
+            settings(dir.path(), &pki, addr),
+            "plant-1".into(),
+            store.clone(),
+            link.clone(),
+            ask_rx,
+        )
+        .unwrap()
+        .with_heartbeat(Duration::from_millis(200), probe);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(client.run(stop_rx));
+
+        let conn = central.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let Some(AgentMsg::Hello(_)) = read_frame(&mut recv).await.unwrap() else {
+            panic!("expected hello")
+        };
+        let welcome = CentralMsg::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            central_version: "test".into(),
+            acked_seq: 0,
+            master_rev: 0,
+        });
+        write_frame(&mut send, &welcome).await.unwrap();
+        let first: AgentMsg = read_frame(&mut recv).await.unwrap().unwrap();
+        let AgentMsg::Heartbeat(hb) = first else {
+            panic!("expected a heartbeat first, got {first:?}")
+        };
+        assert_eq!(hb.outbox_events, 5);
+        assert_eq!(hb.oldest_unsynced_ms, Some(1_000));
+        // Events follow (not acked here), then the next heartbeat within a bounded number of
+        // frames.
+        let mut beats = 0;
+        for _ in 0..20 {
+            match read_frame::<AgentMsg, _>(&mut recv).await.unwrap().unwrap() {
+                AgentMsg::Heartbeat(_) => {
+                    beats += 1;
+                    break;
+                }
+                AgentMsg::Events(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(beats, 1, "a second heartbeat follows");
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
         writer.shutdown().await;
     }
 

@@ -4,6 +4,7 @@
 //! and the session registry; every error is the JSON shape `{"error": {"code", "message"}}` with
 //! a stable code (some errors add fields beside those two).
 
+mod fleet;
 #[cfg(test)]
 mod lifecycle_tests;
 mod ops;
@@ -39,6 +40,8 @@ use crate::store::{ReadError, Store, StoreUnavailable, UpsertMasterError};
 /// Most items in one master-data upsert: one request, one transaction; larger loads are split by
 /// the caller so that a single commit stays short.
 pub const MAX_MASTER_ITEMS: usize = 10_000;
+/// `GET` route of the Prometheus metrics (`metrics.rs`); any role may read it.
+pub const METRICS_ROUTE: &str = "/metrics";
 /// Default page size of `GET /v1/events`.
 pub const DEFAULT_EVENTS_LIMIT: u64 = 100;
 /// Largest page of `GET /v1/events`: bounds one response to a few hundred KiB.
@@ -339,6 +342,7 @@ async fn method_not_allowed() -> ApiError {
 /// they need: the ERP's (which admin may use too) and admin's only, whose role check runs before
 /// any body is read.
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    let started = SystemTime::now();
     let admin_only = Router::new()
         .route("/v1/exceptions/{id}/resolve", post(ops::resolve_exception))
         .route("/v1/exceptions/{id}/replay", post(ops::replay_exception))
@@ -357,6 +361,14 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/events", get(get_events))
         .route("/v1/sites", get(get_sites))
         .route("/v1/health", get(get_health))
+        .route("/v1/fleet", get(fleet::get_fleet))
+        .route("/v1/fleet/{site}", get(fleet::get_fleet_site))
+        .route("/v1/alerts", get(fleet::list_alerts))
+        // Any role may scrape, like the other reads.
+        .route(
+            METRICS_ROUTE,
+            get(move |s: State<ApiState>| crate::metrics::handler(s, started)),
+        )
         .route("/v1/orders", post(orders::post_order))
         .route("/v1/orders/{order_id}", get(orders::get_order))
         .route("/v1/orders/{order_id}/status", post(orders::post_status))

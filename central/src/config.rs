@@ -87,6 +87,112 @@ pub struct CentralConfig {
     /// Optional: the allowance policy (defaults below).
     #[serde(default)]
     pub allowance: AllowanceConfig,
+    /// Optional: fleet health thresholds and alert webhooks (defaults below).
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// Default of `health.offline_after_secs`: three missed heartbeats at the agent's default
+/// interval (5 s).
+pub const DEFAULT_OFFLINE_AFTER_SECS: u64 = 15;
+/// Default of `health.backlog_age_secs`: five minutes of unsynced data is worth a look.
+pub const DEFAULT_BACKLOG_AGE_SECS: u64 = 300;
+/// Default of `health.disk_free_min_pct`.
+pub const DEFAULT_DISK_FREE_MIN_PCT: u64 = 10;
+/// Default of `health.clock_offset_max_ms`: a minute off makes logs and `site_time` misleading.
+pub const DEFAULT_CLOCK_OFFSET_MAX_MS: u64 = 60_000;
+/// Default of `health.master_lag_max_secs`.
+pub const DEFAULT_MASTER_LAG_MAX_SECS: u64 = 300;
+/// Default of `health.outbox_events_max`: a day of a busy site's events.
+pub const DEFAULT_OUTBOX_EVENTS_MAX: u64 = 100_000;
+/// Most alert webhooks: each alert is POSTed to every one.
+pub const MAX_WEBHOOKS: usize = 16;
+/// Longest accepted duration thresholds: a week.
+pub const MAX_HEALTH_SECS: u64 = 7 * 86_400;
+
+/// `[health]`: when a site counts as degraded or offline, and where alerts are POSTed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub offline_after_secs: u64,
+    pub backlog_age_secs: u64,
+    pub disk_free_min_pct: u64,
+    pub clock_offset_max_ms: u64,
+    pub master_lag_max_secs: u64,
+    pub outbox_events_max: u64,
+    /// `http://` or `https://` URLs that receive each alert as a JSON POST.
+    pub webhooks: Vec<String>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            offline_after_secs: DEFAULT_OFFLINE_AFTER_SECS,
+            backlog_age_secs: DEFAULT_BACKLOG_AGE_SECS,
+            disk_free_min_pct: DEFAULT_DISK_FREE_MIN_PCT,
+            clock_offset_max_ms: DEFAULT_CLOCK_OFFSET_MAX_MS,
+            master_lag_max_secs: DEFAULT_MASTER_LAG_MAX_SECS,
+            outbox_events_max: DEFAULT_OUTBOX_EVENTS_MAX,
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The thresholds the derivation uses (validated: every product fits an i64).
+    pub fn thresholds(&self) -> crate::health::Thresholds {
+        let ms = |secs: u64| i64::try_from(secs.saturating_mul(1_000)).unwrap_or(i64::MAX);
+        crate::health::Thresholds {
+            offline_after_ms: ms(self.offline_after_secs),
+            backlog_age_ms: ms(self.backlog_age_secs),
+            disk_free_min_pct: self.disk_free_min_pct,
+            clock_offset_max_ms: i64::try_from(self.clock_offset_max_ms).unwrap_or(i64::MAX),
+            master_lag_max_ms: ms(self.master_lag_max_secs),
+            outbox_events_max: self.outbox_events_max,
+        }
+    }
+
+    fn validate(&self, problems: &mut Vec<String>) {
+        for (key, v) in [
+            ("health.offline_after_secs", self.offline_after_secs),
+            ("health.backlog_age_secs", self.backlog_age_secs),
+            ("health.master_lag_max_secs", self.master_lag_max_secs),
+        ] {
+            if !(1..=MAX_HEALTH_SECS).contains(&v) {
+                problems.push(format!("{key}: must be 1..={MAX_HEALTH_SECS}, got {v}"));
+            }
+        }
+        if self.disk_free_min_pct > 100 {
+            problems.push(format!(
+                "health.disk_free_min_pct: must be 0..=100, got {}",
+                self.disk_free_min_pct
+            ));
+        }
+        if !(1..=MAX_HEALTH_SECS * 1_000).contains(&self.clock_offset_max_ms) {
+            problems.push(format!(
+                "health.clock_offset_max_ms: must be 1..={}, got {}",
+                MAX_HEALTH_SECS * 1_000,
+                self.clock_offset_max_ms
+            ));
+        }
+        if self.outbox_events_max == 0 {
+            problems.push("health.outbox_events_max: must be at least 1".to_string());
+        }
+        if self.webhooks.len() > MAX_WEBHOOKS {
+            problems.push(format!(
+                "health.webhooks: at most {MAX_WEBHOOKS} URLs, got {}",
+                self.webhooks.len()
+            ));
+        }
+        for (i, url) in self.webhooks.iter().enumerate() {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => problems.push(format!(
+                    "health.webhooks[{i}]: must be an http:// or https:// URL, got {url:?}"
+                )),
+            }
+        }
+    }
 }
 
 /// How central escrows ATP and credit at the sites.
@@ -548,6 +654,7 @@ impl CentralConfig {
                 a.reclaim_check_secs, a.reclaim_silent_secs
             ));
         }
+        self.health.validate(&mut problems);
         problems
     }
 
@@ -920,6 +1027,62 @@ key = "central.key"
             );
         }
         assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    /// Goal: `[health]` is optional with documented defaults, read from the file and the
+    /// environment, and every bad key is reported at once by name.
+    #[test]
+    fn health_section_is_read_and_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pems(dir.path());
+        let path = dir.path().join("central.toml");
+        std::fs::write(&path, VALID).unwrap();
+        let cfg = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap();
+        assert_eq!(cfg.health, HealthConfig::default());
+        assert_eq!(cfg.health.thresholds().offline_after_ms, 15_000);
+        assert_eq!(cfg.health.thresholds().outbox_events_max, 100_000);
+        std::fs::write(
+            &path,
+            format!("{VALID}\n[health]\nbacklog_age_secs = 60\nwebhooks = [\"http://127.0.0.1:9/hook\"]\n"),
+        )
+        .unwrap();
+        let env = HashMap::from([(
+            "OUTPOST_HEALTH__OFFLINE_AFTER_SECS".to_string(),
+            "3".to_string(),
+        )]);
+        let cfg = CentralConfig::load_with_env(&path, Some(env)).unwrap();
+        assert_eq!(cfg.health.offline_after_secs, 3);
+        assert_eq!(cfg.health.backlog_age_secs, 60);
+        assert_eq!(
+            cfg.health.webhooks,
+            vec!["http://127.0.0.1:9/hook".to_string()]
+        );
+
+        std::fs::write(
+            &path,
+            format!("{VALID}\n[health]\noffline_after_secs = 0\nbacklog_age_secs = 0\nmaster_lag_max_secs = 0\ndisk_free_min_pct = 101\nclock_offset_max_ms = 0\noutbox_events_max = 0\nwebhooks = [\"ftp://x\", \"nope\"]\n"),
+        )
+        .unwrap();
+        let err = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap_err();
+        let LoadConfigError::Invalid { problems, .. } = err else {
+            panic!("expected validation problems, got {err}");
+        };
+        for key in [
+            "health.offline_after_secs:",
+            "health.backlog_age_secs:",
+            "health.master_lag_max_secs:",
+            "health.disk_free_min_pct:",
+            "health.clock_offset_max_ms:",
+            "health.outbox_events_max:",
+            "health.webhooks[0]:",
+            "health.webhooks[1]:",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(key)),
+                "no problem reported for {key}: {problems:?}"
+            );
+        }
+        assert_eq!(problems.len(), 8, "{problems:?}");
     }
 
     #[test]

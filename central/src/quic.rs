@@ -326,16 +326,19 @@ pub async fn run(
                 let remote = incoming.remote_address();
                 if gauge.over_limit() {
                     refusals.refused(RefusedFor::Memory, remote, &gauge);
+                    ctx.registry.accept_refusals().memory.fetch_add(1, Ordering::Relaxed);
                     incoming.refuse();
                     continue;
                 }
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     refusals.refused(RefusedFor::Connections, remote, &gauge);
+                    ctx.registry.accept_refusals().connections.fetch_add(1, Ordering::Relaxed);
                     incoming.refuse();
                     continue;
                 };
                 let Some(slot) = handshakes.try_start(remote.ip(), limits.max_handshakes_per_ip) else {
                     refusals.refused(RefusedFor::HandshakesPerIp, remote, &gauge);
+                    ctx.registry.accept_refusals().handshakes_per_ip.fetch_add(1, Ordering::Relaxed);
                     incoming.refuse();
                     continue;
                 };
@@ -709,9 +712,19 @@ impl Session {
                         Some(Err(e)) => {
                             return self.frame_error(&mut send, e).await;
                         }
-                        Some(Ok(AgentMsg::Heartbeat(_))) => {
-                            // Fleet health signals: for now they only show the site is alive.
-                            self.ctx.registry.touch(&self.site);
+                        Some(Ok(AgentMsg::Heartbeat(hb))) => {
+                            // Fleet health signals: kept in the registry, where the health
+                            // monitor derives the site's state from them.
+                            let received_ms = unix_ms(SystemTime::now());
+                            let offset =
+                                clock_offset_ms(hb.agent_time_ms, received_ms, self.conn.rtt());
+                            self.ctx.registry.record_heartbeat(
+                                &self.site,
+                                hb,
+                                received_ms,
+                                offset,
+                                central_rev,
+                            );
                         }
                         Some(Ok(AgentMsg::Hello(_))) => {
                             let r = refuse(RefuseCode::ProtocolViolation, "Hello sent twice");

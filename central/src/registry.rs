@@ -3,11 +3,19 @@
 //! a newer session supersede an older one or a revocation end it. Pure in-process state shared by
 //! the QUIC sessions and the HTTP API.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::time::SystemTime;
 
+use outpost_protocol::Heartbeat;
 use tokio::sync::oneshot;
+
+use crate::health::{self, Beat};
+
+/// Heartbeats kept per site for `GET /v1/fleet/{site}`: ten minutes at the agent's default
+/// interval, a few tens of kilobytes per site.
+pub const HEARTBEAT_HISTORY: usize = 120;
 
 /// Why a live session must end now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +47,11 @@ struct Entry {
     live: Option<Live>,
     last_seen: Option<SystemTime>,
     clock_offset_ms: Option<i64>,
+    /// The newest heartbeats, oldest first, at most `HEARTBEAT_HISTORY` (fleet health).
+    beats: VecDeque<Beat>,
+    /// When the site itself was last heard from (a Hello or any frame); unlike `last_seen`,
+    /// not moved by the end of a session, which a killed agent's idle timeout causes.
+    last_heard: Option<SystemTime>,
 }
 
 /// Connection state of one site, as reported by `GET /v1/sites`.
@@ -50,9 +63,26 @@ pub struct SiteLiveness {
     pub clock_offset_ms: Option<i64>,
 }
 
+/// Connections the QUIC accept loop refused before their handshake, by reason, since central
+/// started (`quic::run` counts them; `GET /metrics` shows them).
+#[derive(Debug, Default)]
+pub struct AcceptRefusals {
+    /// `quic.max_connections` were open.
+    pub connections: AtomicU64,
+    /// The source address had `quic.max_handshakes_per_ip` handshakes in flight.
+    pub handshakes_per_ip: AtomicU64,
+    /// Central's resident memory was above `quic.memory_limit_mib`.
+    pub memory: AtomicU64,
+}
+
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: Mutex<(u64, HashMap<String, Entry>)>,
+    /// Kept here, beside the sessions, because the registry is what the QUIC side and the HTTP
+    /// API already share.
+    refusals: AcceptRefusals,
+    /// The health monitor's derived states and webhook queue, here for the same reason.
+    fleet: crate::fleet::FleetHealth,
 }
 
 impl Registry {
@@ -78,6 +108,7 @@ impl Registry {
             let _ = old.end.send(EndSignal::Superseded);
         }
         entry.last_seen = Some(SystemTime::now());
+        entry.last_heard = entry.last_seen;
         SessionTicket { id, end: rx }
     }
 
@@ -118,7 +149,9 @@ impl Registry {
     /// Central heard from `site` just now.
     pub fn touch(&self, site: &str) {
         let mut g = self.lock();
-        g.1.entry(site.to_string()).or_default().last_seen = Some(SystemTime::now());
+        let entry = g.1.entry(site.to_string()).or_default();
+        entry.last_seen = Some(SystemTime::now());
+        entry.last_heard = entry.last_seen;
     }
 
     pub fn snapshot(&self) -> HashMap<String, SiteLiveness> {
@@ -137,8 +170,96 @@ impl Registry {
             .collect()
     }
 
+    pub fn accept_refusals(&self) -> &AcceptRefusals {
+        &self.refusals
+    }
+
     pub fn connected_count(&self) -> usize {
         self.lock().1.values().filter(|e| e.live.is_some()).count()
+    }
+}
+
+/// A site's live state and heartbeats, for fleet health.
+#[derive(Clone, Debug)]
+pub struct SiteSignals {
+    pub liveness: SiteLiveness,
+    /// When the site was last heard from itself (see `Entry::last_heard`).
+    pub last_heard: Option<SystemTime>,
+    /// Oldest first; the last one is the latest.
+    pub beats: Vec<Beat>,
+}
+
+impl Registry {
+    pub fn fleet_health(&self) -> &crate::fleet::FleetHealth {
+        &self.fleet
+    }
+
+    /// Records a heartbeat of `site` that arrived at `received_ms` (central's clock), with the
+    /// clock offset estimated from it and central's revision then; the site counts as heard
+    /// from. Returns the beat as recorded.
+    pub fn record_heartbeat(
+        &self,
+        site: &str,
+        heartbeat: Heartbeat,
+        received_ms: i64,
+        clock_offset_ms: i64,
+        central_rev: u64,
+    ) -> Beat {
+        let mut g = self.lock();
+        let entry = g.1.entry(site.to_string()).or_default();
+        let previous = entry.beats.back().and_then(|b| b.behind_since_ms);
+        let beat = Beat {
+            received_ms,
+            behind_since_ms: health::behind_since(
+                previous,
+                heartbeat.master_rev,
+                central_rev,
+                received_ms,
+            ),
+            heartbeat,
+            clock_offset_ms,
+            central_rev,
+        };
+        if entry.beats.len() >= HEARTBEAT_HISTORY {
+            entry.beats.pop_front();
+        }
+        entry.beats.push_back(beat.clone());
+        entry.clock_offset_ms = Some(clock_offset_ms);
+        entry.last_seen = Some(SystemTime::now());
+        entry.last_heard = entry.last_seen;
+        beat
+    }
+
+    /// Every site the registry knows, with its liveness and its latest heartbeat only.
+    pub fn latest_signals(&self) -> HashMap<String, SiteSignals> {
+        self.signals(|_| true, 1)
+    }
+
+    /// One site's liveness and its heartbeat history.
+    pub fn site_signals(&self, site: &str) -> Option<SiteSignals> {
+        self.signals(|s| s == site, HEARTBEAT_HISTORY).remove(site)
+    }
+
+    fn signals(&self, keep: impl Fn(&str) -> bool, beats: usize) -> HashMap<String, SiteSignals> {
+        let g = self.lock();
+        g.1.iter()
+            .filter(|(site, _)| keep(site))
+            .map(|(site, e)| {
+                let skip = e.beats.len().saturating_sub(beats);
+                (
+                    site.clone(),
+                    SiteSignals {
+                        liveness: SiteLiveness {
+                            connected: e.live.is_some(),
+                            last_seen: e.last_seen,
+                            clock_offset_ms: e.clock_offset_ms,
+                        },
+                        last_heard: e.last_heard,
+                        beats: e.beats.iter().skip(skip).cloned().collect(),
+                    },
+                )
+            })
+            .collect()
     }
 }
 

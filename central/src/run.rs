@@ -173,6 +173,19 @@ pub async fn serve(
         Duration::from_secs(cfg.allowance.reclaim_check_secs),
         stop_rx.clone(),
     ));
+    let monitor = tokio::spawn(crate::fleet::run_monitor(
+        store.clone(),
+        registry.clone(),
+        cfg.health.thresholds(),
+        stop_rx.clone(),
+    ));
+    let webhooks = (!cfg.health.webhooks.is_empty()).then(|| {
+        tokio::spawn(crate::fleet::run_webhooks(
+            registry.clone(),
+            cfg.health.webhooks.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let ctx = SyncContext {
         store: store.clone(),
         registry,
@@ -204,6 +217,13 @@ pub async fn serve(
     // The check only queues store writes; it ends at the next await once told to stop.
     check.abort();
     let _ = check.await;
+    // Both end at their next await; a webhook POST in flight is abandoned.
+    monitor.abort();
+    let _ = monitor.await;
+    if let Some(w) = webhooks {
+        w.abort();
+        let _ = w.await;
+    }
     store.close().await;
     if let Err(e) = remove_if_present(&ready_path) {
         tracing::warn!(error = %e, "cannot remove the ready file");

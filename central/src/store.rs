@@ -10,7 +10,9 @@
 //! state tables; every ledger move that a site must learn of (grant, reclaim) is a master change
 //! written in the transaction that moves the ledger.
 
+mod alerts;
 mod allowance;
+mod counts;
 mod ingest;
 #[cfg(test)]
 mod lifecycle_tests;
@@ -34,7 +36,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use alerts::{Alert, MAX_ALERTS, NewAlert};
 pub use allowance::{AllowanceAnswer, PolicyOutcome, SessionStart};
+pub use counts::TableCounts;
 pub use orders::{
     CentralOrderError, CentralOrderOutcome, DecideError, ExceptionOpError, ResolveAction,
 };
@@ -1027,6 +1031,7 @@ fn init_tables(db: &Database) -> Result<u64, InitError> {
         txn.open_table(CENTRAL_IDEM)?;
         // Added without a schema bump: an older store simply gets the empty table.
         txn.open_table(revoked::REVOKED)?;
+        txn.open_table(alerts::ALERTS)?;
     }
     txn.commit()?;
     Ok(revision)

@@ -48,7 +48,7 @@ pub(super) struct LedgerQuery {
     limit: Option<usize>,
 }
 
-fn limit(q: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+pub(super) fn limit(q: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
     let l = q.unwrap_or(default);
     if (1..=max).contains(&l) {
         Ok(l)
@@ -59,7 +59,7 @@ fn limit(q: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError
     }
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(v)| v)
         .map_err(|e| ApiError::validation(format!("bad query: {}", e.body_text())))
 }

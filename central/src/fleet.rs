@@ -1,0 +1,359 @@
+//! Fleet health monitor: every `MONITOR_INTERVAL` derives each known site's state (the pure
+//! `health::derive`) from the registry's heartbeats and liveness and the store's sites, keeps
+//! the states for the API, records an alert in the store on each change and hands it to the
+//! webhook sender. Async shell (store, clock, HTTP client).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, watch};
+
+use crate::health::{self, Inputs, Reason, State, Thresholds};
+use crate::registry::Registry;
+use crate::store::{Alert, NewAlert, Store};
+
+/// How often states are derived: an offline site is noticed within this after its threshold.
+pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
+/// Alerts waiting for the webhook sender; past it the oldest is dropped (with a warning and
+/// `webhook_dropped`): alerts stay in the store and `GET /v1/alerts` regardless.
+pub const WEBHOOK_QUEUE: usize = 256;
+/// Longest one webhook POST may take.
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts per alert and URL; the delay doubles from `WEBHOOK_BACKOFF` between them (with
+/// full jitter).
+pub const WEBHOOK_ATTEMPTS: u32 = 4;
+pub const WEBHOOK_BACKOFF: Duration = Duration::from_millis(500);
+
+/// A site's derived state, as the API shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteHealth {
+    pub state: State,
+    pub reasons: Vec<Reason>,
+    /// When the site entered this state (central's clock, ms); for a state first seen at
+    /// central's start, that start.
+    pub since_ms: i64,
+}
+
+/// The monitor's results and the webhook sender's queue and counters, shared with the API.
+#[derive(Debug, Default)]
+pub struct FleetHealth {
+    states: Mutex<HashMap<String, SiteHealth>>,
+    queue: Mutex<VecDeque<Alert>>,
+    queued: Notify,
+    /// Webhook deliveries that succeeded, that failed after every attempt, and alerts dropped
+    /// from a full queue.
+    pub webhook_sent: AtomicU64,
+    pub webhook_failed: AtomicU64,
+    pub webhook_dropped: AtomicU64,
+}
+
+impl FleetHealth {
+    pub fn states(&self) -> HashMap<String, SiteHealth> {
+        self.states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn state(&self, site: &str) -> Option<SiteHealth> {
+        self.states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(site)
+            .cloned()
+    }
+
+    fn enqueue(&self, alert: Alert) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= WEBHOOK_QUEUE
+            && let Some(old) = q.pop_front()
+        {
+            self.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(alert.id = old.id, site.id = %old.site, "webhook queue full; dropping the oldest alert");
+        }
+        q.push_back(alert);
+        drop(q);
+        self.queued.notify_one();
+    }
+
+    fn dequeue(&self) -> Option<Alert> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Derives every known site's state at `now_ms`: the sites in the store and those in the
+/// registry. Pure apart from the reads it is given.
+pub fn derive_all(
+    stored_last_seen: &HashMap<String, Option<i64>>,
+    registry: &Registry,
+    now_ms: i64,
+    t: &Thresholds,
+) -> HashMap<String, (State, Vec<Reason>)> {
+    let live = registry.latest_signals();
+    let mut sites: Vec<&String> = stored_last_seen.keys().chain(live.keys()).collect();
+    sites.sort();
+    sites.dedup();
+    sites
+        .into_iter()
+        .map(|site| {
+            let signals = live.get(site);
+            // The registry knows best while central runs; the store's last contact (which a
+            // session's end also moves) only for sites not heard from since central started.
+            let last_heard_ms = match signals {
+                Some(s) => s.last_heard.map(unix_ms),
+                None => stored_last_seen.get(site).copied().flatten(),
+            };
+            let inputs = Inputs {
+                last_heard_ms,
+                latest: signals.and_then(|s| s.beats.last()),
+            };
+            (site.clone(), health::derive(&inputs, now_ms, t))
+        })
+        .collect()
+}
+
+/// The monitor task: derives states every `MONITOR_INTERVAL` until `stop` turns true.
+pub async fn run_monitor(
+    store: Store,
+    registry: std::sync::Arc<Registry>,
+    thresholds: Thresholds,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(MONITOR_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let stored: HashMap<String, Option<i64>> = match store.sites() {
+            Ok(sites) => sites
+                .into_iter()
+                .map(|s| (s.site, s.record.map(|r| r.last_seen_ms)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "health monitor cannot read the sites; using live sessions only");
+                HashMap::new()
+            }
+        };
+        let now = now_ms();
+        let derived = derive_all(&stored, &registry, now, &thresholds);
+        let fleet = registry.fleet_health();
+        // The monitor is the only writer of the states: read them, record the alerts, then
+        // publish, so an API reader never sees a new state before its alert is in the store.
+        let mut states = fleet.states();
+        let mut changes = Vec::new();
+        for (site, (state, reasons)) in derived {
+            match states.get_mut(&site) {
+                // The first state seen for a site (central just started, or a new site) is the
+                // baseline: nothing changed.
+                None => {
+                    states.insert(
+                        site,
+                        SiteHealth {
+                            state,
+                            reasons,
+                            since_ms: now,
+                        },
+                    );
+                }
+                Some(h) => {
+                    if h.state.as_str() != state.as_str() {
+                        changes.push(NewAlert {
+                            site: site.clone(),
+                            from: h.state.as_str().to_string(),
+                            to: state.as_str().to_string(),
+                            reasons: reasons.iter().map(|r| r.as_str().to_string()).collect(),
+                            at_ms: now,
+                        });
+                        h.since_ms = now;
+                    }
+                    h.state = state;
+                    h.reasons = reasons;
+                }
+            }
+        }
+        for change in changes {
+            tracing::warn!(site.id = %change.site, from = %change.from, to = %change.to, reasons = ?change.reasons, "site health changed");
+            match store.record_alert(change).await {
+                Ok(alert) => fleet.enqueue(alert),
+                Err(e) => tracing::warn!(error = %e, "cannot record a health alert"),
+            }
+        }
+        *fleet.states.lock().unwrap_or_else(|p| p.into_inner()) = states;
+    }
+}
+
+/// The webhook sender: POSTs each queued alert as JSON to every URL, with a timeout per POST
+/// and bounded retries with backoff, until `stop` turns true.
+pub async fn run_webhooks(
+    registry: std::sync::Arc<Registry>,
+    urls: Vec<String>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let fleet = registry.fleet_health();
+    let client = match reqwest::Client::builder().timeout(WEBHOOK_TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the webhook client; alerts are not POSTed");
+            return;
+        }
+    };
+    loop {
+        let alert = loop {
+            if let Some(a) = fleet.dequeue() {
+                break a;
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = fleet.queued.notified() => {}
+            }
+        };
+        let body = alert_json(&alert);
+        for url in &urls {
+            let mut delay = WEBHOOK_BACKOFF;
+            let mut attempt = 1;
+            loop {
+                let result = client.post(url).json(&body).send().await;
+                let error = match result {
+                    Ok(r) if r.status().is_success() => None,
+                    Ok(r) => Some(format!("answered {}", r.status())),
+                    Err(e) => Some(e.to_string()),
+                };
+                let Some(error) = error else {
+                    fleet.webhook_sent.fetch_add(1, Ordering::Relaxed);
+                    break;
+                };
+                if attempt >= WEBHOOK_ATTEMPTS {
+                    fleet.webhook_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%url, alert.id = alert.id, %error, attempts = attempt, "webhook delivery failed; giving up on this alert");
+                    break;
+                }
+                tracing::debug!(%url, alert.id = alert.id, %error, attempt, "webhook delivery failed; retrying");
+                let pause = delay.mul_f64(rand::random::<f64>());
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                delay = delay.saturating_mul(2);
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// An alert as JSON (API and webhooks).
+pub fn alert_json(a: &Alert) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id,
+        "site": a.site,
+        "from": a.from,
+        "to": a.to,
+        "reasons": a.reasons,
+        "at": crate::api::rfc3339_ms(a.at_ms),
+        "at_ms": a.at_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn alert(id: u64) -> Alert {
+        Alert {
+            id,
+            site: "plant-1".into(),
+            from: "healthy".into(),
+            to: "offline".into(),
+            reasons: vec!["not_heard_from".into()],
+            at_ms: 1_000,
+        }
+    }
+
+    /// Goal: a full webhook queue drops the oldest alert and counts it.
+    #[test]
+    fn a_full_queue_drops_the_oldest() {
+        let fleet = FleetHealth::default();
+        for id in 1..=WEBHOOK_QUEUE as u64 + 1 {
+            fleet.enqueue(alert(id));
+        }
+        assert_eq!(fleet.webhook_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(fleet.dequeue().map(|a| a.id), Some(2));
+    }
+
+    /// Goal: a webhook that fails is retried with backoff and the alert's JSON is delivered.
+    /// Method: a listener answers the first POST 500 and the second 200; the sender must count
+    /// one delivery and no failure.
+    #[tokio::test]
+    async fn a_failed_webhook_is_retried() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let bodies = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = bodies.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut sock, _)) = listener.accept().await {
+                n += 1;
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut len = 0;
+                // The request is small: read until the JSON body's closing brace.
+                while !buf[..len].ends_with(b"}") {
+                    match sock.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => len += k,
+                    }
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..len]).to_string());
+                let status = if n == 1 {
+                    "500 Internal Server Error"
+                } else {
+                    "200 OK"
+                };
+                let resp =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = sock.write_all(resp.as_bytes()).await;
+            }
+        });
+        let registry = Arc::new(Registry::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_webhooks(registry.clone(), vec![url], stop_rx));
+        registry.fleet_health().enqueue(alert(7));
+        let fleet = registry.fleet_health();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while fleet.webhook_sent.load(Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no delivery in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(fleet.webhook_failed.load(Ordering::Relaxed), 0);
+        let bodies = bodies.lock().unwrap().clone();
+        assert_eq!(bodies.len(), 2, "{bodies:?}");
+        assert!(bodies[1].contains(r#""to":"offline""#), "{}", bodies[1]);
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
