@@ -451,6 +451,8 @@ pub fn router_with(state: ApiState, boundary: Boundary) -> Router {
                     path = %req.uri().path(),
                     client = tracing::field::Empty,
                     role = tracing::field::Empty,
+                    // Set by the handlers that record an event (orders, milestones).
+                    trace_id = tracing::field::Empty,
                 )
             }),
         )
@@ -950,6 +952,8 @@ struct OrderResponse<'a> {
     /// durably), then the ERP's `accepted`, `rejected` or `needs_review`.
     #[serde(skip_serializing_if = "Option::is_none")]
     lifecycle: Option<&'static str>,
+    /// W3C trace id the order was recorded under.
+    trace_id: &'a str,
 }
 
 /// How an order is shown.
@@ -1002,6 +1006,7 @@ fn order_json(r: &OrderRecord, view: OrderView) -> serde_json::Value {
             (None, true) => "uploaded",
             (None, false) => "captured",
         }),
+        trace_id: &r.trace_id,
     })
     .unwrap_or_default()
 }
@@ -1018,11 +1023,37 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
         .map_err(|e| ApiError::validation(e.to_string()))
 }
 
+/// The trace a request's event is recorded under: the client's `traceparent` when it is valid,
+/// else a fresh random id (W3C: an invalid header restarts the trace, it is not an error). The
+/// request's span gets it, so every line logged about the request carries it.
+fn request_trace_id(headers: &HeaderMap) -> String {
+    let id = headers
+        .get(outpost_protocol::TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(outpost_protocol::parse_traceparent)
+        .unwrap_or_else(|| outpost_protocol::trace_id_from_bytes(rand::random()));
+    tracing::Span::current().record("trace_id", id.as_str());
+    id
+}
+
+/// Adds the `traceresponse` header naming the trace the event was recorded under (on a retry,
+/// the original request's) and records it on the request's span.
+fn with_trace(mut resp: Response, trace_id: &str) -> Response {
+    tracing::Span::current().record("trace_id", trace_id);
+    let value = outpost_protocol::traceparent(trace_id, rand::random());
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        resp.headers_mut()
+            .insert(outpost_protocol::TRACERESPONSE_HEADER, v);
+    }
+    resp
+}
+
 async fn create_order(
     State(s): State<ApiState>,
     headers: HeaderMap,
     body: JsonBody<OrderRequest>,
 ) -> Result<Response, ApiError> {
+    let trace_id = request_trace_id(&headers);
     let key = idempotency_key(&headers)?;
     let JsonBody(req) = body;
     let order = NewOrder {
@@ -1039,7 +1070,10 @@ async fn create_order(
     top_up_for(&s, &key, &order).await;
     // Whether the site could reach central when it took the order, for central's reconciliation.
     let offline = !s.link.is_connected();
-    let outcome = s.store.create_order(&key, order, now_ms(), offline).await?;
+    let outcome = s
+        .store
+        .create_order_traced(&key, order, now_ms(), offline, Some(trace_id))
+        .await?;
     let created = outcome.is_created();
     let rec = outcome.into_inner();
     if created {
@@ -1051,12 +1085,13 @@ async fn create_order(
             "order captured"
         );
     }
-    // A retry gets the original response, status included.
-    Ok((
+    // A retry gets the original response, status and trace id included.
+    let resp = (
         StatusCode::CREATED,
         axum::Json(order_json(&rec, OrderView::Captured)),
     )
-        .into_response())
+        .into_response();
+    Ok(with_trace(resp, &rec.trace_id))
 }
 
 /// While central is reachable, asks it for whatever allowance the order lacks, within the
@@ -1123,14 +1158,17 @@ fn milestone_json(r: &MilestoneRecord) -> serde_json::Value {
         "scanner_id": r.request.scanner_id,
         "at": r.request.at,
         "seq": r.seq,
+        "trace_id": r.trace_id,
     })
 }
 
 async fn record_milestone(
     State(s): State<ApiState>,
+    headers: HeaderMap,
     shipment_id: Result<Path<String>, PathRejection>,
     body: JsonBody<MilestoneRequest>,
 ) -> Result<Response, ApiError> {
+    let trace_id = request_trace_id(&headers);
     let Path(shipment_id) = shipment_id.map_err(|e| ApiError::validation(e.body_text()))?;
     let JsonBody(req) = body;
     let m = NewMilestone {
@@ -1140,13 +1178,27 @@ async fn record_milestone(
         scanner_id: req.scanner_id,
         at: req.at,
     };
-    let outcome = s.store.record_milestone(m, now_ms()).await?;
-    let status = if outcome.is_created() {
+    let outcome = s
+        .store
+        .record_milestone_traced(m, now_ms(), Some(trace_id))
+        .await?;
+    let created = outcome.is_created();
+    let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, axum::Json(milestone_json(&outcome.into_inner()))).into_response())
+    let rec = outcome.into_inner();
+    if created {
+        tracing::info!(
+            event.id = %rec.request.event_id,
+            seq = rec.seq,
+            milestone = ?rec.request.milestone,
+            "milestone captured"
+        );
+    }
+    let resp = (status, axum::Json(milestone_json(&rec))).into_response();
+    Ok(with_trace(resp, &rec.trace_id))
 }
 
 #[cfg(test)]
@@ -1823,6 +1875,58 @@ mod tests {
         let (st, v) = f.post("/v1/shipments/SH-10/milestones", m, None).await;
         assert_eq!((st, code(&v)), (422, "event_id_reused"));
         assert_eq!(f.last_seq().await, 1);
+        f.close().await;
+    }
+
+    /// Goal: a milestone is recorded under the client's `traceparent` (answer, `traceresponse`
+    /// header and outbox envelope agree), a retry keeps it, and a malformed header restarts the
+    /// trace instead of failing the request.
+    #[tokio::test]
+    async fn milestones_take_the_clients_trace_or_a_fresh_one() {
+        const TID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let f = Fixture::new().await;
+        let post = |event_id: &str, traceparent: &str| {
+            HttpRequest::post("/v1/shipments/SH-1/milestones")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .header("content-type", "application/json")
+                .header("traceparent", traceparent)
+                .body(Body::from(format!(
+                    r#"{{"event_id":"{event_id}","milestone":"loaded","scanner_id":"s-1","at":"2026-11-26T10:00:00Z"}}"#
+                )))
+                .unwrap()
+        };
+        let resp = f
+            .app
+            .clone()
+            .oneshot(post("ev-1", &format!("00-{TID}-00f067aa0ba902b7-01")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let header = resp.headers()["traceresponse"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(header.starts_with(&format!("00-{TID}-")), "{header}");
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["trace_id"], TID);
+        assert_eq!(f.store.outbox_range(1..=1).unwrap()[0].trace_id, TID);
+
+        // The retry comes under another trace and gets the original one.
+        let (st, again) = f.send(post("ev-1", "garbage")).await;
+        assert_eq!((st, &again["trace_id"]), (200, &json!(TID)));
+
+        // A malformed header: a fresh valid trace, not an error.
+        let (st, v) = f
+            .send(post("ev-2", &format!("00-{TID}-0000000000000000-01")))
+            .await;
+        assert_eq!(st, 201, "{v}");
+        let fresh = v["trace_id"].as_str().unwrap();
+        assert!(outpost_protocol::validate_trace_id(fresh).is_ok());
+        assert_ne!(fresh, TID);
+        assert_eq!(f.store.outbox_range(2..=2).unwrap()[0].trace_id, fresh);
         f.close().await;
     }
 

@@ -101,6 +101,24 @@ pub struct AgentConfig {
     pub sync: SyncConfig,
     pub allowance: AllowanceConfig,
     pub health: HealthConfig,
+    pub log: LogConfig,
+}
+
+/// `[log]`: how log lines are written to stderr (the filter comes from `RUST_LOG`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `[log] format`: `text` for people, `json` (one object per line, span fields such as
+/// `trace_id` included) for log shippers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[health]`: how often the agent reports its health signals to central.
@@ -361,6 +379,7 @@ pub struct Settings {
     pub sync: SyncSettings,
     pub allowance: AllowanceSettings,
     pub health: HealthSettings,
+    pub log_format: LogFormat,
 }
 
 #[derive(Clone, Debug)]
@@ -477,8 +496,17 @@ impl LoadConfigError {
     }
 }
 
-const ROOT_KEYS: &[&str] = &["site_id", "data_dir", "api", "sync", "allowance", "health"];
+const ROOT_KEYS: &[&str] = &[
+    "site_id",
+    "data_dir",
+    "api",
+    "sync",
+    "allowance",
+    "health",
+    "log",
+];
 const ALLOWANCE_KEYS: &[&str] = &["request_deadline_ms"];
+const LOG_KEYS: &[&str] = &["format"];
 const HEALTH_KEYS: &[&str] = &["heartbeat_secs"];
 const API_KEYS: &[&str] = &[
     "listen",
@@ -596,6 +624,7 @@ fn unknown_keys(merged: &config::Config) -> Vec<Problem> {
             "sync" => Some(SYNC_KEYS),
             "allowance" => Some(ALLOWANCE_KEYS),
             "health" => Some(HEALTH_KEYS),
+            "log" => Some(LOG_KEYS),
             _ => None,
         };
         if !ROOT_KEYS.contains(&k.as_str()) {
@@ -843,6 +872,7 @@ impl AgentConfig {
                 health: HealthSettings {
                     heartbeat: Duration::from_secs(heartbeat_secs),
                 },
+                log_format: self.log.format,
             }),
             _ => Err(problems),
         }
@@ -1156,6 +1186,30 @@ key = "certs/{site}.key"
             .problems()
             .join("\n");
         assert!(all.contains("allowance.deadline: unknown key"), "{all}");
+    }
+
+    /// Goal: `[log] format` defaults to text, is read from the file and the environment, and an
+    /// unknown format is refused.
+    #[test]
+    fn log_format_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let path = write_config(dir.path(), &pki, "plant-1", "");
+        let s = load_with_env(&path, BTreeMap::new()).unwrap();
+        assert_eq!(s.log_format, LogFormat::Text);
+        let env = |v: &str| -> BTreeMap<String, String> {
+            [("OUTPOST_LOG__FORMAT".to_string(), v.to_string())].into()
+        };
+        assert_eq!(
+            load_with_env(&path, env("json")).unwrap().log_format,
+            LogFormat::Json
+        );
+        assert!(load_with_env(&path, env("xml")).is_err());
+        let path = write_config(dir.path(), &pki, "plant-1", "[log]\nformat = \"json\"\n");
+        assert_eq!(
+            load_with_env(&path, BTreeMap::new()).unwrap().log_format,
+            LogFormat::Json
+        );
     }
 
     /// Goal: `[health] heartbeat_secs` defaults to 5, is read from the environment, and is

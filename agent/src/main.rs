@@ -112,7 +112,14 @@ fn init_tracing(json: bool) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        // Span fields (the request's `trace_id`, the session's site) go into each line's
+        // `span`/`spans` objects and event fields to the top level, so one grep finds a trace.
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init();
     } else {
         builder.init();
     }
@@ -140,14 +147,18 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            init_tracing(cli.log_json);
+            // The config is read first because it chooses the log format (`[log] format`).
             let settings = match outpost_agent::config::load(&config) {
                 Ok(s) => s,
                 Err(e) => {
+                    init_tracing(cli.log_json);
                     tracing::error!("{e}");
                     return ExitCode::FAILURE;
                 }
             };
+            init_tracing(
+                cli.log_json || settings.log_format == outpost_agent::config::LogFormat::Json,
+            );
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -26,7 +26,7 @@ use crate::capture;
 
 /// Version of the table layout below. Bumped on any incompatible change; an agent refuses to open
 /// a store written with another version instead of misreading it.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 /// Depth of the queue in front of the writer thread. When it is full, callers wait (the HTTP
 /// request is simply slower); 4,096 is ~16 full groups, far more than a 2-core box produces
 /// while one fsync is in flight.
@@ -102,6 +102,9 @@ pub struct OrderRecord {
     /// The ERP's decision, once central has sent it down (`None` until then).
     pub erp_status: Option<ErpStatus>,
     pub erp_reason: Option<String>,
+    /// W3C trace id the order was recorded under (also in its outbox envelope); a retry of the
+    /// request returns this one, not the retry's.
+    pub trace_id: String,
 }
 
 impl OrderRecord {
@@ -139,6 +142,8 @@ pub struct NewMilestone {
 pub struct MilestoneRecord {
     pub request: NewMilestone,
     pub seq: u64,
+    /// W3C trace id the milestone was recorded under (also in its outbox envelope).
+    pub trace_id: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -277,11 +282,13 @@ enum Op {
         order: NewOrder,
         at_ms: i64,
         offline: bool,
+        trace_id: Option<String>,
         reply: oneshot::Sender<Result<Reply, WriteError>>,
     },
     RecordMilestone {
         milestone: NewMilestone,
         at_ms: i64,
+        trace_id: Option<String>,
         reply: oneshot::Sender<Result<Reply, WriteError>>,
     },
     ApplyMaster {
@@ -461,6 +468,21 @@ impl Store {
         at_ms: i64,
         offline: bool,
     ) -> Result<Outcome<OrderRecord>, WriteError> {
+        self.create_order_traced(key, order, at_ms, offline, None)
+            .await
+    }
+
+    /// `create_order` under the request's W3C trace id (`None`: one derived from the event's
+    /// identity). The trace id is not part of the idempotency fingerprint: a retry under another
+    /// trace is the same request and gets the original order, trace id included.
+    pub async fn create_order_traced(
+        &self,
+        key: &str,
+        order: NewOrder,
+        at_ms: i64,
+        offline: bool,
+        trace_id: Option<String>,
+    ) -> Result<Outcome<OrderRecord>, WriteError> {
         let key = key.to_string();
         match self
             .submit(|reply| Op::CreateOrder {
@@ -468,6 +490,7 @@ impl Store {
                 order,
                 at_ms,
                 offline,
+                trace_id,
                 reply,
             })
             .await?
@@ -483,10 +506,22 @@ impl Store {
         milestone: NewMilestone,
         at_ms: i64,
     ) -> Result<Outcome<MilestoneRecord>, WriteError> {
+        self.record_milestone_traced(milestone, at_ms, None).await
+    }
+
+    /// `record_milestone` under the request's W3C trace id (`None`: one derived from the event's
+    /// identity); a retry gets the original trace id.
+    pub async fn record_milestone_traced(
+        &self,
+        milestone: NewMilestone,
+        at_ms: i64,
+        trace_id: Option<String>,
+    ) -> Result<Outcome<MilestoneRecord>, WriteError> {
         match self
             .submit(|reply| Op::RecordMilestone {
                 milestone,
                 at_ms,
+                trace_id,
                 reply,
             })
             .await?
@@ -1109,6 +1144,7 @@ fn create_order(
     req: &NewOrder,
     at_ms: i64,
     offline: bool,
+    trace_id: Option<&str>,
 ) -> Result<Outcome<OrderRecord>, Fail> {
     // The fingerprint is the request alone: a retry is the same request whether or not the link
     // was up, and gets the original answer without consuming anything again.
@@ -1177,12 +1213,21 @@ fn create_order(
         master_rev,
         offline,
     };
-    let env = EventEnvelope::new(
+    let mut env = EventEnvelope::new(
         site,
         seq,
         &order.order_id,
         at_ms,
         &EventBody::Order(order.clone()),
+    );
+    if let Some(id) = trace_id {
+        env = env.with_trace_id(id);
+    }
+    tracing::debug!(
+        trace_id = %env.trace_id,
+        seq,
+        event_id = %env.event_id,
+        "order added to the outbox transaction"
     );
     let record = OrderRecord {
         order,
@@ -1191,6 +1236,7 @@ fn create_order(
         reasons: decided.reasons,
         erp_status: None,
         erp_reason: None,
+        trace_id: env.trace_id.clone(),
     };
     t.append_event(&env)?;
     t.orders.insert(
@@ -1211,6 +1257,7 @@ fn record_milestone(
     site: &str,
     req: &NewMilestone,
     at_ms: i64,
+    trace_id: Option<&str>,
 ) -> Result<Outcome<MilestoneRecord>, Fail> {
     if let Some(g) = t.milestones.get(req.event_id.as_str())? {
         let rec: MilestoneRecord = postcard::from_bytes(g.value())?;
@@ -1221,7 +1268,7 @@ fn record_milestone(
     }
     validate_new_milestone(site, req)?;
     let seq = t.next_seq()?;
-    let env = EventEnvelope::new(
+    let mut env = EventEnvelope::new(
         site,
         seq,
         &req.event_id,
@@ -1233,9 +1280,19 @@ fn record_milestone(
             at: req.at.clone(),
         }),
     );
+    if let Some(id) = trace_id {
+        env = env.with_trace_id(id);
+    }
+    tracing::debug!(
+        trace_id = %env.trace_id,
+        seq,
+        event_id = %env.event_id,
+        "milestone added to the outbox transaction"
+    );
     let rec = MilestoneRecord {
         request: req.clone(),
         seq,
+        trace_id: env.trace_id.clone(),
     };
     t.append_event(&env)?;
     t.milestones.insert(
@@ -1546,9 +1603,18 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
                     order,
                     at_ms,
                     offline,
+                    trace_id,
                     reply,
                 } => {
-                    let r = create_order(&mut tables, &shared.site, &key, &order, at_ms, offline);
+                    let r = create_order(
+                        &mut tables,
+                        &shared.site,
+                        &key,
+                        &order,
+                        at_ms,
+                        offline,
+                        trace_id.as_deref(),
+                    );
                     if matches!(r, Ok(Outcome::Created(_))) {
                         new_events = true;
                         wrote = true;
@@ -1558,9 +1624,16 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
                 Op::RecordMilestone {
                     milestone,
                     at_ms,
+                    trace_id,
                     reply,
                 } => {
-                    let r = record_milestone(&mut tables, &shared.site, &milestone, at_ms);
+                    let r = record_milestone(
+                        &mut tables,
+                        &shared.site,
+                        &milestone,
+                        at_ms,
+                        trace_id.as_deref(),
+                    );
                     if matches!(r, Ok(Outcome::Created(_))) {
                         new_events = true;
                         wrote = true;

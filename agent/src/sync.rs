@@ -551,6 +551,17 @@ impl SyncClient {
             let last_seq = self.store.marks()?.last_seq;
             while let Some(range) = up.poll_send(last_seq) {
                 let events = self.store.outbox_range(range.clone())?;
+                // One line per event, so a trace can be followed from the request to the upload.
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    for e in &events {
+                        tracing::debug!(
+                            trace_id = %e.trace_id,
+                            seq = e.seq,
+                            event_id = %e.event_id,
+                            "event sent to central"
+                        );
+                    }
+                }
                 let frames = encode_batches(&events)?;
                 for (through, frame) in frames {
                     buf.extend_from_slice(&frame);

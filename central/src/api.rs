@@ -338,9 +338,9 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// The API router with its layers: JSON errors outermost, then the request timeout, then
-/// authentication, then the body limit that the extractors enforce. Routes are split by the role
-/// they need: the ERP's (which admin may use too) and admin's only, whose role check runs before
-/// any body is read.
+/// authentication (for every route but the dashboard's static files), then the body limit that
+/// the extractors enforce. Routes are split by the role they need: the ERP's (which admin may use
+/// too) and admin's only, whose role check runs before any body is read.
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     let started = SystemTime::now();
     let admin_only = Router::new()
@@ -383,6 +383,9 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // The dashboard's static files hold no data: merged outside the token check (its
+        // script sends the token with each API call).
+        .merge(crate::dashboard::router())
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
@@ -868,6 +871,7 @@ mod tests {
             json!({
                 "cursor": 7, "site": "plant-1", "seq": 3, "kind": "order", "id": "plant-1-o3",
                 "site_time": "1970-01-01T00:00:00.000Z", "channel": "site",
+                "trace_id": outpost_protocol::derived_trace_id("plant-1", 3, "plant-1-o3"),
                 "order_id": "plant-1-o3", "customer_id": "C-ACME", "status": "uploaded",
                 "promise_status": "partial", "offline": true, "master_rev": 9,
                 "lines": [
@@ -943,6 +947,7 @@ mod tests {
             json!({
                 "cursor": 1, "site": "plant-1", "seq": 1, "kind": "milestone", "id": "ev-1",
                 "site_time": "2026-01-01T00:00:00.000Z", "channel": "site", "shipment_id": "SH-1",
+                "trace_id": outpost_protocol::derived_trace_id("plant-1", 1, "ev-1"),
                 "milestone": "loaded", "scanner_id": "scan-7", "at": "2026-01-01T00:00:00Z"
             })
         );

@@ -1,5 +1,5 @@
 //! Operator CLI client of central's HTTP API (`outpost-central exceptions ...`,
-//! `outpost-central reconciliations SITE`, `outpost-central sites ...`): finds central (flags or
+//! `outpost-central reconciliations SITE`, `outpost-central sites ...`, `fleet ...` in `fleet.rs`): finds central (flags or
 //! the dev fleet's files), calls the API and renders answers as tables; and `hash-token`, which
 //! turns a bearer token into the SHA-256 that `[[api.tokens]]` holds. I/O shell (files, HTTP).
 
@@ -11,6 +11,8 @@ use serde_json::Value;
 
 use crate::dev::{FLEET_FILE, Fleet};
 use crate::run::READY_FILE;
+
+pub mod fleet;
 
 /// Limit on each CLI request: an operator waits this long at most.
 pub const CLI_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

@@ -90,6 +90,26 @@ pub struct CentralConfig {
     /// Optional: fleet health thresholds and alert webhooks (defaults below).
     #[serde(default)]
     pub health: HealthConfig,
+    /// Optional: how log lines are written (`text` by default).
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`: how log lines are written to stderr (the filter comes from `RUST_LOG`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `[log] format`: `text` for people, `json` (one object per line, span fields such as
+/// `trace_id` included) for log shippers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Default of `health.offline_after_secs`: three missed heartbeats at the agent's default

@@ -735,6 +735,13 @@ fn print_summary(
     let _ = writeln!(s, "\nOutpost dev fleet is up ({})", dir.display());
     let _ = writeln!(s, "\ncentral");
     let _ = writeln!(s, "  api     {central_api}");
+    // The token rides in the fragment, which the browser keeps to itself: it never reaches
+    // central's request line or logs. The page moves it to sessionStorage.
+    let _ = writeln!(
+        s,
+        "  dashboard {central_api}/#token={}",
+        fleet.central.token
+    );
     let _ = writeln!(s, "  quic    {central_quic}");
     let _ = writeln!(s, "  token   {} (admin)", fleet.central.token);
     let _ = writeln!(s, "  erp     {} (erp role)", fleet.central.erp_token);

@@ -1,13 +1,14 @@
 //! Outpost central coordinator library: configuration, the durable store, the allowance ledger
-//! policy and business checks (pure), the ERP/operator HTTP API and its CLI client, the QUIC sync
-//! server, fleet certificates and the dev fleet tooling. `main.rs` is a thin CLI over these
-//! modules.
+//! policy and business checks (pure), the ERP/operator HTTP API, the fleet dashboard page and the
+//! CLI client, the QUIC sync server, fleet certificates and the dev fleet tooling. `main.rs` is a
+//! thin CLI over these modules.
 
 pub mod api;
 pub mod certs;
 pub mod checks;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod dev;
 pub mod fleet;
 pub mod health;

@@ -61,6 +61,14 @@ enum Cmd {
         #[command(subcommand)]
         command: SitesCmd,
     },
+    /// Fleet health: every site's state, backlog, lag and reasons, and the alerts (talks to
+    /// central's HTTP API). Exit code 2 when central cannot be reached or refuses.
+    Fleet {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: FleetCmd,
+    },
     /// Print the SHA-256 of a bearer token read from stdin (what [[api.tokens]] holds), or with
     /// --generate make a new token and print it with its config entry.
     HashToken {
@@ -151,6 +159,29 @@ enum SitesCmd {
 }
 
 #[derive(Subcommand)]
+enum FleetCmd {
+    /// One line per site (state, outbox backlog, oldest unsynced, master lag, last seen,
+    /// version, reasons) and a summary; --json prints central's answer.
+    Status,
+    /// Reprint the status every --interval seconds until Ctrl-C (or --count times).
+    Watch {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval: u64,
+        /// Stop after this many tables (for scripts).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+    },
+    /// The newest alerts (site state changes), oldest first.
+    Alerts {
+        /// Most alerts shown.
+        #[arg(long, default_value_t = cli::fleet::DEFAULT_ALERTS_LIMIT,
+              value_parser = clap::value_parser!(u64).range(1..=cli::fleet::MAX_ALERTS_LIMIT))]
+        limit: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum CertsCmd {
     /// Create the fleet CA: OUT/ca.pem and OUT/ca.key.
     Ca {
@@ -229,9 +260,26 @@ fn init_tracing(json: bool) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        // Span fields (a session's site, a request's path) go into each line's `span`/`spans`
+        // objects and event fields (`trace_id`, `seq`) to the top level, for one grep per trace.
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init();
     } else {
         builder.init();
+    }
+}
+
+/// Whether `serve`'s config asks for JSON logs (`[log] format`). Read before tracing starts; a
+/// config that does not load is reported by `serve` itself.
+fn serve_logs_json(cmd: &Cmd) -> bool {
+    match cmd {
+        Cmd::Serve { config } => CentralConfig::load(config)
+            .is_ok_and(|c| c.log.format == outpost_central::config::LogFormat::Json),
+        _ => false,
     }
 }
 
@@ -255,7 +303,7 @@ fn load_config(path: &std::path::Path) -> Result<CentralConfig, ExitCode> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
+    init_tracing(cli.log_json || serve_logs_json(&cli.command));
     match run(cli.command).await {
         Ok(code) => code,
         Err(e) => {
@@ -370,6 +418,31 @@ async fn sites(remote_args: RemoteArgs, command: SitesCmd) -> ExitCode {
     }
 }
 
+async fn fleet(remote_args: RemoteArgs, command: FleetCmd) -> ExitCode {
+    let result = match remote(&remote_args) {
+        Ok(r) => {
+            let json = remote_args.json;
+            let out = &mut std::io::stdout();
+            match command {
+                FleetCmd::Status => cli::fleet::status(&r, json, out).await,
+                FleetCmd::Watch { interval, count } => {
+                    let every = std::time::Duration::from_secs(interval);
+                    cli::fleet::watch(&r, json, every, count, out).await
+                }
+                FleetCmd::Alerts { limit } => cli::fleet::alerts(&r, limit, json, out).await,
+            }
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn hash_token(generate: bool, name: &str, role: &str) -> ExitCode {
     use outpost_central::config::Role;
     let role = if role == "admin" {
@@ -405,6 +478,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             role,
         } => return Ok(hash_token(generate, &name, &role)),
         Cmd::Exceptions { remote, command } => return Ok(exceptions(remote, command).await),
+        Cmd::Fleet { remote, command } => return Ok(fleet(remote, command).await),
         Cmd::Reconciliations {
             remote: args,
             site,

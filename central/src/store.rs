@@ -52,7 +52,7 @@ use crate::ledger::{LedgerKey, Targets};
 
 /// Version of the table layout below. Bumped on any incompatible change; a store written by
 /// another version is refused at open instead of being misread.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 /// Depth of the writer's queue. Producers wait when it is full (backpressure on HTTP handlers
 /// and sync sessions) rather than growing memory.
 pub const WRITE_QUEUE_DEPTH: usize = 4096;

@@ -127,3 +127,34 @@ fn check_config_lists_every_problem_and_exits_1() {
         assert!(err.contains(key), "{key} missing from:\n{err}");
     }
 }
+
+/// Goal: `fleet status` says clearly when central cannot be reached and exits 2, so scripts can
+/// tell it from a table. Method: point it at a loopback port where nothing listens (TCP 9).
+#[test]
+fn fleet_status_exits_2_when_central_is_unreachable() {
+    let out = central()
+        .env_remove("OUTPOST_CENTRAL_API")
+        .env_remove("OUTPOST_CENTRAL_TOKEN")
+        .args([
+            "fleet",
+            "status",
+            "--api",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("request to central failed"), "{err}");
+    assert!(out.stdout.is_empty());
+    let none = central()
+        .env_remove("OUTPOST_CENTRAL_API")
+        .env_remove("OUTPOST_CENTRAL_TOKEN")
+        .args(["fleet", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("--api URL --token T"));
+}

@@ -19,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
         at_ms: 0,
         schema,
         body: body.to_vec(),
+        trace_id: outpost_protocol::derived_trace_id("plant-1", 1, "e1"),
     };
     match env.decode() {
         Ok(ev) => {

@@ -18,6 +18,7 @@ fn ev(site: &str, seq: u64) -> EventEnvelope {
         at_ms: 0,
         schema: 1,
         body: vec![],
+        trace_id: outpost_protocol::derived_trace_id(site, seq, "e"),
     }
 }
 

@@ -253,6 +253,9 @@ pub struct EventEnvelope {
     /// The postcard-encoded `EventBody`. Opaque to framing, so that one malformed or unknown
     /// event is dead-lettered on its own while the events around it are applied.
     pub body: Vec<u8>,
+    /// W3C trace id (32 lower-case hex characters) the event was recorded under at the site: the
+    /// client's `traceparent` or a fresh one. Last, so the fields above keep their positions.
+    pub trace_id: String,
 }
 
 /// Why an event cannot be applied at all (a permanent failure: dead-lettered with the reason).
@@ -267,7 +270,9 @@ pub enum EventDecodeError {
 }
 
 impl EventEnvelope {
-    /// Builds an envelope around `body` in the current schema.
+    /// Builds an envelope around `body` in the current schema, under a trace id derived from the
+    /// event's identity (`derived_trace_id`); callers that serve a request set the request's trace
+    /// with `with_trace_id`. Deriving rather than leaving it empty keeps every envelope valid.
     pub fn new(site: &str, seq: u64, event_id: &str, at_ms: i64, body: &EventBody) -> Self {
         EventEnvelope {
             site: site.to_string(),
@@ -276,7 +281,14 @@ impl EventEnvelope {
             at_ms,
             schema: EVENT_SCHEMA,
             body: postcard::to_allocvec(body).expect("encoding an in-memory event cannot fail"),
+            trace_id: crate::trace::derived_trace_id(site, seq, event_id),
         }
+    }
+
+    /// The same envelope recorded under `trace_id`.
+    pub fn with_trace_id(mut self, trace_id: &str) -> Self {
+        self.trace_id = trace_id.to_string();
+        self
     }
 
     /// Decodes and validates the body. Trailing bytes are refused like in frames.
@@ -571,6 +583,7 @@ impl EventEnvelope {
     /// Semantic checks central applies to every uploaded event before storing it.
     pub fn validate_body(&self, body: &EventBody) -> Result<(), ValidationError> {
         validate_id("event_id", &self.event_id)?;
+        crate::trace::validate_trace_id(&self.trace_id)?;
         if self.seq == 0 {
             return Err(ValidationError::OutOfRange {
                 field: "seq",

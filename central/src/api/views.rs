@@ -60,6 +60,8 @@ pub fn event_json(e: &StoredEvent) -> Value {
     m.insert("id".into(), json!(env.event_id));
     m.insert("site_time".into(), json!(rfc3339_ms(env.at_ms)));
     m.insert("channel".into(), json!(e.channel.as_str()));
+    // Validated at ingest: every event in the feed carries a well-formed trace id.
+    m.insert("trace_id".into(), json!(env.trace_id));
     match env.decode() {
         Ok(EventBody::Order(o)) => {
             m.insert("kind".into(), json!("order"));
@@ -207,6 +209,10 @@ pub fn dead_letter_json(d: &DeadLetter) -> Value {
         "reason": d.reason,
         "schema": d.event.schema,
         "body_bytes": d.event.body.len(),
+        // A malformed trace id may be why the event is here; only a valid one is echoed.
+        "trace_id": outpost_protocol::validate_trace_id(&d.event.trace_id)
+            .is_ok()
+            .then_some(&d.event.trace_id),
         "site_time": rfc3339_ms(d.event.at_ms),
         "created_at": rfc3339_ms(d.created_ms),
     })

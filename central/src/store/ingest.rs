@@ -39,6 +39,25 @@ struct Counts {
     offline_partial: u64,
 }
 
+/// The event's trace id for a log line, or `"invalid"`: a peer's malformed value (it could be
+/// megabytes long) is never copied into the log.
+fn loggable_trace_id(env: &EventEnvelope) -> &str {
+    if outpost_protocol::validate_trace_id(&env.trace_id).is_ok() {
+        &env.trace_id
+    } else {
+        "invalid"
+    }
+}
+
+/// The event id for a log line, or `"invalid"` for a peer's malformed value, like the trace id.
+fn loggable_event_id(env: &EventEnvelope) -> &str {
+    if outpost_protocol::validate_id("event_id", &env.event_id).is_ok() {
+        &env.event_id
+    } else {
+        "invalid"
+    }
+}
+
 pub(super) fn apply_ingest(
     txn: &WriteTransaction,
     opts: &StoreOptions,
@@ -60,26 +79,73 @@ pub(super) fn apply_ingest(
     let mut touched = BTreeSet::new();
     let mut counts = Counts::default();
     for env in fresh {
+        let trace_id = loggable_trace_id(env);
         match env.decode() {
             Err(e) => {
-                dead_letter(txn, site, env, e.to_string(), now_ms)?;
+                let why = e.to_string();
+                tracing::info!(
+                    trace_id,
+                    site,
+                    seq = env.seq,
+                    event_id = %loggable_event_id(env),
+                    reason = %why,
+                    "event dead-lettered"
+                );
+                dead_letter(txn, site, env, why, now_ms)?;
                 counts.dead_letters += 1;
             }
             Ok(EventBody::Milestone(_)) => {
+                tracing::debug!(
+                    trace_id,
+                    site,
+                    seq = env.seq,
+                    event_id = %env.event_id,
+                    "milestone ingested into the feed"
+                );
                 append_feed(txn, site, Channel::Site, env)?;
             }
             Ok(EventBody::AllowanceReturn(r)) => {
+                tracing::debug!(
+                    trace_id,
+                    site,
+                    seq = env.seq,
+                    event_id = %env.event_id,
+                    "allowance return ingested"
+                );
                 apply_return(txn, site, env.seq, &r, &mut touched)?;
             }
             Ok(EventBody::Order(o)) => {
                 match ingest_order(txn, site, env, &o, revision, now_ms, &mut touched)? {
                     OrderFate::DeadLetter(why) => {
+                        tracing::info!(
+                            trace_id,
+                            site,
+                            seq = env.seq,
+                            event_id = %env.event_id,
+                            reason = %why,
+                            "order dead-lettered"
+                        );
                         dead_letter(txn, site, env, why, now_ms)?;
                         counts.dead_letters += 1;
                         continue;
                     }
-                    OrderFate::Exception => counts.exceptions += 1,
-                    OrderFate::Feed => {}
+                    OrderFate::Exception => {
+                        tracing::info!(
+                            trace_id,
+                            site,
+                            seq = env.seq,
+                            event_id = %env.event_id,
+                            "order ingested into the exception queue"
+                        );
+                        counts.exceptions += 1;
+                    }
+                    OrderFate::Feed => tracing::debug!(
+                        trace_id,
+                        site,
+                        seq = env.seq,
+                        event_id = %env.event_id,
+                        "order ingested into the feed"
+                    ),
                 }
                 if o.offline {
                     let confirmed = o.lines.iter().filter(|l| l.promise.is_confirmed()).count();
