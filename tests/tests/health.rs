@@ -176,6 +176,11 @@ async fn a_killed_agent_goes_offline_with_an_alert_and_comes_back_healthy() -> R
     p2.kill9()?;
     let off = wait_state(&c, "plant-2", "offline").await?;
     let took = killed.elapsed();
+    println!(
+        "health figures: SIGKILLed agent shown offline after {:.2} s \
+         (offline_after_secs={OFFLINE_AFTER_SECS}, heartbeat 1 s)",
+        took.as_secs_f64()
+    );
     ensure!(
         took <= Duration::from_secs(OFFLINE_AFTER_SECS + 5),
         "offline after {took:?}"
