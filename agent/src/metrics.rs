@@ -89,17 +89,9 @@ impl Snapshot {
             start_time_secs: started
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
-            resident_memory_bytes: resident_memory_bytes(),
+            resident_memory_bytes: crate::health::resident_memory_bytes(),
         })
     }
-}
-
-/// This process's resident set size from `/proc/self/status` (`VmRSS`, in KiB).
-fn resident_memory_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib.saturating_mul(1024))
 }
 
 fn gauge<N>(r: &mut Registry, name: &str, help: &str, v: N)

@@ -124,22 +124,9 @@ impl Snapshot {
             refused_handshakes_per_ip: refusals.handshakes_per_ip.load(Ordering::Relaxed),
             refused_memory: refusals.memory.load(Ordering::Relaxed),
             start_time_secs: unix_secs(started),
-            resident_memory_bytes: resident_memory_bytes(),
+            resident_memory_bytes: crate::quic::resident_memory_bytes(),
         })
     }
-}
-
-/// This process's resident set size (reads `/proc/self/statm` on Linux: microseconds).
-fn resident_memory_bytes() -> Option<u64> {
-    use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System};
-    let pid = sysinfo::get_current_pid().ok()?;
-    let mut sys = System::new();
-    sys.refresh_processes_specifics(
-        ProcessesToUpdate::Some(&[pid]),
-        false,
-        ProcessRefreshKind::nothing().with_memory(),
-    );
-    sys.process(pid).map(|p| p.memory())
 }
 
 type SiteLabel = [(&'static str, String); 1];

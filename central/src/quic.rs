@@ -173,6 +173,20 @@ impl MemoryGauge {
     }
 }
 
+/// This process's resident set size (reads `/proc/self/statm` on Linux: microseconds, fine on
+/// the executor). Shared by the memory limit and `/metrics`.
+pub fn resident_memory_bytes() -> Option<u64> {
+    use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System};
+    let pid = sysinfo::get_current_pid().ok()?;
+    let mut sys = System::new();
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::Some(&[pid]),
+        false,
+        ProcessRefreshKind::nothing().with_memory(),
+    );
+    sys.process(pid).map(|p| p.memory())
+}
+
 /// Samples this process's resident set size until `stop` turns true. A failed sample leaves the
 /// previous figure (a gauge that cannot read memory never refuses connections by itself).
 pub async fn run_memory_sampler(
@@ -180,12 +194,10 @@ pub async fn run_memory_sampler(
     limit_bytes: u64,
     mut stop: watch::Receiver<bool>,
 ) {
-    use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System};
-    let Ok(pid) = sysinfo::get_current_pid() else {
+    if sysinfo::get_current_pid().is_err() {
         tracing::warn!("cannot find central's own pid; quic.memory_limit_mib is not enforced");
         return;
-    };
-    let mut sys = System::new();
+    }
     let mut tick = tokio::time::interval(MEMORY_SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_over = false;
@@ -194,13 +206,7 @@ pub async fn run_memory_sampler(
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        // Reads /proc/self/statm: microseconds, fine on the executor.
-        sys.refresh_processes_specifics(
-            ProcessesToUpdate::Some(&[pid]),
-            false,
-            ProcessRefreshKind::nothing().with_memory(),
-        );
-        let Some(rss) = sys.process(pid).map(|p| p.memory()) else {
+        let Some(rss) = resident_memory_bytes() else {
             continue;
         };
         gauge.record(rss, limit_bytes);
