@@ -433,13 +433,15 @@ pub fn router_with(state: ApiState, boundary: Boundary) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
+        // One semaphore for the whole API (a per-route limit would multiply it), inside the
+        // timeout: a request waiting for a slot gets the JSON 408 like a slow one.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            MAX_IN_FLIGHT_REQUESTS,
+        ))
         .layer(middleware::from_fn(json_timeout))
         .layer(middleware::from_fn_with_state(
             boundary.counters.clone(),
             count_requests,
-        ))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            MAX_IN_FLIGHT_REQUESTS,
         ))
         // One span per request (method, path, and the client's name and role once known),
         // around everything else. The query string is left out: it is the caller's data.

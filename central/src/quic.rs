@@ -719,6 +719,19 @@ impl Session {
                             return self.frame_error(&mut send, e).await;
                         }
                         Some(Ok(AgentMsg::Heartbeat(hb))) => {
+                            // Every other field is fixed-size: bounding the version bounds
+                            // what the registry keeps per beat (HEARTBEAT_HISTORY per site).
+                            if hb.agent_version.len() > outpost_protocol::MAX_ID_LEN {
+                                let r = refuse(
+                                    RefuseCode::ProtocolViolation,
+                                    format!(
+                                        "heartbeat agent_version longer than {} bytes",
+                                        outpost_protocol::MAX_ID_LEN
+                                    ),
+                                );
+                                self.send_refuse(&mut send, r.clone()).await;
+                                return End::Refused(r);
+                            }
                             // Fleet health signals: kept in the registry, where the health
                             // monitor derives the site's state from them.
                             let received_ms = unix_ms(SystemTime::now());

@@ -231,8 +231,9 @@ impl Registry {
     }
 
     /// Every site the registry knows, with its liveness and its latest heartbeat only.
+    /// Every site's liveness and its last two heartbeats (two, so that rates can be derived).
     pub fn latest_signals(&self) -> HashMap<String, SiteSignals> {
-        self.signals(|_| true, 1)
+        self.signals(|_| true, 2)
     }
 
     /// One site's liveness and its heartbeat history.

@@ -1670,6 +1670,12 @@ async fn chaos_run(seed: u64, secs: Option<u64>) -> Result<()> {
     );
     ensure!(done > 0, "no schedule ran");
     ensure!(last.ok > 0, "the workload produced acknowledged writes");
+    ensure!(
+        t.agent_kills_mid_write > 0 && t.central_kills > 0,
+        "the schedules killed no agent mid-write ({}) or no central ({}): the faults did not happen",
+        t.agent_kills_mid_write,
+        t.central_kills
+    );
     Ok(())
 }
 

@@ -289,6 +289,10 @@ async fn a_quic_flood_from_one_address_does_not_starve_sites_or_grow_memory() ->
         "the flood really ran: {attempted} handshakes"
     );
     assert!(
+        refused > 0,
+        "quic.max_handshakes_per_ip refused none of {attempted} handshakes from one address"
+    );
+    assert!(
         junk_sent > 10_000,
         "the flood really ran: {junk_sent} datagrams"
     );

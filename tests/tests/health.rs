@@ -171,6 +171,18 @@ async fn a_killed_agent_goes_offline_with_an_alert_and_comes_back_healthy() -> R
         Ok((n >= 2 && !s["signals"]["api_request_rate"].is_null()).then_some(()))
     })
     .await?;
+    // The fleet list derives the same rates (it keeps the last two beats per site).
+    eventually("rates in the fleet list", STATE_TIMEOUT, || async {
+        let v = c.get("/v1/fleet").await?;
+        let ok = v.status == 200
+            && v.body["sites"].as_array().is_some_and(|sites| {
+                sites
+                    .iter()
+                    .any(|s| s["site"] == "plant-1" && s["signals"]["api_request_rate"].is_number())
+            });
+        Ok(ok.then_some(()))
+    })
+    .await?;
 
     let killed = Instant::now();
     p2.kill9()?;
