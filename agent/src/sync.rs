@@ -447,6 +447,9 @@ impl SyncClient {
             master_rev: marks.master_rev,
             last_seq: marks.last_seq,
             agent_time_ms: now_ms(),
+            acked_seq: marks.acked_seq,
+            retained_from_seq: marks.acked_seq + 1,
+            central_incarnation: 0,
         });
         timeout(limit, write_frame(&mut send, &hello))
             .await
@@ -906,6 +909,8 @@ mod tests {
                 central_version: "test".into(),
                 acked_seq: acked,
                 master_rev: 5,
+                incarnation: 1,
+                master_from_rev: h.master_rev,
             }),
         )
         .await
@@ -1047,6 +1052,8 @@ mod tests {
             central_version: "test".into(),
             acked_seq: 0,
             master_rev: 0,
+            incarnation: 1,
+            master_from_rev: 0,
         });
         write_frame(&mut send, &welcome).await.unwrap();
         let first: AgentMsg = read_frame(&mut recv).await.unwrap().unwrap();
@@ -1142,6 +1149,8 @@ mod tests {
             central_version: "test".into(),
             acked_seq: 0,
             master_rev: rev,
+            incarnation: 1,
+            master_from_rev: h.master_rev,
         });
         write_frame(&mut send, &welcome).await.unwrap();
         let mut hwm = 0;

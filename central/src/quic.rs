@@ -620,6 +620,8 @@ impl Session {
             central_version: crate::VERSION.to_string(),
             acked_seq,
             master_rev: central_rev,
+            incarnation: 0,
+            master_from_rev: hello.master_rev,
         });
         if let Err(e) = self.write(&mut send, &welcome).await {
             tracing::info!(error = %e, "cannot send Welcome");

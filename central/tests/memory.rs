@@ -54,6 +54,9 @@ fn hello(site: &str) -> AgentMsg {
         master_rev: 0,
         last_seq: 0,
         agent_time_ms: 0,
+        acked_seq: 0,
+        retained_from_seq: 0,
+        central_incarnation: 0,
     })
 }
 

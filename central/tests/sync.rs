@@ -203,6 +203,9 @@ impl Agent {
             master_rev,
             last_seq,
             agent_time_ms: 0,
+            acked_seq: 0,
+            retained_from_seq: 0,
+            central_incarnation: 0,
         }))
         .await;
         self.recv().await
@@ -526,6 +529,9 @@ async fn identity_comes_from_the_certificate() {
             master_rev: 0,
             last_seq: 0,
             agent_time_ms: 0,
+            acked_seq: 0,
+            retained_from_seq: 0,
+            central_incarnation: 0,
         });
         write_frame(&mut send, &hello)
             .await
@@ -747,6 +753,9 @@ async fn revocation_ends_the_live_session_and_refuses_hellos_until_reinstated() 
         master_rev: 0,
         last_seq: 0,
         agent_time_ms: now_ms - two_hours_ms,
+        acked_seq: 0,
+        retained_from_seq: 0,
+        central_incarnation: 0,
     }))
     .await;
     assert!(matches!(live.recv().await, CentralMsg::Welcome(_)));

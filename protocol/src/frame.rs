@@ -143,6 +143,9 @@ mod tests {
                 master_rev: 7,
                 last_seq: 3,
                 agent_time_ms: 1_700_000_000_000,
+                acked_seq: 3,
+                retained_from_seq: 1,
+                central_incarnation: 77,
             }),
             AgentMsg::Events((1..=3).map(sample_event).collect()),
         ];

@@ -24,8 +24,8 @@ pub use trace::{
 
 /// Version of the sync protocol spoken on the QUIC connection. Bumped on any incompatible change to
 /// the messages below; the hello exchange refuses a peer speaking another version.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// ALPN identifier negotiated in the TLS handshake. It carries the protocol version so that an
 /// incompatible peer is refused before any application byte is exchanged.
-pub const ALPN: &[u8] = b"outpost/2";
+pub const ALPN: &[u8] = b"outpost/3";

@@ -110,6 +110,17 @@ pub struct Hello {
     /// compares it with its own clock to estimate the site's clock offset (fleet health); it is
     /// never used to order or accept events.
     pub agent_time_ms: i64,
+    /// Highest seq this agent has recorded as committed at central (from central's acks).
+    /// A central whose own high-water mark is lower lost what it acknowledged (it was restored
+    /// from a backup): it takes the events after its mark again.
+    pub acked_seq: u64,
+    /// Lowest seq the agent still holds: acknowledged events are kept for a retention period
+    /// (`[outbox] retain_acked_*`) so that a restored central can take them again, then the
+    /// unacknowledged ones. `last_seq + 1` when it holds none. Seqs below it can no longer be
+    /// resent: a restored central whose mark is below it records them as lost.
+    pub retained_from_seq: u64,
+    /// The incarnation of central's store this agent last had a Welcome from (0: none yet).
+    pub central_incarnation: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,6 +131,14 @@ pub struct Welcome {
     pub acked_seq: u64,
     /// Central's current master revision.
     pub master_rev: u64,
+    /// Identifies central's store: drawn when it is created and again when it is restored from
+    /// a backup. An agent that sees it change knows central may have forgotten grants and master
+    /// revisions it had sent: it drops its allowances and takes `master_from_rev` as its revision.
+    pub incarnation: u64,
+    /// The revision after which central sends master changes in this session: the Hello's
+    /// `master_rev`, or, when the incarnation changed, central's revision before this session's
+    /// grants (the agent drops its allowances and starts from here).
+    pub master_from_rev: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -289,6 +289,9 @@ mod tests {
             master_rev: 0,
             last_seq: 0,
             agent_time_ms: 0,
+            acked_seq: 0,
+            retained_from_seq: 0,
+            central_incarnation: 0,
         };
         assert!(check_hello("plant-1", &h).is_ok());
         assert_eq!(

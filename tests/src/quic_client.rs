@@ -128,6 +128,9 @@ pub fn hello(site: &str, version: u16, last_seq: u64) -> AgentMsg {
         master_rev: 0,
         last_seq,
         agent_time_ms: 0,
+        acked_seq: 0,
+        retained_from_seq: 0,
+        central_incarnation: 0,
     })
 }
 

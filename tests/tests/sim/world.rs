@@ -868,6 +868,9 @@ impl Sim {
             master_rev: marks.master_rev,
             last_seq: marks.last_seq,
             agent_time_ms: EPOCH_MS + now as i64,
+            acked_seq: marks.acked_seq,
+            retained_from_seq: marks.acked_seq + 1,
+            central_incarnation: 0,
         });
         self.send_up(id, &hello);
     }
@@ -1050,6 +1053,8 @@ impl Sim {
                                 central_version: "sim".into(),
                                 acked_seq: start.acked_seq,
                                 master_rev: rev,
+                                incarnation: 1,
+                                master_from_rev: h.master_rev,
                             }),
                         );
                         self.central.sessions.insert(conn, h.master_rev);
