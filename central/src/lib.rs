@@ -4,12 +4,14 @@
 //! thin CLI over these modules.
 
 pub mod api;
+pub mod backup;
 pub mod certs;
 pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod dashboard;
 pub mod dev;
+pub mod drill;
 pub mod fleet;
 pub mod health;
 pub mod ledger;
@@ -18,6 +20,7 @@ pub mod quic;
 pub mod registry;
 pub mod run;
 pub mod store;
+pub mod traffic;
 
 /// Version of this build, sent to agents in `Welcome`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,1 @@
+//! Consistent online backup of central's store and restore onto an empty data directory.

@@ -1,0 +1,1 @@
+//! Traffic simulator for the dev fleet (`outpost-central dev traffic`).
