@@ -346,6 +346,8 @@ impl From<WriteError> for ApiError {
             }
             WriteError::BadMasterBatch(_)
             | WriteError::AckBeyondLast { .. }
+            | WriteError::RewindForward { .. }
+            | WriteError::NotRetained { .. }
             | WriteError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {
@@ -793,6 +795,8 @@ struct Health {
     master_rev: u64,
     last_seq: u64,
     acked_seq: u64,
+    /// Incarnation of central's store named by the last Welcome (0: none yet).
+    central_incarnation: u64,
     stale_secs: Option<u64>,
     /// What the API boundary refused (401, 403, 429, connections) since the agent started.
     api: serde_json::Value,
@@ -810,6 +814,7 @@ async fn health(
         master_rev: m.master_rev,
         last_seq: m.last_seq,
         acked_seq: m.acked_seq,
+        central_incarnation: m.central_incarnation,
         stale_secs: s.link.stale_secs(now_ms()),
         api: counters.json(),
     }))

@@ -16,6 +16,10 @@ use outpost_protocol::MAX_EVENTS_PER_BATCH;
 use outpost_protocol::identity;
 use serde::{Deserialize, Serialize};
 
+use crate::store::{
+    DEFAULT_RETAIN_ACKED_EVENTS, DEFAULT_RETAIN_ACKED_SECS, MAX_RETAIN_ACKED_EVENTS,
+    MAX_RETAIN_ACKED_SECS, Retention,
+};
 use crate::tls;
 
 /// Prefix of environment variables that override config keys (`OUTPOST_SYNC__CENTRAL_ADDR`).
@@ -101,7 +105,26 @@ pub struct AgentConfig {
     pub sync: SyncConfig,
     pub allowance: AllowanceConfig,
     pub health: HealthConfig,
+    pub outbox: OutboxConfig,
     pub log: LogConfig,
+}
+
+/// `[outbox]`: how long acknowledged events are kept so that a central restored from a backup
+/// can take them again. A row is kept while both bounds allow it; 0 in either keeps none.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    pub retain_acked_secs: u64,
+    pub retain_acked_max_events: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            retain_acked_secs: DEFAULT_RETAIN_ACKED_SECS,
+            retain_acked_max_events: DEFAULT_RETAIN_ACKED_EVENTS,
+        }
+    }
 }
 
 /// `[log]`: how log lines are written to stderr (the filter comes from `RUST_LOG`).
@@ -379,6 +402,8 @@ pub struct Settings {
     pub sync: SyncSettings,
     pub allowance: AllowanceSettings,
     pub health: HealthSettings,
+    /// `[outbox]`: retention of acknowledged events.
+    pub retention: Retention,
     pub log_format: LogFormat,
 }
 
@@ -444,6 +469,7 @@ impl fmt::Debug for Settings {
             .field("sync", &self.sync)
             .field("allowance", &self.allowance)
             .field("health", &self.health)
+            .field("retention", &self.retention)
             .finish()
     }
 }
@@ -503,11 +529,13 @@ const ROOT_KEYS: &[&str] = &[
     "sync",
     "allowance",
     "health",
+    "outbox",
     "log",
 ];
 const ALLOWANCE_KEYS: &[&str] = &["request_deadline_ms"];
 const LOG_KEYS: &[&str] = &["format"];
 const HEALTH_KEYS: &[&str] = &["heartbeat_secs"];
+const OUTBOX_KEYS: &[&str] = &["retain_acked_secs", "retain_acked_max_events"];
 const API_KEYS: &[&str] = &[
     "listen",
     "tokens",
@@ -624,6 +652,7 @@ fn unknown_keys(merged: &config::Config) -> Vec<Problem> {
             "sync" => Some(SYNC_KEYS),
             "allowance" => Some(ALLOWANCE_KEYS),
             "health" => Some(HEALTH_KEYS),
+            "outbox" => Some(OUTBOX_KEYS),
             "log" => Some(LOG_KEYS),
             _ => None,
         };
@@ -837,6 +866,26 @@ impl AgentConfig {
             );
         }
 
+        let o = &self.outbox;
+        if o.retain_acked_secs > MAX_RETAIN_ACKED_SECS {
+            p.add(
+                "outbox.retain_acked_secs",
+                format!(
+                    "must be 0..={MAX_RETAIN_ACKED_SECS} s (0 keeps no acknowledged event), got {}",
+                    o.retain_acked_secs
+                ),
+            );
+        }
+        if o.retain_acked_max_events > MAX_RETAIN_ACKED_EVENTS {
+            p.add(
+                "outbox.retain_acked_max_events",
+                format!(
+                    "must be 0..={MAX_RETAIN_ACKED_EVENTS} (0 keeps no acknowledged event), got {}",
+                    o.retain_acked_max_events
+                ),
+            );
+        }
+
         let problems = p.0;
         match listen {
             Some(listen) if problems.is_empty() => Ok(Settings {
@@ -871,6 +920,10 @@ impl AgentConfig {
                 },
                 health: HealthSettings {
                     heartbeat: Duration::from_secs(heartbeat_secs),
+                },
+                retention: Retention {
+                    max_age_secs: o.retain_acked_secs,
+                    max_events: o.retain_acked_max_events,
                 },
                 log_format: self.log.format,
             }),
@@ -1236,6 +1289,71 @@ key = "certs/{site}.key"
                 "{all}"
             );
         }
+    }
+
+    /// Goal: `[outbox] retain_acked_*` default to a week and a million events, are read from the
+    /// file and the environment, accept 0 (keep none), and are refused above their maxima by key.
+    #[test]
+    fn outbox_retention_is_read_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let path = write_config(dir.path(), &pki, "plant-1", "");
+        let s = load_with_env(&path, BTreeMap::new()).unwrap();
+        assert_eq!(
+            s.retention,
+            Retention {
+                max_age_secs: 604_800,
+                max_events: 1_000_000
+            }
+        );
+        let text = std::fs::read_to_string(&path).unwrap()
+            + "\n[outbox]\nretain_acked_secs = 3600\nretain_acked_max_events = 0\n";
+        std::fs::write(&path, &text).unwrap();
+        let s = load_with_env(&path, BTreeMap::new()).unwrap();
+        assert_eq!(
+            s.retention,
+            Retention {
+                max_age_secs: 3600,
+                max_events: 0
+            }
+        );
+        let env: BTreeMap<String, String> = [
+            ("OUTPOST_OUTBOX__RETAIN_ACKED_SECS", "0"),
+            ("OUTPOST_OUTBOX__RETAIN_ACKED_MAX_EVENTS", "25"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = load_with_env(&path, env).unwrap();
+        assert_eq!(
+            s.retention,
+            Retention {
+                max_age_secs: 0,
+                max_events: 25
+            }
+        );
+        let env: BTreeMap<String, String> = [
+            ("OUTPOST_OUTBOX__RETAIN_ACKED_SECS", "31536001"),
+            ("OUTPOST_OUTBOX__RETAIN_ACKED_MAX_EVENTS", "5000001"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let all = load_with_env(&path, env).unwrap_err().problems().join("\n");
+        assert!(
+            all.contains("outbox.retain_acked_secs: must be 0..=31536000"),
+            "{all}"
+        );
+        assert!(
+            all.contains("outbox.retain_acked_max_events: must be 0..=5000000"),
+            "{all}"
+        );
+        std::fs::write(&path, text.replace("retain_acked_secs", "keep_secs")).unwrap();
+        let all = load_with_env(&path, BTreeMap::new())
+            .unwrap_err()
+            .problems()
+            .join("\n");
+        assert!(all.contains("outbox.keep_secs: unknown key"), "{all}");
     }
 
     /// Goal: a broken config reports every problem at once, each by its key.

@@ -24,6 +24,8 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 pub struct Snapshot {
     pub site: String,
     pub outbox_events: u64,
+    /// Acknowledged events still held for a central restored from a backup.
+    pub outbox_retained_events: u64,
     pub last_seq: u64,
     pub acked_seq: u64,
     pub master_revision: u64,
@@ -67,6 +69,7 @@ impl Snapshot {
         Ok(Snapshot {
             site: state.site.clone(),
             outbox_events: marks.outbox_depth(),
+            outbox_retained_events: marks.retained_acked(),
             last_seq: marks.last_seq,
             acked_seq: marks.acked_seq,
             master_revision: marks.master_rev,
@@ -127,6 +130,12 @@ pub fn render(s: &Snapshot) -> String {
         "outbox_events",
         "Events stored in the outbox and not yet acknowledged by central",
         s.outbox_events,
+    );
+    gauge(
+        r,
+        "outbox_retained_events",
+        "Events acknowledged by central and still kept for a central restored from a backup",
+        s.outbox_retained_events,
     );
     gauge(
         r,
@@ -287,6 +296,7 @@ mod tests {
         Snapshot {
             site: "plant-1".into(),
             outbox_events: 3,
+            outbox_retained_events: 5,
             last_seq: 10,
             acked_seq: 7,
             master_revision: 42,
@@ -337,6 +347,7 @@ mod tests {
             "outpost_agent_api_connections_refused_total 7",
             "outpost_agent_api_header_timeouts_total 8",
             "outpost_agent_api_connections_open 2",
+            "outpost_agent_outbox_retained_events 5",
             "outpost_agent_allowance_atp_units 50",
             "outpost_agent_allowance_credit 123.45",
             "process_start_time_seconds 1700000000.5",

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use crate::api::{self, ApiState, Boundary, Clients, ServeLimits};
 use crate::config::Settings;
 use crate::health::HealthProbe;
-use crate::store::{OpenStoreError, Store};
+use crate::store::{self, OpenStoreError, Store};
 use crate::sync::{LinkState, SyncClient};
 use crate::tls::TlsError;
 use crate::topup::{ASK_QUEUE_DEPTH, TopUp};
@@ -67,7 +67,11 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(RunError::Signals)?;
 
-    let (store, writer) = Store::open(&settings.store_path(), &settings.site_id)?;
+    let (store, writer) = Store::open_with_retention(
+        &settings.store_path(),
+        &settings.site_id,
+        settings.retention,
+    )?;
     // Until central is heard from again, the freshest sign of it is the last master batch.
     let as_of = store
         .as_of_ms()
@@ -127,6 +131,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         counters,
         shutdown_rx.clone(),
     ));
+    // Acks prune acknowledged events too; this covers a quiet site. Ends with the shutdown.
+    let pruner = tokio::spawn(store::run_pruner(
+        store.clone(),
+        store::PRUNE_INTERVAL,
+        shutdown_rx.clone(),
+    ));
     let mut sync_task = tokio::spawn(sync.run(shutdown_rx));
 
     write_ready(&ready_path, api_addr).map_err(|source| RunError::Ready {
@@ -183,6 +193,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     {
         sync_task.abort();
     }
+    pruner.abort();
+    let _ = pruner.await;
     drop(store);
     writer.shutdown().await;
     tracing::info!("stopped");

@@ -35,8 +35,29 @@ pub const WRITE_QUEUE_DEPTH: usize = 4096;
 /// and copy-on-write work, with little gain past a few hundred (see performance.md §4.2).
 pub const MAX_GROUP: usize = 256;
 /// Most events waiting in the outbox. Past this the agent refuses new writes (503) rather than
-/// filling the disk: about 1.5 GB at 300 bytes an event, weeks of a busy site's traffic.
+/// filling the disk: about 1.5 GB at 300 bytes an event, weeks of a busy site's traffic. Counts
+/// unacknowledged events only: acknowledged ones kept for a restored central are bounded on their
+/// own by `[outbox] retain_acked_max_events` (at most `MAX_RETAIN_ACKED_EVENTS`).
 pub const MAX_OUTBOX_EVENTS: u64 = 5_000_000;
+/// Default `[outbox] retain_acked_secs`: acknowledged events are kept a week, longer than the
+/// usual time between central's backup and a restore from it being decided on.
+pub const DEFAULT_RETAIN_ACKED_SECS: u64 = 7 * 24 * 3600;
+/// Default `[outbox] retain_acked_max_events`: a million events (~300 MB at 300 bytes an event)
+/// covers a week of a busy site while keeping the retained rows a fraction of the outbox limit.
+pub const DEFAULT_RETAIN_ACKED_EVENTS: u64 = 1_000_000;
+/// Largest accepted `retain_acked_secs`: a year. Older backups are not restored in practice.
+pub const MAX_RETAIN_ACKED_SECS: u64 = 365 * 24 * 3600;
+/// Largest accepted `retain_acked_max_events`: the disk taken by retained events stays within
+/// what the outbox limit already allows for unacknowledged ones.
+pub const MAX_RETAIN_ACKED_EVENTS: u64 = MAX_OUTBOX_EVENTS;
+/// Most acknowledged rows pruned in one write transaction (shared by every ack and prune of a
+/// group). A huge backlog acknowledged at once (or a lowered retention) is pruned over several
+/// transactions instead of one that copies half the table; 10,000 rows keep a commit in the
+/// milliseconds on an edge box.
+pub const MAX_PRUNE_PER_STEP: usize = 10_000;
+/// How often `run_pruner` removes acknowledged events past their retention when no ack does it
+/// (a quiet site): age-based retention needs nothing finer than a minute.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the writer tries to reopen the database after a failed commit before giving up
 /// until the next group.
 const REOPEN_ATTEMPTS: u32 = 20;
@@ -55,7 +76,10 @@ const ATP: TableDefinition<&str, i64> = TableDefinition::new("atp");
 const ALLOWANCES: TableDefinition<&str, i64> = TableDefinition::new("allowances");
 /// customer id → postcard `CustomerRecord`.
 const CUSTOMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("customers");
-/// seq → postcard `EventEnvelope`; rows at or below `acked_seq` are deleted.
+/// seq → postcard `EventEnvelope`. Rows above `acked_seq` are the unacknowledged outbox; rows at
+/// or below it are acknowledged events retained for a restored central (`Retention`). The rows
+/// held are always one contiguous run from the first key to `last_seq`: pruning only removes
+/// the oldest row, so a rewind needs only the first key to know what is held.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// order id → postcard `OrderRecord`; kept after the ack so the order can still be read.
 const ORDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("orders");
@@ -70,6 +94,57 @@ const K_LAST_SEQ: &str = "last_seq";
 const K_ACKED_SEQ: &str = "acked_seq";
 /// When the last master batch was applied, in ms since the epoch (0: never).
 const K_AS_OF: &str = "as_of_ms";
+/// Incarnation of central's store named by the last Welcome (0: none yet).
+const K_CENTRAL_INCARNATION: &str = "central_incarnation";
+
+/// How long acknowledged events stay in the outbox (`[outbox] retain_acked_*`), so that a central
+/// restored from a backup can take them again. A row is kept while both bounds allow it; 0 in
+/// either keeps none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Acknowledged events stored (`at_ms`) longer ago than this are pruned.
+    pub max_age_secs: u64,
+    /// Only the newest this many acknowledged events are kept.
+    pub max_events: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age_secs: DEFAULT_RETAIN_ACKED_SECS,
+            max_events: DEFAULT_RETAIN_ACKED_EVENTS,
+        }
+    }
+}
+
+impl Retention {
+    /// Keeps no acknowledged event (the behaviour before retention existed).
+    pub const NONE: Retention = Retention {
+        max_age_secs: 0,
+        max_events: 0,
+    };
+
+    /// Whether the row `seq`, stored at `at_ms` (`None`: unreadable), is past its retention once
+    /// central acknowledged everything through `acked`. Unacknowledged rows never are.
+    pub fn expired(&self, seq: u64, at_ms: Option<i64>, acked: u64, now_ms: i64) -> bool {
+        self.expired_by_seq(seq, acked) || (seq <= acked && self.expired_by_age(at_ms, now_ms))
+    }
+
+    /// What can be decided from the seq alone: acknowledged, and beyond the newest `max_events`
+    /// (or nothing is retained at all).
+    fn expired_by_seq(&self, seq: u64, acked: u64) -> bool {
+        seq <= acked
+            && (self.max_events == 0 || self.max_age_secs == 0 || acked - seq >= self.max_events)
+    }
+
+    /// Stored longer ago than `max_age_secs`. An unreadable row can never be resent correctly:
+    /// keeping it would only hold space.
+    fn expired_by_age(&self, at_ms: Option<i64>, now_ms: i64) -> bool {
+        let Some(at_ms) = at_ms else { return true };
+        let max_age_ms = i64::try_from(self.max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        now_ms.saturating_sub(at_ms) > max_age_ms
+    }
+}
 
 /// A price as cached: the amount and its currency.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -193,6 +268,18 @@ pub enum WriteError {
     BadMasterBatch(String),
     #[error("central acknowledged seq {through} but the last local seq is {last}")]
     AckBeyondLast { through: u64, last: u64 },
+    #[error("cannot rewind the acked mark forward, from {acked} to {to}")]
+    RewindForward { to: u64, acked: u64 },
+    #[error(
+        "cannot rewind the acked mark from {acked} to {to}: the oldest event held is seq \
+         {retained_from}, events before it were pruned ([outbox] retain_acked_secs and \
+         retain_acked_max_events)"
+    )]
+    NotRetained {
+        to: u64,
+        acked: u64,
+        retained_from: u64,
+    },
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("stored record is corrupt: {0}")]
@@ -228,18 +315,57 @@ pub enum OpenStoreError {
     Read(String),
 }
 
-/// The counters and marks shown by `GET /v1/health`.
+/// The counters and marks shown by `GET /v1/health` and sent in the Hello, read in one
+/// transaction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Marks {
     pub master_rev: u64,
     pub last_seq: u64,
     pub acked_seq: u64,
+    /// Lowest seq still held in the outbox, acknowledged or not; `last_seq + 1` when none is.
+    pub retained_from_seq: u64,
+    /// Incarnation of central's store named by the last Welcome (0: none yet).
+    pub central_incarnation: u64,
 }
 
 impl Marks {
+    /// Events not yet acknowledged by central (retained acknowledged ones are not counted).
     pub fn outbox_depth(&self) -> u64 {
         self.last_seq.saturating_sub(self.acked_seq)
     }
+
+    /// Acknowledged events still held for a restored central.
+    pub fn retained_acked(&self) -> u64 {
+        (self.acked_seq + 1).saturating_sub(self.retained_from_seq)
+    }
+}
+
+/// What one prune step removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Acknowledged rows deleted.
+    pub rows: u64,
+    /// The step stopped at `MAX_PRUNE_PER_STEP` with expired rows left: prune again.
+    pub more: bool,
+}
+
+/// What adopting the incarnation named by a Welcome did (`Store::adopt_central_incarnation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IncarnationChange {
+    /// The same incarnation as before: nothing changed.
+    Unchanged,
+    /// None was recorded yet: it is now, nothing else changed.
+    First,
+    /// Central's store was replaced (restored from a backup): every allowance was dropped to 0
+    /// and the applied master revision set to central's `master_from_rev`.
+    Changed {
+        previous: u64,
+        /// Allowance rows that were above 0, and what they held summed per pool kind.
+        allowances_dropped: u64,
+        atp_dropped: i64,
+        credit_dropped: i64,
+        master_rev_before: u64,
+    },
 }
 
 /// The outbox at a glance (heartbeat signals): see `Store::outbox_summary`.
@@ -298,6 +424,20 @@ enum Op {
     },
     MarkAcked {
         through: u64,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<Reply, WriteError>>,
+    },
+    Prune {
+        now_ms: i64,
+        reply: oneshot::Sender<Result<Reply, WriteError>>,
+    },
+    RewindAcked {
+        to: u64,
+        reply: oneshot::Sender<Result<Reply, WriteError>>,
+    },
+    AdoptIncarnation {
+        incarnation: u64,
+        master_from_rev: u64,
         reply: oneshot::Sender<Result<Reply, WriteError>>,
     },
     Shutdown,
@@ -308,6 +448,9 @@ enum Reply {
     Milestone(Outcome<MilestoneRecord>),
     Master(bool),
     Acked(u64),
+    Pruned(Pruned),
+    Rewound(u64),
+    Incarnation(IncarnationChange),
 }
 
 /// Opens the database file (and prepares its tables); called at start and after a failure.
@@ -316,6 +459,7 @@ type Opener = Box<dyn Fn() -> Result<Database, OpenStoreError> + Send + Sync>;
 struct Shared {
     opener: Opener,
     site: String,
+    retention: Retention,
     /// `None` while the writer reopens the database after a failure; readers then get
     /// `Unavailable`. An `Arc` so that a reader's handle outlives a swap without blocking it.
     db: RwLock<Option<Arc<Database>>>,
@@ -348,8 +492,18 @@ fn corrupt<E: std::fmt::Display>(e: E) -> ReadError {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path` for site `site` and starts the writer thread.
+    /// Opens (or creates) the store at `path` for site `site` and starts the writer thread;
+    /// acknowledged events are retained by the default `Retention`.
     pub fn open(path: &Path, site: &str) -> Result<(Store, StoreWriter), OpenStoreError> {
+        Self::open_with_retention(path, site, Retention::default())
+    }
+
+    /// `open`, retaining acknowledged events by `retention` (`[outbox]` in the config).
+    pub fn open_with_retention(
+        path: &Path,
+        site: &str,
+        retention: Retention,
+    ) -> Result<(Store, StoreWriter), OpenStoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| OpenStoreError::CreateDir {
                 path: dir.to_path_buf(),
@@ -357,7 +511,7 @@ impl Store {
             })?;
         }
         let path = path.to_path_buf();
-        Self::open_with(site, Box::new(move || open_db(&path)))
+        Self::open_with(site, retention, Box::new(move || open_db(&path)))
     }
 
     /// Opens the store on a custom redb storage backend (simulated disks that lose unsynced
@@ -375,6 +529,7 @@ impl Store {
         let name = name.to_path_buf();
         Self::open_with(
             site,
+            Retention::default(),
             Box::new(move || {
                 let open_err = |source: redb::Error| OpenStoreError::Open {
                     path: name.clone(),
@@ -390,12 +545,17 @@ impl Store {
     }
 
     /// `open` with a custom opener (tests inject storage faults through it).
-    fn open_with(site: &str, opener: Opener) -> Result<(Store, StoreWriter), OpenStoreError> {
+    fn open_with(
+        site: &str,
+        retention: Retention,
+        opener: Opener,
+    ) -> Result<(Store, StoreWriter), OpenStoreError> {
         let db = opener()?;
         let rev = read_meta(&db, K_MASTER_REV).map_err(|e| OpenStoreError::Read(e.to_string()))?;
         let shared = Arc::new(Shared {
             opener,
             site: site.to_string(),
+            retention,
             db: RwLock::new(Some(Arc::new(db))),
             new_events: Notify::new(),
             master_rev: watch::Sender::new(rev),
@@ -422,6 +582,11 @@ impl Store {
 
     pub fn stats(&self) -> &WriterStats {
         &self.shared.stats
+    }
+
+    /// How long acknowledged events are kept.
+    pub fn retention(&self) -> Retention {
+        self.shared.retention
     }
 
     /// Woken (one permit) after each commit that added outbox events.
@@ -556,14 +721,71 @@ impl Store {
         }
     }
 
-    /// Records that central committed every event through `through`: deletes those outbox rows
-    /// and moves `acked_seq`. Returns the acked mark after the operation (never goes back).
+    /// Records that central committed every event through `through`: moves `acked_seq` (never
+    /// back) and prunes acknowledged rows past their retention, at most `MAX_PRUNE_PER_STEP` per
+    /// transaction (the rest at the next ack or prune). Returns the acked mark afterwards.
     pub async fn mark_acked(&self, through: u64) -> Result<u64, WriteError> {
+        self.mark_acked_at(through, now_ms()).await
+    }
+
+    /// `mark_acked`, judging the age of retained events against `now_ms`.
+    pub async fn mark_acked_at(&self, through: u64, now_ms: i64) -> Result<u64, WriteError> {
         match self
-            .submit(|reply| Op::MarkAcked { through, reply })
+            .submit(|reply| Op::MarkAcked {
+                through,
+                now_ms,
+                reply,
+            })
             .await?
         {
             Reply::Acked(a) => Ok(a),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// One bounded step of pruning acknowledged rows past their retention (see `run_pruner`).
+    pub async fn prune_acked(&self) -> Result<Pruned, WriteError> {
+        self.prune_acked_at(now_ms()).await
+    }
+
+    /// `prune_acked`, judging ages against `now_ms`.
+    pub async fn prune_acked_at(&self, now_ms: i64) -> Result<Pruned, WriteError> {
+        match self.submit(|reply| Op::Prune { now_ms, reply }).await? {
+            Reply::Pruned(p) => Ok(p),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// Sets `acked_seq` back to `to`, so that events `to+1..=acked_seq` are uploaded again (to a
+    /// central restored from a backup, whose mark is `to`). Refused with `NotRetained` unless
+    /// every one of those rows is still held, and with `RewindForward` if `to` is above the mark.
+    /// Returns the mark before the rewind.
+    pub async fn rewind_acked(&self, to: u64) -> Result<u64, WriteError> {
+        match self.submit(|reply| Op::RewindAcked { to, reply }).await? {
+            Reply::Rewound(from) => Ok(from),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// Records the incarnation of central's store named by a Welcome. When one was recorded
+    /// before and differs, central's store was replaced (restored from a backup) and may not know
+    /// the grants this site holds: in the same transaction every allowance drops to 0 and the
+    /// applied master revision becomes `master_from_rev` (central resends from there). Must run
+    /// before any master batch of the session is applied.
+    pub async fn adopt_central_incarnation(
+        &self,
+        incarnation: u64,
+        master_from_rev: u64,
+    ) -> Result<IncarnationChange, WriteError> {
+        match self
+            .submit(|reply| Op::AdoptIncarnation {
+                incarnation,
+                master_from_rev,
+                reply,
+            })
+            .await?
+        {
+            Reply::Incarnation(c) => Ok(c),
             _ => Err(mismatch()),
         }
     }
@@ -578,30 +800,64 @@ impl Store {
                 .map(|g| g.value())
                 .unwrap_or(0))
         };
+        let last_seq = get(K_LAST_SEQ)?;
+        let outbox = txn.open_table(OUTBOX).map_err(storage)?;
+        let retained_from_seq = match outbox.first().map_err(storage)? {
+            Some((k, _)) => k.value(),
+            None => last_seq + 1,
+        };
         Ok(Marks {
             master_rev: get(K_MASTER_REV)?,
-            last_seq: get(K_LAST_SEQ)?,
+            last_seq,
             acked_seq: get(K_ACKED_SEQ)?,
+            retained_from_seq,
+            central_incarnation: get(K_CENTRAL_INCARNATION)?,
         })
     }
 
-    /// Number of rows in the outbox (equals `marks().outbox_depth()`; kept to check that).
+    /// Unacknowledged rows in the outbox, counted one by one (equals `marks().outbox_depth()`;
+    /// kept to check that, in tests: it walks the whole unacknowledged outbox).
     pub fn outbox_rows(&self) -> Result<u64, ReadError> {
+        let txn = self.read_txn()?;
+        let acked = read_meta_in(&txn, K_ACKED_SEQ)?;
+        let t = txn.open_table(OUTBOX).map_err(storage)?;
+        let mut n = 0;
+        for row in t.range(acked + 1..).map_err(storage)? {
+            row.map_err(storage)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Every row the outbox table holds: unacknowledged events and retained acknowledged ones.
+    pub fn outbox_rows_held(&self) -> Result<u64, ReadError> {
         let txn = self.read_txn()?;
         let t = txn.open_table(OUTBOX).map_err(storage)?;
         t.len().map_err(storage)
     }
 
-    /// What the outbox holds, for the heartbeat: its rows, the bytes its table stores (keys,
-    /// values and page overhead of the leaves; the walk visits each page once, so it is bounded
-    /// by the outbox's size) and when its oldest event was stored. Reads one row only.
+    /// The unacknowledged outbox, for the heartbeat: its events, their bytes on disk and when the
+    /// oldest of them was stored. The bytes are the table's (keys, values and page overhead of
+    /// the leaves; the walk visits each page once) pro rata of the unacknowledged rows among all
+    /// rows held, so retained acknowledged events are not counted and no row is read for it.
+    /// Reads one row only.
     pub fn outbox_summary(&self) -> Result<OutboxSummary, ReadError> {
         let txn = self.read_txn()?;
+        let acked = read_meta_in(&txn, K_ACKED_SEQ)?;
+        let last = read_meta_in(&txn, K_LAST_SEQ)?;
         let t = txn.open_table(OUTBOX).map_err(storage)?;
-        let events = t.len().map_err(storage)?;
-        let bytes = t.stats().map_err(storage)?.stored_bytes();
-        let oldest_at_ms = match t.first().map_err(storage)? {
-            Some((_, v)) => {
+        let events = last.saturating_sub(acked);
+        let held = t.len().map_err(storage)?;
+        let stored = t.stats().map_err(storage)?.stored_bytes();
+        let bytes = if held == 0 {
+            0
+        } else {
+            let share = u128::from(stored) * u128::from(events.min(held)) / u128::from(held);
+            u64::try_from(share).unwrap_or(u64::MAX)
+        };
+        let oldest_at_ms = match t.range(acked + 1..).map_err(storage)?.next() {
+            Some(row) => {
+                let (_, v) = row.map_err(storage)?;
                 let e: EventEnvelope = postcard::from_bytes(v.value()).map_err(corrupt)?;
                 Some(e.at_ms)
             }
@@ -818,7 +1074,8 @@ impl Store {
     }
 
     /// The outbox events in `range`, in sequence order. A missing row is corruption: rows are
-    /// only deleted at or below `acked_seq`, and callers never ask for those.
+    /// only pruned from the oldest held, at or below `acked_seq`, and callers ask only for rows
+    /// above it (after a rewind, rows retained for that purpose).
     pub fn outbox_range(
         &self,
         range: RangeInclusive<u64>,
@@ -850,6 +1107,40 @@ impl Store {
     }
 }
 
+/// Prunes acknowledged events past their retention every `every` (`PRUNE_INTERVAL` in the
+/// agent), step after step while a step reports more, until `shutdown` turns true. Acks prune
+/// too; this covers a quiet site, whose retained events age without any ack. A failed step is
+/// logged and retried at the next tick (the writer reopens the store by itself).
+pub async fn run_pruner(store: Store, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match store.prune_acked().await {
+                Ok(p) => {
+                    if p.rows > 0 {
+                        tracing::debug!(rows = p.rows, more = p.more, "acknowledged events pruned");
+                    }
+                    if !p.more {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning acknowledged events failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 fn as_of(ms: u64) -> Option<i64> {
     (ms > 0).then(|| i64::try_from(ms).unwrap_or(i64::MAX))
 }
@@ -871,6 +1162,15 @@ fn order_pools(customer: &str, lines: &[OrderLine]) -> Vec<Pool> {
     pools.sort();
     pools.dedup();
     pools
+}
+
+fn read_meta_in(txn: &redb::ReadTransaction, k: &str) -> Result<u64, ReadError> {
+    let meta = txn.open_table(META).map_err(storage)?;
+    Ok(meta
+        .get(k)
+        .map_err(storage)?
+        .map(|g| g.value())
+        .unwrap_or(0))
 }
 
 fn read_meta(db: &Database, k: &str) -> Result<u64, String> {
@@ -1449,7 +1749,8 @@ fn set_erp_status(t: &mut Tables<'_>, o: &outpost_protocol::OrderStatusUpdate) -
     Ok(())
 }
 
-/// Returns the acked mark afterwards and whether it moved.
+/// Moves the acked mark to `through` (never back). Returns the mark afterwards and whether it
+/// moved. The rows stay: `prune_acked` removes them once past their retention.
 fn mark_acked(t: &mut Tables<'_>, through: u64) -> Result<(u64, bool), Fail> {
     let acked = t.meta(K_ACKED_SEQ)?;
     if through <= acked {
@@ -1459,9 +1760,130 @@ fn mark_acked(t: &mut Tables<'_>, through: u64) -> Result<(u64, bool), Fail> {
     if through > last {
         return Err(WriteError::AckBeyondLast { through, last }.into());
     }
-    t.outbox.retain_in(..=through, |_, _| false)?;
     t.meta.insert(K_ACKED_SEQ, through)?;
     Ok((through, true))
+}
+
+/// Deletes acknowledged rows past their retention, oldest first, at most `budget` of them
+/// (decremented). Stops at the first row to keep, so the rows held stay one contiguous run: a
+/// row older than the age bound behind a younger one (the site's clock stepped back) waits for
+/// it. Only storage errors fail it: an unreadable acknowledged row is pruned like an expired one.
+fn prune_acked(
+    t: &mut Tables<'_>,
+    retention: &Retention,
+    now_ms: i64,
+    budget: &mut usize,
+) -> Result<Pruned, redb::StorageError> {
+    let acked = t.meta.get(K_ACKED_SEQ)?.map(|g| g.value()).unwrap_or(0);
+    let mut rows = 0;
+    loop {
+        let next = match t.outbox.first()? {
+            Some((k, v)) => {
+                let seq = k.value();
+                // The envelope is decoded only when the seq alone does not decide.
+                let expired = seq <= acked
+                    && (retention.expired_by_seq(seq, acked) || {
+                        let at_ms = postcard::from_bytes::<EventEnvelope>(v.value())
+                            .map(|e| e.at_ms)
+                            .ok();
+                        if at_ms.is_none() {
+                            tracing::warn!(seq, "acknowledged outbox row is unreadable; pruned");
+                        }
+                        retention.expired_by_age(at_ms, now_ms)
+                    });
+                expired.then_some(seq)
+            }
+            None => None,
+        };
+        let Some(seq) = next else {
+            return Ok(Pruned { rows, more: false });
+        };
+        if *budget == 0 {
+            return Ok(Pruned { rows, more: true });
+        }
+        t.outbox.remove(seq)?;
+        *budget -= 1;
+        rows += 1;
+    }
+}
+
+/// Sets the acked mark back to `to`, checking that rows `to+1..=acked` are all held. Returns the
+/// mark before.
+fn rewind_acked(t: &mut Tables<'_>, to: u64) -> Result<u64, Fail> {
+    let acked = t.meta(K_ACKED_SEQ)?;
+    if to > acked {
+        return Err(WriteError::RewindForward { to, acked }.into());
+    }
+    if to == acked {
+        return Ok(acked);
+    }
+    let last = t.meta(K_LAST_SEQ)?;
+    let first = t.outbox.first()?.map(|(k, _)| k.value());
+    let retained_from = first.unwrap_or(last + 1);
+    // The rows held are one run from the first key to `last_seq`: checked from the other side
+    // (the row count) before trusting the first key alone.
+    let held = t.outbox.len()?;
+    let expected = (last + 1).saturating_sub(retained_from);
+    if held != expected {
+        return Err(WriteError::Corrupt(format!(
+            "the outbox holds {held} rows but seqs {retained_from}..={last} are {expected}"
+        ))
+        .into());
+    }
+    if retained_from > to + 1 {
+        return Err(WriteError::NotRetained {
+            to,
+            acked,
+            retained_from,
+        }
+        .into());
+    }
+    t.meta.insert(K_ACKED_SEQ, to)?;
+    Ok(acked)
+}
+
+/// See `Store::adopt_central_incarnation`.
+fn adopt_incarnation(
+    t: &mut Tables<'_>,
+    incarnation: u64,
+    master_from_rev: u64,
+) -> Result<IncarnationChange, Fail> {
+    let previous = t.meta(K_CENTRAL_INCARNATION)?;
+    if previous == incarnation {
+        return Ok(IncarnationChange::Unchanged);
+    }
+    if previous == 0 {
+        t.meta.insert(K_CENTRAL_INCARNATION, incarnation)?;
+        return Ok(IncarnationChange::First);
+    }
+    // Every allowance, however many: the table holds one row per pool granted (hundreds to a
+    // few thousand), and a partial reset would leave the site confirming on grants the restored
+    // central does not know.
+    let mut held = Vec::new();
+    for row in t.allowances.iter()? {
+        let (k, v) = row?;
+        if v.value() != 0 {
+            held.push((k.value().to_string(), v.value()));
+        }
+    }
+    let (mut atp_dropped, mut credit_dropped) = (0i64, 0i64);
+    for (k, v) in &held {
+        match parse_pool_key(k) {
+            Some(Pool::Credit { .. }) => credit_dropped = credit_dropped.saturating_add(*v),
+            _ => atp_dropped = atp_dropped.saturating_add(*v),
+        }
+        t.allowances.insert(k.as_str(), 0)?;
+    }
+    let master_rev_before = t.meta(K_MASTER_REV)?;
+    t.meta.insert(K_MASTER_REV, master_from_rev)?;
+    t.meta.insert(K_CENTRAL_INCARNATION, incarnation)?;
+    Ok(IncarnationChange::Changed {
+        previous,
+        allowances_dropped: held.len() as u64,
+        atp_dropped,
+        credit_dropped,
+        master_rev_before,
+    })
 }
 
 type Pending = (
@@ -1512,12 +1934,16 @@ fn execute_group(shared: &Shared, ops: Vec<Op>) {
             new_events,
             committed,
             master_rev,
+            master_rev_reset,
         }) => {
             if committed {
                 shared.stats.commits.fetch_add(1, Ordering::Relaxed);
             }
             // Published before the replies: whoever waits for a revision sees it no later than
             // the caller that applied it.
+            if let Some(rev) = master_rev_reset {
+                shared.master_rev.send_replace(rev);
+            }
             if let Some(rev) = master_rev {
                 shared.master_rev.send_if_modified(|cur| {
                     let moved = rev > *cur;
@@ -1557,6 +1983,9 @@ struct GroupDone {
     committed: bool,
     /// The master revision this group applied, if it applied any.
     master_rev: Option<u64>,
+    /// The master revision after a change of central's incarnation set it (possibly lower than
+    /// before), published as is.
+    master_rev_reset: Option<u64>,
 }
 
 /// Runs every operation of a group in one write transaction and commits it once. On success,
@@ -1590,6 +2019,9 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
     let mut new_events = false;
     let mut wrote = false;
     let mut master_rev = None;
+    let mut master_rev_reset = None;
+    // Shared by every ack and prune of the group: one transaction prunes a bounded number.
+    let mut prune_budget = MAX_PRUNE_PER_STEP;
     {
         let mut tables = match Tables::open(&txn) {
             Ok(t) => t,
@@ -1652,13 +2084,52 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
                         wrote = true;
                         new_events |= done.new_events;
                         master_rev = Some(batch.through_rev);
+                        if let Some(reset) = &mut master_rev_reset {
+                            // Applied after a reset in the same group: publish where it ended.
+                            *reset = batch.through_rev;
+                            master_rev = None;
+                        }
                     }
                     (reply, r.map(|done| Reply::Master(done.applied)))
                 }
-                Op::MarkAcked { through, reply } => {
-                    let r = mark_acked(&mut tables, through);
+                Op::MarkAcked {
+                    through,
+                    now_ms,
+                    reply,
+                } => {
+                    let r = mark_acked(&mut tables, through).and_then(|(acked, moved)| {
+                        let pruned =
+                            prune_acked(&mut tables, &shared.retention, now_ms, &mut prune_budget)?;
+                        Ok((acked, moved || pruned.rows > 0))
+                    });
                     wrote |= matches!(r, Ok((_, true)));
                     (reply, r.map(|(acked, _)| Reply::Acked(acked)))
+                }
+                Op::Prune { now_ms, reply } => {
+                    let r = prune_acked(&mut tables, &shared.retention, now_ms, &mut prune_budget)
+                        .map_err(Fail::from);
+                    wrote |= matches!(r, Ok(p) if p.rows > 0);
+                    (reply, r.map(Reply::Pruned))
+                }
+                Op::RewindAcked { to, reply } => {
+                    let r = rewind_acked(&mut tables, to);
+                    wrote |= matches!(r, Ok(from) if from != to);
+                    (reply, r.map(Reply::Rewound))
+                }
+                Op::AdoptIncarnation {
+                    incarnation,
+                    master_from_rev,
+                    reply,
+                } => {
+                    let r = adopt_incarnation(&mut tables, incarnation, master_from_rev);
+                    if let Ok(change) = &r {
+                        wrote |= *change != IncarnationChange::Unchanged;
+                        if matches!(change, IncarnationChange::Changed { .. }) {
+                            master_rev_reset = Some(master_from_rev);
+                            master_rev = None;
+                        }
+                    }
+                    (reply, r.map(Reply::Incarnation))
                 }
                 Op::Shutdown => continue,
             };
@@ -1683,6 +2154,7 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
             new_events: false,
             committed: false,
             master_rev: None,
+            master_rev_reset: None,
         });
     }
     match txn.commit() {
@@ -1691,6 +2163,7 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
             new_events,
             committed: true,
             master_rev,
+            master_rev_reset,
         }),
         Err(e) => Err((senders(pending, Vec::new()), e.to_string())),
     }
@@ -1701,7 +2174,10 @@ fn op_reply(op: Op) -> Option<oneshot::Sender<Result<Reply, WriteError>>> {
         Op::CreateOrder { reply, .. }
         | Op::RecordMilestone { reply, .. }
         | Op::ApplyMaster { reply, .. }
-        | Op::MarkAcked { reply, .. } => Some(reply),
+        | Op::MarkAcked { reply, .. }
+        | Op::Prune { reply, .. }
+        | Op::RewindAcked { reply, .. }
+        | Op::AdoptIncarnation { reply, .. } => Some(reply),
         Op::Shutdown => None,
     }
 }
@@ -1975,8 +2451,9 @@ mod tests {
         writer.shutdown().await;
     }
 
-    /// Goal: an ack deletes exactly the acknowledged outbox rows, keeps the order records
-    /// (now marked synced), never moves back, and an ack beyond the last seq is refused.
+    /// Goal: an ack deletes exactly the acknowledged outbox rows past their retention (here all
+    /// of them: stored at 1 ms after the epoch, far beyond the default week), keeps the order
+    /// records (now marked synced), never moves back, and an ack beyond the last seq is refused.
     #[tokio::test]
     async fn ack_deletes_outbox_rows_and_depth_drops() {
         let dir = tempfile::tempdir().unwrap();
@@ -2035,7 +2512,10 @@ mod tests {
             Marks {
                 master_rev: 4,
                 last_seq: 2,
-                acked_seq: 1
+                acked_seq: 1,
+                // Row 1, stored at 1 ms after the epoch, was past the age bound at its ack.
+                retained_from_seq: 2,
+                central_incarnation: 0,
             }
         );
         assert_eq!(store.outbox_rows().unwrap(), 1);
@@ -2216,7 +2696,7 @@ mod tests {
                 })?;
             prepare_db(db, &p)
         });
-        let (store, writer) = Store::open_with(SITE, opener).unwrap();
+        let (store, writer) = Store::open_with(SITE, Retention::default(), opener).unwrap();
         let first = store
             .record_milestone(milestone("ok-1", MilestoneKind::Picked), 1)
             .await
@@ -2503,7 +2983,9 @@ mod tests {
             Marks {
                 master_rev: 6,
                 last_seq: 3,
-                acked_seq: 0
+                acked_seq: 0,
+                retained_from_seq: 1,
+                central_incarnation: 0,
             }
         );
         let returned: Vec<(u64, i64)> = (1..=3)
@@ -2577,6 +3059,338 @@ mod tests {
             Err(WriteError::BadMasterBatch(_))
         ));
         assert_eq!(store.allowance(&gear).unwrap(), i64::MAX);
+        writer.shutdown().await;
+    }
+
+    fn open_retaining(dir: &Path, retention: Retention) -> (Store, StoreWriter) {
+        Store::open_with_retention(&dir.join("agent.redb"), SITE, retention).unwrap()
+    }
+
+    /// `n` milestones stored at `at_ms`, written concurrently so the writer groups them.
+    async fn fill(store: &Store, from: usize, n: usize, at_ms: i64) {
+        let mut set = tokio::task::JoinSet::new();
+        for i in from..from + n {
+            let store = store.clone();
+            set.spawn(async move {
+                store
+                    .record_milestone(milestone(&format!("e{i}"), MilestoneKind::Picked), at_ms)
+                    .await
+                    .unwrap();
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+    }
+
+    const DAY_MS: i64 = 86_400_000;
+
+    /// Goal: acknowledged rows are kept up to `max_events` (the newest ones), and depth, the
+    /// heartbeat summary and `outbox_rows` keep counting unacknowledged events only.
+    /// Method: 10 events, retention of 3, ack through 8.
+    #[tokio::test]
+    async fn acked_rows_are_retained_by_count_and_depth_counts_unacked_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open_retaining(
+            dir.path(),
+            Retention {
+                max_age_secs: 3600,
+                max_events: 3,
+            },
+        );
+        let t0 = now_ms();
+        for i in 0..10 {
+            store
+                .record_milestone(milestone(&format!("e{i}"), MilestoneKind::Picked), t0 + i)
+                .await
+                .unwrap();
+        }
+        let before = store.outbox_summary().unwrap();
+        assert_eq!((before.events, before.oldest_at_ms), (10, Some(t0)));
+        assert_eq!(store.mark_acked_at(8, t0 + 10).await.unwrap(), 8);
+        let m = store.marks().unwrap();
+        assert_eq!(
+            (m.outbox_depth(), m.retained_from_seq, m.retained_acked()),
+            (2, 6, 3)
+        );
+        assert_eq!(store.outbox_rows().unwrap(), 2, "unacknowledged rows");
+        assert_eq!(store.outbox_rows_held().unwrap(), 5, "seqs 6..=10");
+        let ids: Vec<String> = store
+            .outbox_range(6..=10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
+        assert_eq!(ids, ["e5", "e6", "e7", "e8", "e9"]);
+        assert!(store.outbox_range(5..=6).is_err(), "seq 5 was pruned");
+        let sum = store.outbox_summary().unwrap();
+        assert_eq!(sum.events, 2);
+        assert_eq!(
+            sum.oldest_at_ms,
+            Some(t0 + 8),
+            "the oldest unacknowledged, seq 9"
+        );
+        assert!(
+            sum.bytes > 0 && sum.bytes < before.bytes,
+            "{sum:?} {before:?}"
+        );
+        // Acking the rest keeps the newest three acknowledged rows, and the summary is empty.
+        store.mark_acked_at(10, t0 + 10).await.unwrap();
+        let m = store.marks().unwrap();
+        assert_eq!((m.outbox_depth(), m.retained_from_seq), (0, 8));
+        assert_eq!(store.outbox_rows().unwrap(), 0);
+        let sum = store.outbox_summary().unwrap();
+        assert_eq!((sum.events, sum.bytes, sum.oldest_at_ms), (0, 0, None));
+        writer.shutdown().await;
+    }
+
+    /// Goal: acknowledged rows older than `max_age_secs` are pruned, by the ack and later by a
+    /// prune step; unacknowledged rows are never pruned however old; `Retention::NONE` keeps
+    /// nothing acknowledged (the behaviour before retention).
+    #[tokio::test]
+    async fn acked_rows_are_retained_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open_retaining(
+            dir.path(),
+            Retention {
+                max_age_secs: 60,
+                max_events: 1_000,
+            },
+        );
+        let t0 = 1_700_000_000_000;
+        fill(&store, 0, 5, t0).await;
+        fill(&store, 5, 5, t0 + 100_000).await;
+        // At t0 + 120 s, seqs 1..=5 are 120 s old, 6..=8 are 20 s old, 9..=10 unacknowledged.
+        store.mark_acked_at(8, t0 + 120_000).await.unwrap();
+        let m = store.marks().unwrap();
+        assert_eq!((m.retained_from_seq, m.outbox_depth()), (6, 2));
+        // Nothing expired yet: nothing pruned, nothing written.
+        assert_eq!(
+            store.prune_acked_at(t0 + 150_000).await.unwrap(),
+            Pruned::default()
+        );
+        // A year later, the acknowledged rows go and the unacknowledged ones stay.
+        let p = store.prune_acked_at(t0 + 365 * DAY_MS).await.unwrap();
+        assert_eq!(
+            p,
+            Pruned {
+                rows: 3,
+                more: false
+            }
+        );
+        let m = store.marks().unwrap();
+        assert_eq!((m.retained_from_seq, m.outbox_depth()), (9, 2));
+        assert_eq!(store.outbox_range(9..=10).unwrap().len(), 2);
+        writer.shutdown().await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open_retaining(dir.path(), Retention::NONE);
+        fill(&store, 0, 4, now_ms()).await;
+        store.mark_acked(3).await.unwrap();
+        let m = store.marks().unwrap();
+        assert_eq!((m.retained_from_seq, m.retained_acked()), (4, 0));
+        assert_eq!(store.outbox_rows_held().unwrap(), 1);
+        writer.shutdown().await;
+    }
+
+    /// Goal: pruning is bounded per write transaction, by an ack as by a prune step, and goes on
+    /// at the next one; a prune step says when it left expired rows behind.
+    /// Method: 12,345 fresh events acked at once (none expired), then prunes far in the future;
+    /// then as many again, acked when already expired.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pruning_is_bounded_per_transaction() {
+        const N: usize = 12_345;
+        let rest = (N - MAX_PRUNE_PER_STEP) as u64;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let t0 = now_ms();
+        fill(&store, 0, N, t0).await;
+        store.mark_acked_at(N as u64, t0).await.unwrap();
+        assert_eq!(store.outbox_rows_held().unwrap(), N as u64, "all retained");
+        let later = t0 + 8 * DAY_MS;
+        let p = store.prune_acked_at(later).await.unwrap();
+        assert_eq!(
+            p,
+            Pruned {
+                rows: MAX_PRUNE_PER_STEP as u64,
+                more: true
+            }
+        );
+        let p = store.prune_acked_at(later).await.unwrap();
+        assert_eq!(
+            p,
+            Pruned {
+                rows: rest,
+                more: false
+            }
+        );
+        assert_eq!(store.outbox_rows_held().unwrap(), 0);
+
+        fill(&store, N, N, t0).await;
+        store.mark_acked_at(2 * N as u64, later).await.unwrap();
+        let m = store.marks().unwrap();
+        assert_eq!(m.outbox_depth(), 0);
+        assert_eq!(m.retained_acked(), rest, "the ack pruned one step's worth");
+        // The next ack (even a repeated one) continues.
+        store.mark_acked_at(2 * N as u64, later).await.unwrap();
+        assert_eq!(store.marks().unwrap().retained_acked(), 0);
+        writer.shutdown().await;
+    }
+
+    /// Goal: on a quiet site (no ack) the pruner task removes retained events once they age
+    /// out, and stops on shutdown.
+    #[tokio::test]
+    async fn the_pruner_prunes_without_acks_and_stops_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        fill(&store, 0, 3, 1).await;
+        // Acked "at" 1 ms after the epoch: young then, a week old by now.
+        store.mark_acked_at(3, 1).await.unwrap();
+        assert_eq!(store.marks().unwrap().retained_acked(), 3);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_pruner(
+            store.clone(),
+            Duration::from_millis(10),
+            stop_rx,
+        ));
+        for _ in 0..500 {
+            if store.outbox_rows_held().unwrap() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.marks().unwrap().retained_acked(), 0);
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the pruner stops on shutdown")
+            .unwrap();
+        writer.shutdown().await;
+    }
+
+    /// Goal: the acked mark can be rewound only over rows still held: the rewound events are
+    /// unacknowledged again with their original seqs and event ids; a rewind past the pruned
+    /// rows or forward is refused and changes nothing.
+    #[tokio::test]
+    async fn rewind_is_allowed_only_over_retained_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open_retaining(
+            dir.path(),
+            Retention {
+                max_age_secs: 3600,
+                max_events: 3,
+            },
+        );
+        fill(&store, 0, 10, now_ms()).await;
+        let ids = |from: u64, to: u64| -> Vec<String> {
+            store
+                .outbox_range(from..=to)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.event_id)
+                .collect()
+        };
+        let original = ids(1, 10);
+        store.mark_acked(10).await.unwrap();
+        assert_eq!(store.marks().unwrap().retained_from_seq, 8);
+        assert_eq!(
+            store.rewind_acked(5).await,
+            Err(WriteError::NotRetained {
+                to: 5,
+                acked: 10,
+                retained_from: 8
+            })
+        );
+        assert_eq!(
+            store.rewind_acked(11).await,
+            Err(WriteError::RewindForward { to: 11, acked: 10 })
+        );
+        assert_eq!(
+            store.marks().unwrap().acked_seq,
+            10,
+            "refusals change nothing"
+        );
+        assert_eq!(store.rewind_acked(7).await.unwrap(), 10);
+        let m = store.marks().unwrap();
+        assert_eq!(
+            (m.acked_seq, m.outbox_depth(), m.retained_acked()),
+            (7, 3, 0)
+        );
+        assert_eq!(store.outbox_rows().unwrap(), 3);
+        assert_eq!(ids(8, 10), original[7..10]);
+        assert_eq!(
+            store.rewind_acked(7).await.unwrap(),
+            7,
+            "to the mark: no-op"
+        );
+        // The rewound rows are unacknowledged again: no prune touches them.
+        assert_eq!(
+            store.prune_acked_at(now_ms() + 365 * DAY_MS).await.unwrap(),
+            Pruned::default()
+        );
+        assert_eq!(store.marks().unwrap().retained_from_seq, 8);
+        // Acked again, they are retained again.
+        store.mark_acked(10).await.unwrap();
+        assert_eq!(store.marks().unwrap().retained_from_seq, 8);
+        writer.shutdown().await;
+    }
+
+    /// Goal: the first incarnation is recorded without touching anything; the same one again
+    /// changes nothing; a different one drops every allowance to 0 and sets the applied revision
+    /// to central's `master_from_rev` (published, even though lower), in one operation, after
+    /// which master data resumes from there.
+    #[tokio::test]
+    async fn a_new_central_incarnation_drops_allowances_and_resets_the_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let gear = Pool::atp("GEAR-12T");
+        let credit = Pool::credit("ACME");
+        store.apply_master(catalogue(0, 5)).await.unwrap();
+        store
+            .apply_master(grants(5, 8, &[(gear.clone(), 7), (credit.clone(), 500)]))
+            .await
+            .unwrap();
+        let mut rev = store.master_rev_watch();
+        assert_eq!(
+            store.adopt_central_incarnation(41, 8).await.unwrap(),
+            IncarnationChange::First
+        );
+        assert_eq!(store.marks().unwrap().central_incarnation, 41);
+        assert_eq!(
+            store.adopt_central_incarnation(41, 2).await.unwrap(),
+            IncarnationChange::Unchanged
+        );
+        assert_eq!(store.allowance(&gear).unwrap(), 7);
+        assert_eq!(store.marks().unwrap().master_rev, 8);
+
+        let change = store.adopt_central_incarnation(42, 6).await.unwrap();
+        assert_eq!(
+            change,
+            IncarnationChange::Changed {
+                previous: 41,
+                allowances_dropped: 2,
+                atp_dropped: 7,
+                credit_dropped: 500,
+                master_rev_before: 8,
+            }
+        );
+        assert_eq!(store.allowance(&gear).unwrap(), 0);
+        assert_eq!(store.allowance(&credit).unwrap(), 0);
+        let m = store.marks().unwrap();
+        assert_eq!((m.master_rev, m.central_incarnation), (6, 42));
+        assert_eq!(
+            *rev.borrow_and_update(),
+            6,
+            "the lower revision is published"
+        );
+        // Master data resumes from central's revision: its grants apply again.
+        assert!(
+            store
+                .apply_master(grants(6, 7, &[(gear.clone(), 2)]))
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.allowance(&gear).unwrap(), 2);
         writer.shutdown().await;
     }
 

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::config::SyncSettings;
 use crate::health::HealthProbe;
-use crate::store::{ReadError, Store, WriteError, now_ms};
+use crate::store::{IncarnationChange, ReadError, Store, WriteError, now_ms};
 use crate::tls::{self, TlsError};
 use crate::topup::{AllowanceAnswer, AllowanceAsk};
 
@@ -448,8 +448,8 @@ impl SyncClient {
             last_seq: marks.last_seq,
             agent_time_ms: now_ms(),
             acked_seq: marks.acked_seq,
-            retained_from_seq: marks.acked_seq + 1,
-            central_incarnation: 0,
+            retained_from_seq: marks.retained_from_seq,
+            central_incarnation: marks.central_incarnation,
         });
         timeout(limit, write_frame(&mut send, &hello))
             .await
@@ -477,20 +477,72 @@ impl SyncClient {
         *welcomed = true;
         self.link.heard(now_ms());
 
-        // Central's durable mark decides where the upload resumes; it can never be behind what
-        // it acknowledged before (those outbox rows are gone) nor ahead of what exists here.
+        // Central's store may have been replaced (restored from a backup) since the last
+        // Welcome: it may not know the grants this site holds. Settled before any Master frame of
+        // the session is applied (they are read only after this, in the loop below).
+        match self
+            .store
+            .adopt_central_incarnation(welcome.incarnation, welcome.master_from_rev)
+            .await?
+        {
+            IncarnationChange::Unchanged => {}
+            IncarnationChange::First => tracing::info!(
+                incarnation = welcome.incarnation,
+                "recorded the incarnation of central's store"
+            ),
+            IncarnationChange::Changed {
+                previous,
+                allowances_dropped,
+                atp_dropped,
+                credit_dropped,
+                master_rev_before,
+            } => tracing::warn!(
+                previous_incarnation = previous,
+                incarnation = welcome.incarnation,
+                allowances_dropped,
+                atp_dropped,
+                credit_dropped,
+                master_rev_before,
+                master_rev = welcome.master_from_rev,
+                "central's store changed (restored from a backup?): every allowance dropped to 0; \
+                 master data resumes from revision {}",
+                welcome.master_from_rev
+            ),
+        }
+
+        // Central's durable mark decides where the upload resumes. It is never ahead of what
+        // exists here. Behind what it acknowledged before means central lost acknowledged
+        // events (restored from a backup): they are sent again from the retained rows, with
+        // their original seqs and event ids, if they are still held.
         let marks = self.store.marks()?;
         if welcome.acked_seq < marks.acked_seq {
-            return Err(SyncError::Diverged(format!(
-                "central reports seq {} as its high-water mark but already acknowledged {}; \
-                 events {}..={} were deleted here after that ack and cannot be resent \
-                 (was central restored from an old backup?)",
-                welcome.acked_seq,
-                marks.acked_seq,
-                welcome.acked_seq + 1,
-                marks.acked_seq
-            )));
+            match self.store.rewind_acked(welcome.acked_seq).await {
+                Ok(from) => {
+                    let resent = from - welcome.acked_seq;
+                    tracing::warn!(
+                        central_acked_seq = welcome.acked_seq,
+                        agent_acked_seq = from,
+                        resent,
+                        "central is behind what it acknowledged (restored from a backup?): \
+                         re-sending {resent} events"
+                    );
+                }
+                Err(WriteError::NotRetained { retained_from, .. }) => {
+                    return Err(SyncError::Diverged(format!(
+                        "central reports seq {} as its high-water mark but already acknowledged \
+                         {}; events {}..={} were pruned here after that ack ([outbox] \
+                         retain_acked_secs and retain_acked_max_events bound what is kept) and \
+                         cannot be resent (was central restored from an old backup?)",
+                        welcome.acked_seq,
+                        marks.acked_seq,
+                        welcome.acked_seq + 1,
+                        retained_from.saturating_sub(1),
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        let marks = self.store.marks()?;
         let mut up = Uploader::new(self.settings.window_events, self.settings.batch_max_events);
         up.handle_welcome(welcome.acked_seq, marks.last_seq)
             .map_err(|e| SyncError::Diverged(e.to_string()))?;
@@ -894,6 +946,50 @@ mod tests {
         seen: Arc<std::sync::Mutex<Vec<u64>>>,
         stop_after: Option<u64>,
     ) -> quinn::Connection {
+        let script = Script {
+            acked,
+            master,
+            stop_after,
+            ..Script::default()
+        };
+        let record = move |evs: &[EventEnvelope]| {
+            seen.lock().unwrap().extend(evs.iter().map(|e| e.seq));
+        };
+        serve_scripted(ep, script, record).await.0
+    }
+
+    /// What a scripted central answers in one session.
+    struct Script {
+        /// The Welcome's high-water mark.
+        acked: u64,
+        incarnation: u64,
+        /// The Welcome's `master_from_rev`; `None`: the Hello's `master_rev`.
+        master_from_rev: Option<u64>,
+        /// Sent right after the Welcome.
+        master: Option<outpost_protocol::MasterBatch>,
+        /// Cut the link, unacked, once this seq has arrived.
+        stop_after: Option<u64>,
+    }
+
+    impl Default for Script {
+        fn default() -> Self {
+            Script {
+                acked: 0,
+                incarnation: 1,
+                master_from_rev: None,
+                master: None,
+                stop_after: None,
+            }
+        }
+    }
+
+    /// `serve_session` as scripted: `record` gets the new events of each batch (duplicates of
+    /// what central already holds left out). Returns the connection and the agent's Hello.
+    async fn serve_scripted(
+        ep: &quinn::Endpoint,
+        script: Script,
+        record: impl Fn(&[EventEnvelope]) + Send + 'static,
+    ) -> (quinn::Connection, Hello) {
         let conn = ep.accept().await.unwrap().await.unwrap();
         let (mut send, mut recv) = conn.accept_bi().await.unwrap();
         let hello: AgentMsg = read_frame(&mut recv).await.unwrap().unwrap();
@@ -907,28 +1003,27 @@ mod tests {
             &CentralMsg::Welcome(Welcome {
                 protocol_version: PROTOCOL_VERSION,
                 central_version: "test".into(),
-                acked_seq: acked,
+                acked_seq: script.acked,
                 master_rev: 5,
-                incarnation: 1,
-                master_from_rev: h.master_rev,
+                incarnation: script.incarnation,
+                master_from_rev: script.master_from_rev.unwrap_or(h.master_rev),
             }),
         )
         .await
         .unwrap();
-        if let Some(m) = master {
+        if let Some(m) = script.master {
             write_frame(&mut send, &CentralMsg::Master(m))
                 .await
                 .unwrap();
         }
         let conn2 = conn.clone();
+        let (acked, stop_after) = (script.acked, script.stop_after);
         tokio::spawn(async move {
             let mut hwm = acked;
             while let Ok(Some(AgentMsg::Events(batch))) = read_frame::<AgentMsg, _>(&mut recv).await
             {
                 let plan = outpost_protocol::session::plan_ingest("plant-1", hwm, &batch).unwrap();
-                seen.lock()
-                    .unwrap()
-                    .extend(batch[plan.duplicates..].iter().map(|e| e.seq));
+                record(&batch[plan.duplicates..]);
                 hwm = plan.new_hwm;
                 if stop_after.is_some_and(|s| hwm >= s) {
                     // Drop the link without acking: the agent must resend after reconnecting.
@@ -943,7 +1038,185 @@ mod tests {
                 }
             }
         });
-        conn
+        (conn, h)
+    }
+
+    /// A sync client for `store` towards `central`, running until the returned sender fires.
+    fn start_client(
+        dir: &Path,
+        pki: &Pki,
+        central: &quinn::Endpoint,
+        store: &Store,
+    ) -> (Arc<LinkState>, watch::Sender<bool>, JoinHandle<()>) {
+        let link = Arc::new(LinkState::default());
+        let (_ask_tx, ask_rx) = mpsc::channel(crate::topup::ASK_QUEUE_DEPTH);
+        let client = SyncClient::new(
+            settings(dir, pki, central.local_addr().unwrap()),
+            "plant-1".into(),
+            store.clone(),
+            link.clone(),
+            ask_rx,
+        )
+        .unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        (link, stop_tx, tokio::spawn(client.run(stop_rx)))
+    }
+
+    async fn stop_client(stop: watch::Sender<bool>, task: JoinHandle<()>) {
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("sync task stops on shutdown")
+            .unwrap();
+    }
+
+    /// Goal: a central restored from a backup (its Welcome's mark below what it acknowledged)
+    /// receives the acknowledged events the agent retained again, with their original seqs and
+    /// event ids, and the agent's Hello tells it what it holds; guards against losing the events
+    /// central acknowledged after its backup.
+    /// Method: central acks all 20 events, the link is cut, the next central welcomes with 5.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_central_behind_its_acks_gets_the_retained_events_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let central = fake_central(&pki);
+        let (store, writer) = Store::open(&dir.path().join("agent.redb"), "plant-1").unwrap();
+        for i in 0..20 {
+            store
+                .record_milestone(scan(&format!("e{i}")), now_ms())
+                .await
+                .unwrap();
+        }
+        let (link, stop, task) = start_client(dir.path(), &pki, &central, &store);
+        let first = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rec = first.clone();
+        let (c1, h1) = serve_scripted(&central, Script::default(), move |evs| {
+            rec.lock().unwrap().extend(evs.iter().cloned())
+        })
+        .await;
+        assert_eq!(
+            (h1.acked_seq, h1.retained_from_seq, h1.central_incarnation),
+            (0, 1, 0)
+        );
+        eventually("all acked", || store.marks().unwrap().acked_seq == 20).await;
+        assert_eq!(store.marks().unwrap().outbox_depth(), 0);
+        c1.close(VarInt::from_u32(9), b"central restored");
+
+        let again = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rec = again.clone();
+        let script = Script {
+            acked: 5,
+            ..Script::default()
+        };
+        let (_c2, h2) = serve_scripted(&central, script, move |evs| {
+            rec.lock().unwrap().extend(evs.iter().cloned())
+        })
+        .await;
+        assert_eq!(
+            (h2.acked_seq, h2.retained_from_seq, h2.last_seq),
+            (20, 1, 20),
+            "the hello names the acked mark and the retained rows"
+        );
+        assert_eq!(h2.central_incarnation, 1);
+        eventually("re-sent and acked", || again.lock().unwrap().len() == 15).await;
+        let first = first.lock().unwrap().clone();
+        let again = again.lock().unwrap().clone();
+        assert_eq!(again, first[5..], "same seqs, event ids and bodies");
+        eventually("acked again", || store.marks().unwrap().acked_seq == 20).await;
+        assert!(link.is_connected());
+        stop_client(stop, task).await;
+        writer.shutdown().await;
+    }
+
+    /// Goal: when the events a lagging central needs were pruned, the agent refuses to go on
+    /// (`Diverged`) and says why, naming the retention keys, instead of silently skipping them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_central_behind_pruned_events_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let central = fake_central(&pki);
+        let (store, writer) = Store::open(&dir.path().join("agent.redb"), "plant-1").unwrap();
+        // Stored at 1 ms after the epoch: past the default week as soon as they are acked.
+        for i in 0..6 {
+            store
+                .record_milestone(scan(&format!("e{i}")), 1)
+                .await
+                .unwrap();
+        }
+        let (_link, stop, task) = start_client(dir.path(), &pki, &central, &store);
+        let (c1, _) = serve_scripted(&central, Script::default(), |_| {}).await;
+        eventually("all acked", || store.marks().unwrap().acked_seq == 6).await;
+        assert_eq!(store.marks().unwrap().retained_acked(), 0);
+        c1.close(VarInt::from_u32(9), b"central restored");
+
+        let script = Script {
+            acked: 2,
+            ..Script::default()
+        };
+        let (c2, h2) = serve_scripted(&central, script, |_| {}).await;
+        assert_eq!((h2.acked_seq, h2.retained_from_seq), (6, 7));
+        let closed = tokio::time::timeout(Duration::from_secs(5), c2.closed())
+            .await
+            .unwrap();
+        let quinn::ConnectionError::ApplicationClosed(close) = closed else {
+            panic!("expected the agent to close: {closed:?}")
+        };
+        assert_eq!(close.error_code, VarInt::from_u32(CLOSE_PROTOCOL_VIOLATION));
+        let reason = String::from_utf8_lossy(&close.reason).to_string();
+        assert!(reason.contains("events 3..=6 were pruned"), "{reason}");
+        assert!(reason.contains("retain_acked_secs"), "{reason}");
+        assert_eq!(store.marks().unwrap().acked_seq, 6, "nothing rewound");
+        stop_client(stop, task).await;
+        writer.shutdown().await;
+    }
+
+    /// Goal: the first incarnation a Welcome names is recorded without touching allowances; the
+    /// same one again changes nothing; a new one (central restored) drops every allowance to 0
+    /// and sets the applied revision to `master_from_rev` before the session's first Master
+    /// frame, which then applies from there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_central_incarnation_drops_allowances_before_master_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let central = fake_central(&pki);
+        let (store, writer) = Store::open(&dir.path().join("agent.redb"), "plant-1").unwrap();
+        let gear = Pool::atp("GEAR-12T");
+        store.apply_master(catalogue(0, 5)).await.unwrap();
+        store
+            .apply_master(grants(5, 8, &[(gear.clone(), 9)]))
+            .await
+            .unwrap();
+        let (_link, stop, task) = start_client(dir.path(), &pki, &central, &store);
+        let cut = |c: quinn::Connection| c.close(VarInt::from_u32(9), b"next session");
+
+        for session in 0..2 {
+            let (c, h) = serve_scripted(&central, Script::default(), |_| {}).await;
+            assert_eq!(h.central_incarnation, session, "0 before the first Welcome");
+            eventually("incarnation recorded", || {
+                store.marks().unwrap().central_incarnation == 1
+            })
+            .await;
+            cut(c);
+        }
+        assert_eq!(store.allowance(&gear).unwrap(), 9, "unchanged: kept");
+        assert_eq!(store.marks().unwrap().master_rev, 8);
+
+        let script = Script {
+            incarnation: 2,
+            master_from_rev: Some(3),
+            master: Some(grants(3, 4, &[(gear.clone(), 2)])),
+            ..Script::default()
+        };
+        let (_c, h) = serve_scripted(&central, script, |_| {}).await;
+        assert_eq!((h.central_incarnation, h.master_rev), (1, 8));
+        eventually("master resumed from 3", || {
+            store.marks().unwrap().master_rev == 4
+        })
+        .await;
+        assert_eq!(store.allowance(&gear).unwrap(), 2, "only the new grant");
+        assert_eq!(store.marks().unwrap().central_incarnation, 2);
+        stop_client(stop, task).await;
+        writer.shutdown().await;
     }
 
     /// Goal: against a scripted central over real QUIC + mTLS, the agent uploads its whole

@@ -4,6 +4,7 @@
 //! and the session registry; every error is the JSON shape `{"error": {"code", "message"}}` with
 //! a stable code (some errors add fields beside those two).
 
+mod drills;
 mod fleet;
 #[cfg(test)]
 mod lifecycle_tests;
@@ -56,6 +57,8 @@ pub struct ApiState {
     pub store: Store,
     pub registry: Arc<Registry>,
     pub clients: Arc<Clients>,
+    /// Central's data directory (backups are written under it).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Who made a request: the client's configured name and role (never its token). The
@@ -291,6 +294,16 @@ async fn require_admin(req: Request, next: Next) -> Response {
     }
 }
 
+/// `require_admin` for writes only: on a route that any role may read but only admin may
+/// change (drills).
+async fn require_admin_for_post(req: Request, next: Next) -> Response {
+    if req.method() == axum::http::Method::POST {
+        require_admin(req, next).await
+    } else {
+        next.run(req).await
+    }
+}
+
 /// Gives responses that some layer produced without a body (timeouts, axum's own rejections)
 /// the JSON error shape.
 async fn json_errors(req: Request, next: Next) -> Response {
@@ -352,6 +365,11 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             "/v1/sites/{site}/revoke",
             post(ops::revoke_site).delete(ops::reinstate_site),
         )
+        .route("/v1/drills/{id}/abort", post(drills::abort_drill))
+        .route(
+            crate::backup::BACKUP_ROUTE,
+            post(crate::backup::post_backup),
+        )
         .route_layer(middleware::from_fn(require_admin));
     Router::new()
         .route("/v1/master/prices", put(put_prices))
@@ -364,6 +382,15 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/fleet", get(fleet::get_fleet))
         .route("/v1/fleet/{site}", get(fleet::get_fleet_site))
         .route("/v1/alerts", get(fleet::list_alerts))
+        // Starting a drill needs admin: the role check runs in the handler's route layer below.
+        .route(
+            "/v1/drills",
+            get(drills::list_drills)
+                .post(drills::start_drill)
+                .route_layer(middleware::from_fn(require_admin_for_post)),
+        )
+        .route("/v1/drills/{id}", get(drills::get_drill))
+        .route("/v1/drills/{id}/report", get(drills::get_report))
         // Any role may scrape, like the other reads.
         .route(
             METRICS_ROUTE,
@@ -654,6 +681,7 @@ mod tests {
         let store = Store::open(&dir.path().join("central.redb")).unwrap();
         let state = ApiState {
             store: store.clone(),
+            data_dir: std::env::temp_dir(),
             registry: Arc::new(Registry::new()),
             clients: Arc::new(super::Clients::from_tokens([(
                 "admin",

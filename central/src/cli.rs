@@ -1,5 +1,5 @@
 //! Operator CLI client of central's HTTP API (`outpost-central exceptions ...`,
-//! `outpost-central reconciliations SITE`, `outpost-central sites ...`, `fleet ...` in `fleet.rs`): finds central (flags or
+//! `outpost-central reconciliations SITE`, `outpost-central sites ...`, `fleet ...` in `fleet.rs`, `drill ...` in `drill.rs`): finds central (flags or
 //! the dev fleet's files), calls the API and renders answers as tables; and `hash-token`, which
 //! turns a bearer token into the SHA-256 that `[[api.tokens]]` holds. I/O shell (files, HTTP).
 
@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::dev::{FLEET_FILE, Fleet};
 use crate::run::READY_FILE;
 
+pub mod drill;
 pub mod fleet;
 
 /// Limit on each CLI request: an operator waits this long at most.
@@ -319,6 +320,11 @@ pub fn reconciliations_table(list: &Value) -> String {
                 text(&r["exceptions_business"]),
                 text(&r["dead_letters"]),
                 text(&r["catch_up_ms"]),
+                text(&r["reuploaded"]),
+                match (r["lost_from_seq"].as_u64(), r["lost_through_seq"].as_u64()) {
+                    (Some(a), Some(b)) => format!("{a}..={b}"),
+                    _ => "-".into(),
+                },
             ]
         })
         .collect();
@@ -337,6 +343,8 @@ pub fn reconciliations_table(list: &Value) -> String {
             "EXCEPTIONS",
             "DEAD_LETTERS",
             "CATCH_UP_MS",
+            "REUPLOADED",
+            "LOST",
         ],
         &rows,
     )

@@ -1,9 +1,11 @@
 //! The fleet dashboard: one HTML page, its script and its stylesheet, compiled into the binary
 //! (no build step, nothing fetched from elsewhere) and served at `GET /` and `GET /assets/*`
 //! without a bearer token: the files hold no data. The page's script reads the JSON API
-//! (`/v1/fleet`, `/v1/fleet/{site}`, `/v1/alerts`) with the token the operator gives it, pasted
-//! or in the URL fragment (`#token=...`), which browsers never send to the server. I/O shell
-//! only; the API's routes and authentication are in `api.rs`.
+//! (`/v1/fleet`, `/v1/fleet/{site}`, `/v1/alerts`, `/v1/drills`) with the token the operator
+//! gives it, pasted or in the URL fragment (`#token=...`), which browsers never send to the
+//! server. The page only reads: it shows drills but never starts or aborts one (an admin action
+//! kept in the CLI and the API). I/O shell only; the API's routes and authentication are in
+//! `api.rs`.
 
 use axum::Router;
 use axum::http::{HeaderValue, header};
@@ -80,6 +82,7 @@ mod tests {
         let store = Store::open(&dir.path().join("central.redb")).unwrap();
         let state = ApiState {
             store: store.clone(),
+            data_dir: std::env::temp_dir(),
             registry: Arc::new(Registry::new()),
             clients: Arc::new(Clients::from_tokens([(
                 "admin",
@@ -129,6 +132,9 @@ mod tests {
         assert_eq!(INDEX_HTML.matches("<script").count(), 1);
         assert!(INDEX_HTML.contains("<script src=\"/assets/app.js\""));
         assert!(!INDEX_HTML.contains("<style") && !INDEX_HTML.contains(" style="));
+        // Read-only: every request the script makes is a GET (fetch's default method).
+        assert!(!APP_JS.contains("method:") && !APP_JS.contains("\"POST\""));
+        assert!(INDEX_HTML.contains("outpost-central drill start"));
         for text in [INDEX_HTML, APP_JS, APP_CSS] {
             // The SVG namespace is a name, not something fetched.
             let text = text.replace("\"http://www.w3.org/2000/svg\"", "");

@@ -368,7 +368,16 @@ pub fn load_fleet(dir: &Path) -> Result<Fleet, DevError> {
 pub struct UpOptions {
     pub init: InitOptions,
     pub seed: bool,
+    /// Run the traffic simulator against the fleet once it is up (until Ctrl-C); its record
+    /// goes to `DIR/traffic.json` unless the options name another file.
+    pub traffic: Option<crate::traffic::TrafficOptions>,
 }
+
+/// The traffic simulator's record file in a `dev up --traffic` fleet's directory.
+pub const TRAFFIC_RECORD_FILE: &str = "traffic.json";
+/// How often `dev up --traffic` prints the simulator's live line: rarely enough that the
+/// fleet's summary above it stays readable.
+const UP_TRAFFIC_LIVE_EVERY: Duration = Duration::from_secs(10);
 
 struct Proc {
     name: String,
@@ -529,7 +538,15 @@ pub async fn up(opts: &UpOptions) -> Result<(), DevError> {
     std::fs::create_dir_all(&logs).map_err(io_err(&logs))?;
 
     let mut procs: Vec<Proc> = Vec::new();
-    let result = start_and_wait(&fleet, &dir, &logs, opts.seed, &mut procs).await;
+    let traffic = opts
+        .traffic
+        .clone()
+        .map(|t| crate::traffic::TrafficOptions {
+            record: t.record.or_else(|| Some(dir.join(TRAFFIC_RECORD_FILE))),
+            live_every: t.live_every.map(|_| UP_TRAFFIC_LIVE_EVERY),
+            ..t
+        });
+    let result = start_and_wait(&fleet, &dir, &logs, opts.seed, traffic, &mut procs).await;
     if !procs.is_empty() {
         println!("stopping {} process(es)...", procs.len());
         tokio::task::block_in_place(|| stop_all(&mut procs));
@@ -543,6 +560,7 @@ async fn start_and_wait(
     dir: &Path,
     logs: &Path,
     seed: bool,
+    traffic: Option<crate::traffic::TrafficOptions>,
     procs: &mut Vec<Proc>,
 ) -> Result<(), DevError> {
     let central_data = PathBuf::from(&fleet.central.data_dir);
@@ -585,6 +603,21 @@ async fn start_and_wait(
         seed_catalogue(&central_api, &fleet.central.token, fleet).await?;
     }
     print_summary(fleet, dir, logs, &central_api, &central_quic, &site_apis);
+    let mut traffic = traffic.map(|t| {
+        if let Some(record) = &t.record {
+            println!(
+                "traffic simulator running; Ctrl-C stops it and writes {}",
+                record.display()
+            );
+        }
+        let targets = fleet
+            .sites
+            .iter()
+            .zip(&site_apis)
+            .map(|(s, api)| crate::traffic::Target::new(s, api.clone()))
+            .collect();
+        crate::traffic::spawn(targets, t)
+    });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| DevError::Io {
@@ -596,13 +629,19 @@ async fn start_and_wait(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {
                 println!("\nCtrl-C received");
+                stop_traffic(traffic.take()).await;
                 return Ok(());
             }
             _ = term.recv() => {
                 println!("SIGTERM received");
+                stop_traffic(traffic.take()).await;
                 return Ok(());
             }
             _ = tick.tick() => {
+                // The simulator stops on its own only when its record is full.
+                if traffic.as_ref().is_some_and(|t| t.is_finished()) {
+                    stop_traffic(traffic.take()).await;
+                }
                 // A process that dies is reported, not cascaded: the rest of the fleet keeps
                 // running, which is exactly what a site does when central goes away. The
                 // operator restarts it by hand with the command from fleet.json.
@@ -620,6 +659,16 @@ async fn start_and_wait(
                 });
             }
         }
+    }
+}
+
+/// Stops `dev up`'s traffic simulator (it prints its summary and writes its record); its
+/// failure is reported, not fatal: the fleet still stops cleanly.
+async fn stop_traffic(traffic: Option<crate::traffic::Running>) {
+    if let Some(t) = traffic
+        && let Err(e) = t.stop().await
+    {
+        eprintln!("traffic simulator: {e}");
     }
 }
 

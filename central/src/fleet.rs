@@ -139,6 +139,8 @@ pub async fn run_monitor(
 ) {
     let mut tick = tokio::time::interval(MONITOR_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The drill each site was last part of, to mark the alert of its way out of the drill.
+    let mut last_drill: HashMap<String, u64> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -155,7 +157,17 @@ pub async fn run_monitor(
             }
         };
         let now = now_ms();
-        let derived = derive_all(&stored, &registry, now, &thresholds);
+        let mut derived = derive_all(&stored, &registry, now, &thresholds);
+        // A site in a disaster-recovery drill shows as `drill`, not as an incident; the reasons
+        // underneath are kept for the record.
+        let mut in_drill = HashMap::new();
+        for (site, (state, _)) in derived.iter_mut() {
+            if let Some(id) = registry.drills().site_drill(site) {
+                *state = State::Drill;
+                in_drill.insert(site.clone(), id);
+                last_drill.insert(site.clone(), id);
+            }
+        }
         let fleet = registry.fleet_health();
         // The monitor is the only writer of the states: read them, record the alerts, then
         // publish, so an API reader never sees a new state before its alert is in the store.
@@ -177,12 +189,19 @@ pub async fn run_monitor(
                 }
                 Some(h) => {
                     if h.state.as_str() != state.as_str() {
+                        // Into a drill, or out of one: part of the drill.
+                        let drill_id = in_drill.get(&site).copied().or_else(|| {
+                            (h.state == State::Drill)
+                                .then(|| last_drill.get(&site).copied())
+                                .flatten()
+                        });
                         changes.push(NewAlert {
                             site: site.clone(),
                             from: h.state.as_str().to_string(),
                             to: state.as_str().to_string(),
                             reasons: reasons.iter().map(|r| r.as_str().to_string()).collect(),
                             at_ms: now,
+                            drill_id,
                         });
                         h.since_ms = now;
                     }
@@ -270,6 +289,7 @@ pub fn alert_json(a: &Alert) -> serde_json::Value {
         "reasons": a.reasons,
         "at": crate::api::rfc3339_ms(a.at_ms),
         "at_ms": a.at_ms,
+        "drill_id": a.drill_id,
     })
 }
 
@@ -287,6 +307,7 @@ mod tests {
             to: "offline".into(),
             reasons: vec!["not_heard_from".into()],
             at_ms: 1_000,
+            drill_id: None,
         }
     }
 

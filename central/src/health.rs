@@ -16,7 +16,8 @@ pub enum State {
     Offline {
         since_ms: Option<i64>,
     },
-    /// Reserved for the drills issue: a site under a planned exercise. Never derived yet.
+    /// The site takes part in a disaster-recovery drill in progress: a planned exercise, not an
+    /// incident. Set by the health monitor over what `derive` found, never derived here.
     Drill,
 }
 

@@ -9,6 +9,7 @@ use outpost_central::certs::{self, DEFAULT_CENTRAL_NAME};
 use outpost_central::cli::{self, CliError, Remote};
 use outpost_central::config::{CentralConfig, LoadConfigError};
 use outpost_central::dev::{self, DEFAULT_BASE_PORT, DEFAULT_SITES, InitOptions, UpOptions};
+use outpost_central::traffic::{self, TrafficOptions};
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +70,16 @@ enum Cmd {
         #[command(subcommand)]
         command: FleetCmd,
     },
+    /// Disaster-recovery drills: cut sites off on purpose (isolation, central outage, central
+    /// restored from a backup), then report how they recovered (talks to central's HTTP API;
+    /// admin token needed for start and abort). `start --wait` exits 0 when the drill passed,
+    /// 1 when it failed; exit code 2 when central cannot be reached or refuses.
+    Drill {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: cli::drill::DrillCmd,
+    },
     /// Print the SHA-256 of a bearer token read from stdin (what [[api.tokens]] holds), or with
     /// --generate make a new token and print it with its config entry.
     HashToken {
@@ -90,6 +101,33 @@ enum Cmd {
         /// Most reports shown.
         #[arg(long)]
         limit: Option<usize>,
+    },
+    /// Take a consistent backup of central's store while it keeps serving, and download it to
+    /// FILE (talks to central's HTTP API; admin token needed). Central also keeps the newest
+    /// backups in its data directory's backups/.
+    Backup {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Where to write the backup (via FILE.tmp, renamed once complete).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Put a backup in place as the store of an empty data directory, under a new incarnation,
+    /// and print what happens next (central must not be running on that directory).
+    Restore {
+        /// The backup file (from `outpost-central backup`).
+        #[arg(long)]
+        from: PathBuf,
+        /// Central's config: the store goes into its data_dir.
+        #[arg(
+            long,
+            required_unless_present = "data_dir",
+            conflicts_with = "data_dir"
+        )]
+        config: Option<PathBuf>,
+        /// The data directory (instead of --config).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -247,6 +285,51 @@ enum DevCmd {
         no_seed: bool,
         #[arg(long)]
         agent_bin: Option<PathBuf>,
+        /// Also run the traffic simulator against the fleet (default rates), recording every
+        /// acknowledged write in DIR/traffic.json.
+        #[arg(long)]
+        traffic: bool,
+    },
+    /// Drive realistic load at the sites' local APIs (orders with Idempotency-Key retries,
+    /// shipment milestones in order, ATP and price reads), print live rates and a summary, and
+    /// record every acknowledged write.
+    Traffic {
+        /// The fleet's fleet.json (or its directory).
+        #[arg(long)]
+        fleet: PathBuf,
+        /// Sites to drive, comma-separated (default: every site of the fleet).
+        #[arg(long, value_delimiter = ',')]
+        sites: Vec<String>,
+        /// Orders per second per site.
+        #[arg(long, default_value_t = 5.0)]
+        orders_per_sec: f64,
+        /// Shipment milestones per second per site.
+        #[arg(long, default_value_t = 10.0)]
+        milestones_per_sec: f64,
+        /// ATP and price reads per second per site.
+        #[arg(long, default_value_t = 20.0)]
+        reads_per_sec: f64,
+        /// Percent of acknowledged orders sent again with the same Idempotency-Key.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=100))]
+        retry_pct: u8,
+        /// How long to run (30s, 5m, 1h); 0 runs until Ctrl-C or SIGTERM.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Write every acknowledged write (order key, order id, event id, seq) to this JSON file.
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// No live line on stderr.
+        #[arg(long)]
+        quiet: bool,
+        /// Seed of the simulated clients' choices (default: random, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// SKUs to order and read, comma-separated (default: the demo catalogue's).
+        #[arg(long, value_delimiter = ',')]
+        skus: Vec<String>,
+        /// Customers to order for, comma-separated (default: the demo catalogue's).
+        #[arg(long, value_delimiter = ',')]
+        customers: Vec<String>,
     },
 }
 
@@ -443,6 +526,51 @@ async fn fleet(remote_args: RemoteArgs, command: FleetCmd) -> ExitCode {
     }
 }
 
+/// `drill ...`: exit 0, or 1 when `start --wait` saw the drill fail, or 2 when central cannot
+/// be reached or refuses (or the wait ran out).
+async fn drill(remote_args: RemoteArgs, command: cli::drill::DrillCmd) -> ExitCode {
+    use cli::drill::Outcome;
+    let result = match remote(&remote_args) {
+        Ok(r) => cli::drill::run(&r, remote_args.json, command, &mut std::io::stdout()).await,
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(Outcome::Done | Outcome::Passed) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `backup --out FILE`: exit 2 when central cannot be reached or refuses, 1 when the file cannot
+/// be written.
+async fn backup(remote_args: RemoteArgs, out: &std::path::Path) -> ExitCode {
+    use outpost_central::backup::{DownloadError, download, download_summary};
+    let r = match remote(&remote_args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match download(&r, out).await {
+        Ok(d) => {
+            print!("{}", download_summary(&d));
+            ExitCode::SUCCESS
+        }
+        Err(e @ DownloadError::Remote(_)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn hash_token(generate: bool, name: &str, role: &str) -> ExitCode {
     use outpost_central::config::Role;
     let role = if role == "admin" {
@@ -479,6 +607,33 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         } => return Ok(hash_token(generate, &name, &role)),
         Cmd::Exceptions { remote, command } => return Ok(exceptions(remote, command).await),
         Cmd::Fleet { remote, command } => return Ok(fleet(remote, command).await),
+        Cmd::Drill { remote, command } => return Ok(drill(remote, command).await),
+        Cmd::Backup { remote: args, out } => return Ok(backup(args, &out).await),
+        Cmd::Restore {
+            from,
+            config,
+            data_dir,
+        } => {
+            use outpost_central::backup::{STORE_FILE, restore, restore_summary};
+            let store_path = match (config, data_dir) {
+                (Some(c), _) => match load_config(&c) {
+                    Ok(cfg) => cfg.store_path(),
+                    Err(code) => return Ok(code),
+                },
+                (None, Some(d)) => d.join(STORE_FILE),
+                (None, None) => unreachable!("clap requires --config or --data-dir"),
+            };
+            return Ok(match restore(&from, &store_path) {
+                Ok(r) => {
+                    print!("{}", restore_summary(&from, &r));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            });
+        }
         Cmd::Reconciliations {
             remote: args,
             site,
@@ -582,6 +737,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 base_port,
                 no_seed,
                 agent_bin,
+                traffic,
             } => {
                 let opts = UpOptions {
                     init: InitOptions {
@@ -592,8 +748,51 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                         agent_bin,
                     },
                     seed: !no_seed,
+                    traffic: traffic.then(TrafficOptions::default),
                 };
                 dev::up(&opts).await.context("dev up")?;
+            }
+            DevCmd::Traffic {
+                fleet,
+                sites,
+                orders_per_sec,
+                milestones_per_sec,
+                reads_per_sec,
+                retry_pct,
+                duration,
+                record,
+                quiet,
+                seed,
+                skus,
+                customers,
+            } => {
+                let targets = traffic::targets_from_fleet(&fleet, &sites).context("dev traffic")?;
+                let defaults = TrafficOptions::default();
+                let opts = TrafficOptions {
+                    orders_per_sec,
+                    milestones_per_sec,
+                    reads_per_sec,
+                    retry_pct,
+                    duration: (!duration.is_zero()).then_some(duration),
+                    record,
+                    live_every: (!quiet).then_some(std::time::Duration::from_secs(1)),
+                    seed,
+                    skus: if skus.is_empty() {
+                        defaults.skus.clone()
+                    } else {
+                        skus
+                    },
+                    customers: if customers.is_empty() {
+                        defaults.customers.clone()
+                    } else {
+                        customers
+                    },
+                    ..defaults
+                };
+                let stop = outpost_central::run::shutdown_signal();
+                traffic::run(targets, opts, stop)
+                    .await
+                    .context("dev traffic")?;
             }
         },
     }

@@ -436,6 +436,7 @@ mod tests {
             .fetch_add(2, Ordering::Relaxed);
         let state = ApiState {
             store: store.clone(),
+            data_dir: std::env::temp_dir(),
             registry: sessions,
             clients: Arc::new(crate::api::Clients::from_tokens([(
                 "erp",

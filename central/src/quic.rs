@@ -30,7 +30,7 @@ use tracing::Instrument;
 use crate::certs::{CertError, load_certs, load_key};
 use crate::config::QuicConfig;
 use crate::registry::{EndSignal, Registry};
-use crate::store::{AllowanceAnswer, IngestBatchError, Store};
+use crate::store::{AllowanceAnswer, HelloMarks, IngestBatchError, Store};
 
 // The connection, handshake, stream, window and memory limits are config (`[quic]`, see
 // `config.rs` for their defaults and why).
@@ -586,6 +586,14 @@ impl Session {
             self.send_refuse(&mut send, r).await;
             return;
         }
+        // Checked once registered, like the revocation: a drill that started before the
+        // registration found no session to end.
+        if let Some(why) = self.ctx.registry.drills().refusal(&self.site) {
+            tracing::info!(reason = %why, "site refused: cut off by a drill");
+            self.send_refuse(&mut send, refuse(RefuseCode::Unavailable, why))
+                .await;
+            return;
+        }
         let offset_ms = clock_offset_ms(hello.agent_time_ms, received_ms, self.conn.rtt());
         self.ctx.registry.set_clock_offset(&self.site, offset_ms);
         if offset_ms.unsigned_abs() > CLOCK_OFFSET_WARN_MS.unsigned_abs() {
@@ -594,12 +602,29 @@ impl Session {
                 "the site's clock is more than 5 minutes off central's (events are ordered by sequence, not by clock; certificates and logs may be affected)"
             );
         }
-        // Durably opens this session's reconciliation report and tops the site up before the
+        // The Hello's marks must agree with each other before central acts on them: a mark
+        // beyond the agent's own last seq would move the site's high-water mark past events
+        // that do not exist.
+        if hello.acked_seq > hello.last_seq
+            || hello.retained_from_seq > hello.last_seq.saturating_add(1)
+        {
+            let r = refuse(
+                RefuseCode::ProtocolViolation,
+                format!(
+                    "inconsistent Hello: acked_seq {} and retained_from_seq {} must not exceed last_seq {} (+1)",
+                    hello.acked_seq, hello.retained_from_seq, hello.last_seq
+                ),
+            );
+            self.send_refuse(&mut send, r).await;
+            return;
+        }
+        // Durably opens this session's reconciliation report, records what a restored central
+        // lost, resets the site's allowances after a restore, and tops the site up before the
         // Welcome, so the Welcome's revision already covers the grants.
         let start = match self
             .ctx
             .store
-            .begin_session(&self.site, hello.last_seq)
+            .begin_session(&self.site, HelloMarks::from(&hello))
             .await
         {
             Ok(s) => s,
@@ -613,6 +638,13 @@ impl Session {
             }
         };
         let acked_seq = start.acked_seq;
+        self.ctx.registry.drills().on_connect(
+            &self.site,
+            hello.last_seq,
+            hello.acked_seq,
+            acked_seq,
+            received_ms,
+        );
         let mut rev_rx = self.ctx.store.subscribe_revision();
         let central_rev = *rev_rx.borrow_and_update();
         let welcome = CentralMsg::Welcome(Welcome {
@@ -620,8 +652,8 @@ impl Session {
             central_version: crate::VERSION.to_string(),
             acked_seq,
             master_rev: central_rev,
-            incarnation: 0,
-            master_from_rev: hello.master_rev,
+            incarnation: start.incarnation,
+            master_from_rev: start.master_from_rev,
         });
         if let Err(e) = self.write(&mut send, &welcome).await {
             tracing::info!(error = %e, "cannot send Welcome");
@@ -631,8 +663,12 @@ impl Session {
             agent_version = %hello.agent_version,
             agent_rev = hello.master_rev,
             agent_last_seq = hello.last_seq,
+            agent_acked_seq = hello.acked_seq,
+            retained_from_seq = hello.retained_from_seq,
             acked_seq,
             central_rev,
+            master_from_rev = start.master_from_rev,
+            incarnation_changed = start.incarnation_changed,
             clock_offset_ms = offset_ms,
             session = start.session,
             "session started"
@@ -643,7 +679,7 @@ impl Session {
                 recv,
                 ticket.end,
                 rev_rx,
-                hello.master_rev,
+                start.master_from_rev,
                 central_rev,
             )
             .await;
@@ -700,6 +736,7 @@ impl Session {
                 signal = &mut end_signal => {
                     let r = match signal {
                         Ok(EndSignal::Revoked) => refuse(RefuseCode::Revoked, "this site was revoked by an operator at central"),
+                        Ok(EndSignal::Drill) => refuse(RefuseCode::Unavailable, "cut off by a disaster-recovery drill at central"),
                         // A dropped sender means the registry replaced this session too.
                         Ok(EndSignal::Superseded) | Err(_) => refuse(RefuseCode::Superseded, "a newer connection from this site replaced this one"),
                     };
@@ -804,8 +841,21 @@ impl Session {
     /// batch of duplicates only is written too: the session's reconciliation report counts them.
     async fn ingest(&self, batch: Vec<EventEnvelope>) -> Result<u64, Refuse> {
         let n = batch.len();
+        // A drill tracks its sites' events (a copy only while the site is in one).
+        let drills = self.ctx.registry.drills();
+        let tracked = drills.site_drill(&self.site).map(|_| batch.clone());
         match self.ctx.store.ingest(&self.site, batch).await {
             Ok(out) => {
+                if let Some(events) = tracked {
+                    let offset = self.ctx.registry.clock_offset(&self.site).unwrap_or(0);
+                    drills.on_ingest(
+                        &self.site,
+                        &events,
+                        out.new_hwm,
+                        offset,
+                        unix_ms(SystemTime::now()),
+                    );
+                }
                 tracing::debug!(
                     events = n,
                     stored = out.stored,

@@ -24,6 +24,8 @@ pub enum EndSignal {
     Superseded,
     /// An operator revoked the site.
     Revoked,
+    /// A disaster-recovery drill cut the site off.
+    Drill,
 }
 
 /// A session's ticket: it is the live one for its site until superseded, revoked or
@@ -83,6 +85,8 @@ pub struct Registry {
     refusals: AcceptRefusals,
     /// The health monitor's derived states and webhook queue, here for the same reason.
     fleet: crate::fleet::FleetHealth,
+    /// The disaster-recovery drill in progress, for the same reason.
+    drills: crate::drill::Drills,
 }
 
 impl Registry {
@@ -129,6 +133,28 @@ impl Registry {
         }
     }
 
+    /// A drill cut `site` off: its live session, if any, is told to end. Returns whether a
+    /// session was live.
+    pub fn cut_off(&self, site: &str) -> bool {
+        let mut g = self.lock();
+        let Some(entry) = g.1.get_mut(site) else {
+            return false;
+        };
+        match entry.live.take() {
+            Some(live) => {
+                let _ = live.end.send(EndSignal::Drill);
+                entry.last_seen = Some(SystemTime::now());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The clock offset estimated at `site`'s latest Hello, if any.
+    pub fn clock_offset(&self, site: &str) -> Option<i64> {
+        self.lock().1.get(site).and_then(|e| e.clock_offset_ms)
+    }
+
     /// Records the clock offset estimated from `site`'s latest Hello.
     pub fn set_clock_offset(&self, site: &str, offset_ms: i64) {
         let mut g = self.lock();
@@ -168,6 +194,10 @@ impl Registry {
                 )
             })
             .collect()
+    }
+
+    pub fn drills(&self) -> &crate::drill::Drills {
+        &self.drills
     }
 
     pub fn accept_refusals(&self) -> &AcceptRefusals {

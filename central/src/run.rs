@@ -111,6 +111,9 @@ pub async fn serve(
     // central was down too) are asked back, and nothing races the first requests.
     allowance_check(&store, Vec::new()).await;
     let registry = Arc::new(Registry::new());
+    // A drill that was running when central stopped goes on; a restore drill whose backup this
+    // store came from ends its cut now.
+    crate::drill::driver::resume(&store, &registry).await;
 
     let api_addr = cfg.api_addr()?;
     let quic_addr = cfg.quic_addr()?;
@@ -157,6 +160,7 @@ pub async fn serve(
         store: store.clone(),
         registry: registry.clone(),
         clients: Arc::new(Clients::from_config(&cfg.api.tokens)),
+        data_dir: cfg.data_dir.clone(),
     };
     let app = router(state, cfg.api.max_body_bytes as usize);
     let mut http_stop = stop_rx.clone();
@@ -191,7 +195,19 @@ pub async fn serve(
         registry,
     };
     let limits = crate::quic::AcceptLimits::from_config(&cfg.quic);
-    let mut quic = tokio::spawn(crate::quic::run(endpoint, ctx, limits, stop_rx));
+    let drills = tokio::spawn(crate::drill::driver::run_driver(
+        store.clone(),
+        ctx.registry.clone(),
+        stop_rx.clone(),
+    ));
+    let mut quic = tokio::spawn(serve_quic(
+        endpoint,
+        cfg.quic.clone(),
+        quic_bound,
+        ctx,
+        limits,
+        stop_rx,
+    ));
 
     let mut failure = None;
     tokio::select! {
@@ -214,6 +230,10 @@ pub async fn serve(
         tracing::warn!("the QUIC server did not stop in time");
         quic.abort();
     }
+    // The driver stores the active drill's progress on its way out.
+    if tokio::time::timeout(QUIC_DRAIN, drills).await.is_err() {
+        tracing::warn!("the drill driver did not stop in time");
+    }
     // The check only queues store writes; it ends at the next await once told to stop.
     check.abort();
     let _ = check.await;
@@ -232,6 +252,75 @@ pub async fn serve(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Serves sync sessions on `endpoint` until `stop`. While an outage drill holds central's
+/// listener down, the endpoint is closed (sites see central vanish, not a refusal) and bound
+/// again on the same address when the drill's cut ends.
+async fn serve_quic(
+    endpoint: quinn::Endpoint,
+    cfg: crate::config::QuicConfig,
+    addr: SocketAddr,
+    ctx: SyncContext,
+    limits: crate::quic::AcceptLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut outage = ctx.registry.drills().outage();
+    let mut endpoint = Some(endpoint);
+    loop {
+        let ep = match endpoint.take() {
+            Some(ep) => ep,
+            None => match rebind(&cfg, addr, &mut stop).await {
+                Some(ep) => ep,
+                None => return,
+            },
+        };
+        // This round ends on shutdown or when an outage drill starts.
+        let (round_tx, round_rx) = watch::channel(false);
+        let mut round_stop = stop.clone();
+        let mut round_outage = outage.clone();
+        let trigger = tokio::spawn(async move {
+            tokio::select! {
+                _ = round_stop.wait_for(|s| *s) => {}
+                _ = round_outage.wait_for(|o| *o) => {}
+            }
+            let _ = round_tx.send(true);
+        });
+        crate::quic::run(ep, ctx.clone(), limits, round_rx).await;
+        trigger.abort();
+        if *stop.borrow() {
+            return;
+        }
+        tracing::warn!("outage drill: the QUIC listener is down");
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = outage.wait_for(|o| !*o) => {}
+        }
+        tracing::warn!("outage drill over: the QUIC listener comes back");
+    }
+}
+
+/// Binds the QUIC endpoint on `addr` again (the old socket may take a moment to be released).
+async fn rebind(
+    cfg: &crate::config::QuicConfig,
+    addr: SocketAddr,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<quinn::Endpoint> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let bound = crate::quic::server_config(cfg)
+            .map_err(|e| e.to_string())
+            .and_then(|sc| quinn::Endpoint::server(sc, addr).map_err(|e| e.to_string()));
+        match bound {
+            Ok(ep) => return Some(ep),
+            Err(e) => tracing::warn!(error = %e, %addr, "cannot bind QUIC again yet; retrying"),
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -12,7 +12,9 @@
 
 mod alerts;
 mod allowance;
+mod backup;
 mod counts;
+mod drills;
 mod ingest;
 #[cfg(test)]
 mod lifecycle_tests;
@@ -37,22 +39,28 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use alerts::{Alert, MAX_ALERTS, NewAlert};
-pub use allowance::{AllowanceAnswer, PolicyOutcome, SessionStart};
+pub use allowance::{AllowanceAnswer, HelloMarks, PolicyOutcome, SessionStart};
+pub use backup::{
+    BackupError, BackupInfo, RestoreError, RestoreInfo, RestoredStore, restore_store,
+};
 pub use counts::TableCounts;
+pub use drills::{DrillMarks, HeldSeqs, MAX_DRILLS};
 pub use orders::{
     CentralOrderError, CentralOrderOutcome, DecideError, ExceptionOpError, ResolveAction,
 };
 pub use records::{
     AllowanceUse, CentralData, CentralOrderRequest, Channel, DeadLetter, ExceptionRecord,
-    OpenReclaim, OrderRecord, OrderState, ReconReport, Resolution, ResolutionAction, SiteData,
+    LostRange, OpenReclaim, OrderRecord, OrderState, ReconReport, Resolution, ResolutionAction,
+    SiteData,
 };
 pub use revoked::RevokedSite;
 
 use crate::ledger::{LedgerKey, Targets};
 
 /// Version of the table layout below. Bumped on any incompatible change; a store written by
-/// another version is refused at open instead of being misread.
-pub const SCHEMA_VERSION: u64 = 3;
+/// another version is refused at open instead of being misread. Version 4 added the store's
+/// incarnation, the lost ranges and the recovery fields of the reconciliation report.
+pub const SCHEMA_VERSION: u64 = 4;
 /// Depth of the writer's queue. Producers wait when it is full (backpressure on HTTP handlers
 /// and sync sessions) rather than growing memory.
 pub const WRITE_QUEUE_DEPTH: usize = 4096;
@@ -107,6 +115,41 @@ const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_let
 const REPORTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("reports");
 /// Idempotency-Key of central's order channel -> postcard IdemRecord
 const CENTRAL_IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("central_idem");
+/// (site, first lost seq) -> postcard LostRange: seqs a restored central had acknowledged before
+/// its backup was taken and the site no longer holds.
+const LOST_RANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("lost_ranges");
+
+/// Calls `$m!` with every table of central's store. `init_tables` creates each one and the
+/// backup copies each one; a table missing here is caught at backup time (the backup refuses a
+/// source table it has no definition for) and by the backup's unit test.
+macro_rules! with_every_table {
+    ($m:ident) => {
+        $m!(
+            $crate::store::META,
+            $crate::store::EVENTS,
+            $crate::store::SITE_HWM,
+            $crate::store::SITES,
+            $crate::store::PRICES,
+            $crate::store::ATP,
+            $crate::store::CUSTOMERS,
+            $crate::store::CHANGES,
+            $crate::store::LEDGER_ATP,
+            $crate::store::LEDGER_CREDIT,
+            $crate::store::LEDGER_SITES,
+            $crate::store::OPEN_RECLAIMS,
+            $crate::store::ORDERS,
+            $crate::store::EXCEPTIONS,
+            $crate::store::DEAD_LETTERS,
+            $crate::store::REPORTS,
+            $crate::store::CENTRAL_IDEM,
+            $crate::store::LOST_RANGES,
+            $crate::store::revoked::REVOKED,
+            $crate::store::alerts::ALERTS,
+            $crate::store::drills::DRILLS
+        )
+    };
+}
+pub(crate) use with_every_table;
 
 const META_SCHEMA: &str = "schema_version";
 const META_REVISION: &str = "revision";
@@ -115,6 +158,14 @@ const META_LAST_EXCEPTION: &str = "last_exception";
 const META_LAST_DEAD_LETTER: &str = "last_dead_letter";
 const META_LAST_RECLAIM: &str = "last_reclaim";
 const META_LAST_CENTRAL_ORDER: &str = "last_central_order";
+/// Random non-zero id of this store, drawn when it is created and again when it is restored
+/// from a backup (sent in every Welcome).
+const META_INCARNATION: &str = "incarnation";
+/// When the backup this store was made from was taken (only in backups and restored stores).
+const META_BACKUP_TAKEN_MS: &str = "backup_taken_ms";
+/// When a restored store was restored, and the backup time it was restored from.
+const META_RESTORED_FROM_BACKUP_MS: &str = "restored_from_backup_ms";
+const META_RESTORED_AT_MS: &str = "restored_at_ms";
 
 /// When central first and last heard from a site (milliseconds since the Unix epoch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +258,12 @@ pub enum OpenStoreError {
     },
     #[error("{path} has schema version {found}, this build reads version {SCHEMA_VERSION}")]
     SchemaVersion { path: PathBuf, found: u64 },
+    /// A backup file opened as a store: it would keep the incarnation of the central it was
+    /// taken from, so sites would not notice the restore.
+    #[error(
+        "{path} is a backup, not a store: put it in place with `outpost-central restore --from {path}`"
+    )]
+    UnrestoredBackup { path: PathBuf },
     #[error("cannot start the store writer thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -470,6 +527,9 @@ impl Store {
                 path: path.to_path_buf(),
                 found,
             },
+            InitError::Backup => OpenStoreError::UnrestoredBackup {
+                path: path.to_path_buf(),
+            },
         })?;
         let (rev_tx, _) = watch::channel(revision);
         let shared = Arc::new(Shared {
@@ -568,16 +628,20 @@ impl Store {
         self.run(move |txn, _| touch(txn, &site, now).map(Ok)).await
     }
 
-    /// A site's session was welcomed: records the start of its reconciliation report and the
-    /// contact, tops the site up, and returns its durable high-water mark for the Welcome.
+    /// A site's session was welcomed. In one transaction: when central is behind what it
+    /// acknowledged to the site (restored from a backup), records the seqs the site no longer
+    /// holds as lost (with an alert) and moves the mark past them; when the site last talked to
+    /// another incarnation of this store, zeroes what the site holds of every pool; records the
+    /// start of its reconciliation report and the contact; tops the site up. Returns what the
+    /// Welcome needs.
     pub async fn begin_session(
         &self,
         site: &str,
-        hello_last_seq: u64,
+        hello: HelloMarks,
     ) -> Result<SessionStart, StoreUnavailable> {
         let site = site.to_string();
         let now = now_ms();
-        self.run(move |txn, opts| allowance::begin_session(txn, opts, &site, hello_last_seq, now))
+        self.run(move |txn, opts| allowance::begin_session(txn, opts, &site, hello, now))
             .await
     }
 
@@ -678,6 +742,22 @@ impl Store {
         let txn = db.begin_read()?;
         let meta = txn.open_table(META)?;
         Ok(meta.get(META_REVISION)?.map(|g| g.value()).unwrap_or(0))
+    }
+
+    /// Ranges of seqs recorded as lost (of `site`, or of every site), by site and first seq.
+    pub fn lost_ranges(&self, site: Option<&str>) -> Result<Vec<LostRange>, ReadError> {
+        let txn = self.read()?;
+        let t = txn.open_table(LOST_RANGES)?;
+        let rows = match site {
+            Some(s) => t.range((s, 0u64)..=(s, u64::MAX))?,
+            None => t.range::<(&str, u64)>(..)?,
+        };
+        let mut out = Vec::new();
+        for row in rows {
+            let (_, v) = row?;
+            out.push(decode("lost range", v.value())?);
+        }
+        Ok(out)
     }
 
     /// Durable high-water mark of `site` (0 if it never uploaded).
@@ -989,6 +1069,7 @@ fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, ReadError>
 enum InitError {
     Redb(redb::Error),
     Schema(u64),
+    Backup,
 }
 
 impl<E: Into<redb::Error>> From<E> for InitError {
@@ -997,7 +1078,18 @@ impl<E: Into<redb::Error>> From<E> for InitError {
     }
 }
 
-/// Creates the tables, stamps or checks the schema version, and returns the current revision.
+/// A random non-zero incarnation (0 means "none" in a Hello).
+fn new_incarnation() -> u64 {
+    loop {
+        let v: u64 = rand::random();
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+/// Creates the tables, stamps or checks the schema version (drawing the incarnation of a new
+/// store), and returns the current revision.
 fn init_tables(db: &Database) -> Result<u64, InitError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
@@ -1012,27 +1104,20 @@ fn init_tables(db: &Database) -> Result<u64, InitError> {
             Some(v) if v == SCHEMA_VERSION => {}
             Some(v) => return Err(InitError::Schema(v)),
         }
+        if meta.get(META_BACKUP_TAKEN_MS)?.is_some() && meta.get(META_RESTORED_AT_MS)?.is_none() {
+            return Err(InitError::Backup);
+        }
         revision = meta.get(META_REVISION)?.map(|g| g.value()).unwrap_or(0);
-        txn.open_table(EVENTS)?;
-        txn.open_table(SITE_HWM)?;
-        txn.open_table(SITES)?;
-        txn.open_table(PRICES)?;
-        txn.open_table(ATP)?;
-        txn.open_table(CUSTOMERS)?;
-        txn.open_table(CHANGES)?;
-        txn.open_table(LEDGER_ATP)?;
-        txn.open_table(LEDGER_CREDIT)?;
-        txn.open_table(LEDGER_SITES)?;
-        txn.open_table(OPEN_RECLAIMS)?;
-        txn.open_table(ORDERS)?;
-        txn.open_table(EXCEPTIONS)?;
-        txn.open_table(DEAD_LETTERS)?;
-        txn.open_table(REPORTS)?;
-        txn.open_table(CENTRAL_IDEM)?;
-        // Added without a schema bump: an older store simply gets the empty table.
-        txn.open_table(revoked::REVOKED)?;
-        txn.open_table(alerts::ALERTS)?;
+        if meta.get(META_INCARNATION)?.is_none() {
+            meta.insert(META_INCARNATION, new_incarnation())?;
+        }
     }
+    macro_rules! create_each {
+        ($($t:path),*) => {$(
+            txn.open_table($t)?;
+        )*};
+    }
+    with_every_table!(create_each);
     txn.commit()?;
     Ok(revision)
 }

@@ -626,6 +626,32 @@ pub fn as_list(v: &Value) -> Option<Vec<Value>> {
     }
 }
 
+/// A `picked` milestone body for the agent's `POST /v1/shipments/{id}/milestones`.
+pub fn picked_milestone(event_id: &str) -> Value {
+    serde_json::json!({"event_id": event_id, "milestone": "picked", "scanner_id": "scanner-1", "at": "2026-11-26T10:00:00Z"})
+}
+
+/// Posts `n` milestones with event ids `{prefix}-{i}` for shipment `SH-{prefix}`, one after the
+/// other; fails on the first answer that is not 2xx. Returns the event ids.
+pub async fn post_milestones(agent: &Api, prefix: &str, n: usize) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        let r = agent
+            .post(
+                &format!("/v1/shipments/SH-{prefix}/milestones"),
+                &picked_milestone(&id),
+                None,
+            )
+            .await?;
+        if r.status / 100 != 2 {
+            bail!("milestone {id}: {} {}", r.status, r.body);
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 /// Output of a command-line run.
 #[derive(Debug)]
 pub struct CliOutput {

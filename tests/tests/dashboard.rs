@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use outpost_tests::{Api, bin_dir, eventually};
-use serde_json::Value;
+use outpost_tests::{Api, bin_dir, eventually, fast_agent_env};
+use serde_json::{Value, json};
 
 /// `[health] offline_after_secs` used here: short, so the test is quick.
 const OFFLINE_AFTER_SECS: u64 = 3;
@@ -28,6 +28,15 @@ const PAGE_TIMEOUT: Duration = Duration::from_secs(90);
 const VIRTUAL_TIME_BUDGET_MS: u32 = 3_000;
 /// Bytes of Chromium's stderr kept for failure messages.
 const MAX_STDERR_BYTES: usize = 16 * 1024;
+/// The drill's cut: long enough that a page rendered while the API says `drill` usually
+/// finishes inside it (the assertion on that render only holds when the drill was still cutting
+/// off once the render was done, so a slow machine skips it instead of failing).
+const DRILL_CUT_SECS: u64 = 8;
+/// How long the drill waits for plant-1 to catch up (it reconnects within a second: its backoff
+/// is capped at 0.5 s).
+const DRILL_RECOVERY_SECS: u64 = 60;
+/// Longest the drill may take to complete: the cut, the recovery timeout and the final report.
+const DRILL_TIMEOUT: Duration = Duration::from_secs(DRILL_CUT_SECS + DRILL_RECOVERY_SECS + 30);
 
 /// The Chromium binary: `CHROMIUM` if set, else the first of the usual names on `PATH`.
 fn find_chromium() -> Option<PathBuf> {
@@ -152,6 +161,25 @@ async fn site_state(c: &Api, site: &str) -> Result<Value> {
     Ok(r.body)
 }
 
+/// The part of a rendered DOM inside the drills panel (`<section id="drills">`).
+fn drill_panel(dom: &str) -> Option<&str> {
+    let from = dom.find("<section id=\"drills\"")?;
+    let rest = &dom[from..];
+    Some(&rest[..rest.find("</section>")?])
+}
+
+/// `GET /v1/drills/{id}`'s phase.
+async fn drill_phase(c: &Api, id: u64) -> Result<String> {
+    let r = c.get(&format!("/v1/drills/{id}")).await?;
+    ensure!(
+        r.status == 200,
+        "GET /v1/drills/{id}: {} {}",
+        r.status,
+        r.body
+    );
+    Ok(r.body["phase"].as_str().unwrap_or("").to_string())
+}
+
 async fn wait_state(c: &Api, site: &str, state: &str) -> Result<()> {
     eventually(
         &format!("{site} {state} at the API"),
@@ -166,8 +194,11 @@ async fn wait_state(c: &Api, site: &str, state: &str) -> Result<()> {
 /// Method: central and two agents with 1 s heartbeats and `offline_after_secs = 3`; wait until
 /// the API says both are healthy, render `/#token=...` in headless Chromium and read the
 /// rows' `data-state`; render with a wrong token (the page asks for one); SIGKILL plant-2, wait until the API says offline, render again (with
-/// plant-2's detail view open) and read the rows, the detail and the alert list; save a
-/// screenshot of that page.
+/// plant-2's detail view open) and read the rows, the detail and the alert list; then run an
+/// isolation drill on plant-1 (admin token, API): while the API says `drill`, the page shows the
+/// site as `drill` (asserted when the drill was still cutting off after the render); once the
+/// drill completed, the drills panel shows PASSED and its timeline chart, and alerts of the
+/// drill carry its tag; save a screenshot of that page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_sites_and_a_site_going_offline() -> Result<()> {
     let Some(bin) = find_chromium() else {
@@ -194,7 +225,10 @@ async fn the_dashboard_shows_the_sites_and_a_site_going_offline() -> Result<()> 
     let quic = central.ready.quic.clone().context("central quic")?;
     let c = Api::new(&central);
     let fast = [("OUTPOST_HEALTH__HEARTBEAT_SECS", "1".to_string())];
-    let _p1 = fleet.start_agent("plant-1", &quic, &fast)?;
+    // plant-1 takes part in a drill below: it reconnects quickly once the cut ends.
+    let mut fast_sync = fast_agent_env();
+    fast_sync.extend(fast.iter().cloned());
+    let _p1 = fleet.start_agent("plant-1", &quic, &fast_sync)?;
     let mut p2 = fleet.start_agent("plant-2", &quic, &fast)?;
     wait_state(&c, "plant-1", "healthy").await?;
     wait_state(&c, "plant-2", "healthy").await?;
@@ -256,6 +290,84 @@ async fn the_dashboard_shows_the_sites_and_a_site_going_offline() -> Result<()> 
         );
     }
     ensure!(dom.contains("<polyline"), "the charts are drawn: {dom}");
+
+    // A disaster-recovery drill on plant-1, started as an operator would (admin token, API).
+    let r = c
+        .post(
+            "/v1/drills",
+            &json!({"kind": "isolation", "sites": ["plant-1"], "duration_secs": DRILL_CUT_SECS,
+                    "recovery_timeout_secs": DRILL_RECOVERY_SECS, "note": "dashboard test"}),
+            None,
+        )
+        .await?;
+    ensure!(r.status == 201, "POST /v1/drills: {} {}", r.status, r.body);
+    let id = r.body["id"].as_u64().context("drill id")?;
+    wait_state(&c, "plant-1", "drill").await?;
+    let during = dump_dom(&bin, &url).await?;
+    if drill_phase(&c, id).await? == "cut_off" {
+        // Rendered wholly inside the cut: the page shows what the API showed.
+        ensure!(
+            row_state(&during, "plant-1").as_deref() == Some("drill"),
+            "plant-1 shows as drill during the drill: {during}"
+        );
+        ensure!(during.contains("class=\"badge state-drill\""), "{during}");
+        let panel = drill_panel(&during).context("drills panel")?;
+        ensure!(
+            panel.contains(&format!("data-drill=\"{id}\""))
+                && panel.contains("data-phase=\"cut_off\"")
+                && panel.contains("ends in"),
+            "the panel shows the active drill and its countdown: {panel}"
+        );
+    } else {
+        eprintln!(
+            "the drill's cut ended before the page was rendered; its `drill` row not checked"
+        );
+    }
+    eventually("the drill completed", DRILL_TIMEOUT, || async {
+        Ok((drill_phase(&c, id).await? == "completed").then_some(()))
+    })
+    .await?;
+    let dom = wait_rendered(
+        &bin,
+        &detail_url,
+        &[("plant-1", "healthy"), ("plant-2", "offline")],
+    )
+    .await?;
+    let panel = drill_panel(&dom).context("drills panel")?;
+    ensure!(
+        panel.contains(&format!("data-drill=\"{id}\""))
+            && panel.contains("data-phase=\"completed\""),
+        "the panel shows the completed drill: {panel}"
+    );
+    ensure!(
+        panel.contains("data-field=\"verdict\">PASSED<"),
+        "the drill passed: {panel}"
+    );
+    ensure!(
+        panel.contains("<svg") && panel.contains("data-chart=\"drill-timeline\""),
+        "the timeline chart is drawn in the panel: {panel}"
+    );
+    ensure!(
+        panel.contains("<tr data-site=\"plant-1\">"),
+        "plant-1's figures: {panel}"
+    );
+    ensure!(
+        panel.contains("outpost-central drill start"),
+        "the panel says drills start from the CLI: {panel}"
+    );
+    // Alerts of the drill (plant-1 into and out of `drill`) are tagged with it, not incidents.
+    let alerts = c.get("/v1/alerts?limit=1000").await?;
+    let tagged = alerts.body.as_array().is_some_and(|a| {
+        a.iter()
+            .any(|x| x["drill_id"].as_u64() == Some(id) && x["site"] == "plant-1")
+    });
+    if tagged {
+        ensure!(
+            dom.contains(&format!("data-drill=\"{id}\"><span class=\"at\""))
+                && dom.contains("class=\"tag-drill\""),
+            "the drill's alerts carry its tag: {dom}"
+        );
+    }
 
     let artifacts = bin_dir()
         .parent()

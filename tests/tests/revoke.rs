@@ -18,10 +18,6 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// really retried and was really refused, more than once.
 const REFUSALS_TO_SEE: usize = 3;
 
-fn milestone(event_id: &str) -> Value {
-    json!({"event_id": event_id, "milestone": "picked", "scanner_id": "scanner-1", "at": "2026-11-26T10:00:00Z"})
-}
-
 /// plant-1's row of `GET /v1/sites`.
 async fn site_row(central: &Api, site: &str) -> Result<Value> {
     let r = central.get("/v1/sites").await?;
@@ -51,25 +47,6 @@ fn cli(fleet: &Fleet, args: &[&str]) -> Result<CliOutput> {
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--fleet", fleet_json.to_str().context("utf-8 path")?]);
     run_cli("outpost-central", &all, CLI_TIMEOUT)
-}
-
-async fn post_milestones(agent: &Api, prefix: &str, n: usize) -> Result<Vec<String>> {
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let id = format!("{prefix}-{i}");
-        let r = agent
-            .post(
-                &format!("/v1/shipments/SH-{prefix}/milestones"),
-                &milestone(&id),
-                None,
-            )
-            .await?;
-        if r.status / 100 != 2 {
-            bail!("milestone {id}: {} {}", r.status, r.body);
-        }
-        ids.push(id);
-    }
-    Ok(ids)
 }
 
 /// Goal: revoking a connected site closes its connection within seconds and keeps it out while

@@ -27,6 +27,7 @@ async fn start() -> Harness {
     let store = Store::open(&dir.path().join("central.redb")).unwrap();
     let state = ApiState {
         store: store.clone(),
+        data_dir: std::env::temp_dir(),
         registry: Arc::new(Registry::new()),
         clients: Arc::new(super::Clients::from_tokens([(
             "admin",
@@ -309,7 +310,10 @@ async fn the_exception_queue_over_http() {
     .await;
     let mut bad = site_order(3, "C-ACME", 1, 1000, true);
     bad.schema = 42;
-    h.store.begin_session("plant-1", 3).await.unwrap();
+    h.store
+        .begin_session("plant-1", crate::store::HelloMarks::with_last_seq(3))
+        .await
+        .unwrap();
     h.store
         .ingest(
             "plant-1",

@@ -34,6 +34,7 @@ async fn start() -> Harness {
     let registry = Arc::new(Registry::new());
     let state = ApiState {
         store: store.clone(),
+        data_dir: std::env::temp_dir(),
         registry: registry.clone(),
         clients: Arc::new(Clients::from_tokens([
             ("erp", Role::Erp, ERP),

@@ -238,6 +238,11 @@ pub fn report_json(r: &ReconReport) -> Value {
         "exceptions": {"business": r.exceptions_business, "permanent": r.dead_letters},
         "caught_up_at": r.caught_up_ms.map(rfc3339_ms),
         "catch_up_ms": r.caught_up_ms.map(|c| (c - r.connected_ms).max(0)),
+        "hello_acked_seq": r.hello_acked_seq,
+        "reuploaded": r.reuploaded,
+        "lost_from_seq": r.lost_from_seq,
+        "lost_through_seq": r.lost_through_seq,
+        "incarnation_changed": r.incarnation_changed,
     })
 }
 

@@ -26,6 +26,9 @@ pub struct Alert {
     pub reasons: Vec<String>,
     /// Central's clock, ms since the Unix epoch.
     pub at_ms: i64,
+    /// The disaster-recovery drill the site was part of when its state changed: the change was
+    /// planned, not an incident.
+    pub drill_id: Option<u64>,
 }
 
 /// An alert before it has its id.
@@ -36,6 +39,7 @@ pub struct NewAlert {
     pub to: String,
     pub reasons: Vec<String>,
     pub at_ms: i64,
+    pub drill_id: Option<u64>,
 }
 
 impl Store {
@@ -59,7 +63,7 @@ impl Store {
 }
 
 /// Inserts `a` and deletes the oldest alerts beyond `max`.
-fn insert(txn: &WriteTransaction, a: NewAlert, max: u64) -> Result<Alert, Broken> {
+pub(super) fn insert(txn: &WriteTransaction, a: NewAlert, max: u64) -> Result<Alert, Broken> {
     let mut t = txn.open_table(ALERTS)?;
     let id = t.last()?.map_or(0, |(k, _)| k.value()) + 1;
     let alert = Alert {
@@ -69,6 +73,7 @@ fn insert(txn: &WriteTransaction, a: NewAlert, max: u64) -> Result<Alert, Broken
         to: a.to,
         reasons: a.reasons,
         at_ms: a.at_ms,
+        drill_id: a.drill_id,
     };
     t.insert(id, encode(&alert).as_slice())?;
     // At most one over the bound per insert, so this removes one row (or a few after the bound
@@ -92,6 +97,7 @@ mod tests {
             to: to.into(),
             reasons: vec!["not_heard_from".into()],
             at_ms: 5,
+            drill_id: None,
         }
     }
 

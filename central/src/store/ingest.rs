@@ -78,6 +78,18 @@ pub(super) fn apply_ingest(
     let revision = meta_get(txn, META_REVISION)?;
     let mut touched = BTreeSet::new();
     let mut counts = Counts::default();
+    // After a restore, the site re-sends (and may still send) orders confirmed from allowances
+    // that the old incarnation of central granted and this one zeroed at the session's start:
+    // every seq up to the site's last at that Hello. Their units go in transit, but they do not
+    // consume what this incarnation granted since (the site holds that in full).
+    let old_grants_through = current_report(txn, site)?
+        .filter(|r| r.incarnation_changed)
+        .map_or(0, |r| r.hello_last_seq);
+    let ctx = OrderContext {
+        revision,
+        now_ms,
+        old_grants_through,
+    };
     for env in fresh {
         let trace_id = loggable_trace_id(env);
         match env.decode() {
@@ -115,7 +127,7 @@ pub(super) fn apply_ingest(
                 apply_return(txn, site, env.seq, &r, &mut touched)?;
             }
             Ok(EventBody::Order(o)) => {
-                match ingest_order(txn, site, env, &o, revision, now_ms, &mut touched)? {
+                match ingest_order(txn, site, env, &o, &ctx, &mut touched)? {
                     OrderFate::DeadLetter(why) => {
                         tracing::info!(
                             trace_id,
@@ -167,6 +179,7 @@ pub(super) fn apply_ingest(
     }
     if let Some(mut r) = current_report(txn, site)? {
         r.events_uploaded += fresh.len() as u64;
+        r.reuploaded += fresh.iter().filter(|e| e.seq <= r.hello_acked_seq).count() as u64;
         r.duplicates_dropped += plan.duplicates as u64;
         r.dead_letters += counts.dead_letters;
         r.exceptions_business += counts.exceptions;
@@ -274,15 +287,24 @@ pub(super) fn check_against_master(
     Ok((checked, customer.map(|c| c.on_hold)))
 }
 
+/// What every order of one uploaded batch is checked with.
+struct OrderContext {
+    /// The revision the business checks run against.
+    revision: u64,
+    now_ms: i64,
+    /// Orders with a seq up to this were confirmed from an earlier incarnation's grants.
+    old_grants_through: u64,
+}
+
 fn ingest_order(
     txn: &WriteTransaction,
     site: &str,
     env: &EventEnvelope,
     order: &Order,
-    revision: u64,
-    now_ms: i64,
+    ctx: &OrderContext,
     touched: &mut BTreeSet<LedgerKey>,
 ) -> Result<OrderFate, Broken> {
+    let (revision, now_ms) = (ctx.revision, ctx.now_ms);
     if let Some(existing) = get_order(txn, &order.order_id)? {
         return Ok(OrderFate::DeadLetter(format!(
             "order id {} is already taken by an order of {} ({} channel)",
@@ -301,7 +323,11 @@ fn ingest_order(
     for (key, qty) in &consumed {
         let mut pool = get_pool(txn, key)?.unwrap_or_default();
         let before = pool.outstanding(site);
-        if let Err(EscrowError::Overrun { .. }) = pool.handle_consumed(site, *qty) {
+        if env.seq <= ctx.old_grants_through {
+            // Confirmed from a grant of an earlier incarnation, which this ledger no longer
+            // counts as outstanding (the site dropped it too): only the units in transit move.
+            pool.in_transit += *qty;
+        } else if let Err(EscrowError::Overrun { .. }) = pool.handle_consumed(site, *qty) {
             overrun = true;
         }
         put_pool(txn, key, &pool)?;

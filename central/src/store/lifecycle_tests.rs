@@ -593,7 +593,10 @@ async fn lowering_atp_and_silence_send_reclaims_that_returns_close() {
     };
     let store = Store::open_with(&dir.path().join("central.redb"), opts).unwrap();
     seed(&store).await;
-    store.begin_session(SITE, 0).await.unwrap();
+    store
+        .begin_session(SITE, super::HelloMarks::with_last_seq(0))
+        .await
+        .unwrap();
     let applied = store
         .upsert_master(vec![atp("BOLT-M8", SITE, 12)])
         .await
@@ -672,7 +675,10 @@ async fn lowering_atp_and_silence_send_reclaims_that_returns_close() {
     let dir2 = tempfile::tempdir().unwrap();
     let store2 = Store::open_with(&dir2.path().join("central.redb"), opts).unwrap();
     seed(&store2).await;
-    store2.begin_session(SITE, 0).await.unwrap();
+    store2
+        .begin_session(SITE, super::HelloMarks::with_last_seq(0))
+        .await
+        .unwrap();
     let out = store2.periodic(vec![SITE.into()], later).await.unwrap();
     assert_eq!(out.reclaims, 0);
     store.close().await;
@@ -684,7 +690,10 @@ async fn each_session_gets_a_reconciliation_report_with_its_counts() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir);
     seed(&store).await;
-    let first = store.begin_session(SITE, 5).await.unwrap();
+    let first = store
+        .begin_session(SITE, super::HelloMarks::with_last_seq(5))
+        .await
+        .unwrap();
     assert_eq!((first.session, first.acked_seq), (1, 0));
     let mut bad = milestone(4);
     bad.body.clear();
@@ -722,12 +731,76 @@ async fn each_session_gets_a_reconciliation_report_with_its_counts() {
     assert_eq!((r.exceptions_business, r.dead_letters), (1, 1));
     assert!(r.caught_up_ms.is_some_and(|c| c >= r.connected_ms));
 
-    let second = store.begin_session(SITE, 5).await.unwrap();
+    let second = store
+        .begin_session(SITE, super::HelloMarks::with_last_seq(5))
+        .await
+        .unwrap();
     assert_eq!((second.session, second.acked_seq), (2, 5));
     let reports = store.reports(SITE, 10).unwrap();
     assert_eq!(reports.len(), 2);
     assert_eq!(reports[0].session, 2, "newest first");
     assert!(reports[0].dark_since_ms.is_some());
     assert_eq!(reports[0].caught_up_ms, Some(reports[0].connected_ms));
+    store.close().await;
+}
+
+/// Goal (regression): after a restore, orders the site confirmed from the old incarnation's
+/// grants (re-sent from its retention, or taken before it saw the new incarnation) move their
+/// units in transit without consuming what the new incarnation granted (the site holds that in
+/// full) and are not overrun exceptions; an order confirmed after that Hello beyond the new grant
+/// still is one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_confirmed_under_an_earlier_incarnation_are_not_overruns() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir);
+    seed(&store).await;
+    let hello = super::HelloMarks {
+        last_seq: 2,
+        acked_seq: 1,
+        retained_from_seq: 1,
+        central_incarnation: store.incarnation().unwrap() ^ 1,
+        master_rev: 0,
+    };
+    let start = store.begin_session(SITE, hello).await.unwrap();
+    assert!(start.incarnation_changed);
+    // Zeroed and topped up afresh: 20 of BOLT, as the site now holds after the new grants.
+    assert_eq!(pool(&store, &bolt()).outstanding(SITE), 20);
+    let out = store
+        .ingest(
+            SITE,
+            vec![
+                order(1, "C-ACME", &[("BOLT-M8", 15, 1000, C)], true),
+                order(2, "C-ACME", &[("BOLT-M8", 15, 1000, C)], true),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exceptions, 0);
+    let p = pool(&store, &bolt());
+    assert_eq!((p.outstanding(SITE), p.in_transit), (20, 30));
+    let out = store
+        .ingest(
+            SITE,
+            vec![order(3, "C-ACME", &[("BOLT-M8", 25, 1000, C)], true)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out.exceptions, 1,
+        "confirmed after the Hello beyond the new grant"
+    );
+    let e = store.exception(1).unwrap().unwrap();
+    assert_eq!(
+        (e.seq, e.reasons.clone()),
+        (3, vec![Reason::AllowanceOverrun])
+    );
+    assert_eq!(e.site_data.allowance[0].outstanding_before, 20);
+    assert_eq!(
+        pool(&store, &bolt()).in_transit,
+        55,
+        "every unit is counted"
+    );
+    let r = &store.reports(SITE, 1).unwrap()[0];
+    assert_eq!(r.reuploaded, 1);
     store.close().await;
 }

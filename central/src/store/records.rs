@@ -205,6 +205,31 @@ pub struct ReconReport {
     pub dead_letters: u64,
     /// When the high-water mark reached `hello_last_seq`.
     pub caught_up_ms: Option<i64>,
+    /// The highest seq the site had recorded as committed at central, from its Hello. Above
+    /// `hwm_at_connect` when central was restored from a backup.
+    pub hello_acked_seq: u64,
+    /// Events stored in this session that central had acknowledged before (seq at most
+    /// `hello_acked_seq`): re-sent from the site's retention after a restore.
+    pub reuploaded: u64,
+    /// Seqs the site acknowledged before central's restore and no longer holds: recorded as
+    /// lost at the session's start, the high-water mark moved past them.
+    pub lost_from_seq: Option<u64>,
+    pub lost_through_seq: Option<u64>,
+    /// The site last talked to another incarnation of central's store: its allowances were
+    /// reset and master changes resumed from central's revision.
+    pub incarnation_changed: bool,
+}
+
+/// Seqs of a site that a restored central had acknowledged and that the site no longer held when
+/// it reconnected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostRange {
+    pub site: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// When central found out (central's clock, ms since the Unix epoch).
+    pub at_ms: i64,
+    pub reason: String,
 }
 
 /// A reclaim sent to a site and not yet answered.

@@ -869,8 +869,8 @@ impl Sim {
             last_seq: marks.last_seq,
             agent_time_ms: EPOCH_MS + now as i64,
             acked_seq: marks.acked_seq,
-            retained_from_seq: marks.acked_seq + 1,
-            central_incarnation: 0,
+            retained_from_seq: marks.retained_from_seq,
+            central_incarnation: marks.central_incarnation,
         });
         self.send_up(id, &hello);
     }
@@ -927,7 +927,32 @@ impl Sim {
             }
         };
         match msg {
-            CentralMsg::Welcome(Welcome { acked_seq, .. }) => {
+            CentralMsg::Welcome(Welcome {
+                acked_seq,
+                incarnation,
+                master_from_rev,
+                ..
+            }) => {
+                // As converse() does, before any Master frame. Central is never restored from a
+                // backup here, so its incarnation must never change.
+                match store
+                    .adopt_central_incarnation(incarnation, master_from_rev)
+                    .await
+                {
+                    Ok(agent_store::IncarnationChange::Changed { previous, .. }) => {
+                        self.problems.push(format!(
+                            "{name}: central's incarnation changed from {previous} to \
+                             {incarnation} without a restore"
+                        ));
+                        self.close_agent_end(conn);
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        self.close_agent_end(conn);
+                        return;
+                    }
+                }
                 let Ok(marks) = store.marks() else {
                     self.close_agent_end(conn);
                     return;
@@ -1039,7 +1064,9 @@ impl Sim {
                     );
                     self.central.live.insert(site, conn);
                 }
-                let start = store.begin_session(&name, h.last_seq).await;
+                let start = store
+                    .begin_session(&name, central_store::HelloMarks::from(&h))
+                    .await;
                 let rev = store.revision();
                 if self.central_died() {
                     return;
@@ -1053,11 +1080,11 @@ impl Sim {
                                 central_version: "sim".into(),
                                 acked_seq: start.acked_seq,
                                 master_rev: rev,
-                                incarnation: 1,
-                                master_from_rev: h.master_rev,
+                                incarnation: start.incarnation,
+                                master_from_rev: start.master_from_rev,
                             }),
                         );
-                        self.central.sessions.insert(conn, h.master_rev);
+                        self.central.sessions.insert(conn, start.master_from_rev);
                     }
                     _ => self.refuse(conn, RefuseCode::Unavailable, "store unavailable".into()),
                 }
