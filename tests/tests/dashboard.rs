@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use outpost_tests::{Api, bin_dir, eventually, fast_agent_env};
+use outpost_tests::{Api, bin_dir, eventually, fast_agent_env, post_milestones};
 use serde_json::{Value, json};
 
 /// `[health] offline_after_secs` used here: short, so the test is quick.
@@ -228,7 +228,7 @@ async fn the_dashboard_shows_the_sites_and_a_site_going_offline() -> Result<()> 
     // plant-1 takes part in a drill below: it reconnects quickly once the cut ends.
     let mut fast_sync = fast_agent_env();
     fast_sync.extend(fast.iter().cloned());
-    let _p1 = fleet.start_agent("plant-1", &quic, &fast_sync)?;
+    let p1 = fleet.start_agent("plant-1", &quic, &fast_sync)?;
     let mut p2 = fleet.start_agent("plant-2", &quic, &fast)?;
     wait_state(&c, "plant-1", "healthy").await?;
     wait_state(&c, "plant-2", "healthy").await?;
@@ -302,6 +302,8 @@ async fn the_dashboard_shows_the_sites_and_a_site_going_offline() -> Result<()> 
         .await?;
     ensure!(r.status == 201, "POST /v1/drills: {} {}", r.status, r.body);
     let id = r.body["id"].as_u64().context("drill id")?;
+    // The plant keeps working while cut off: its backlog is what the drill's chart draws.
+    post_milestones(&Api::new(&p1), "drill", 20).await?;
     wait_state(&c, "plant-1", "drill").await?;
     let during = dump_dom(&bin, &url).await?;
     if drill_phase(&c, id).await? == "cut_off" {

@@ -292,10 +292,14 @@ pub fn render_alerts(list: &[Value], width: usize) -> String {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|a| {
-            let reasons: Vec<String> = a["reasons"]
+            let mut reasons: Vec<String> = a["reasons"]
                 .as_array()
                 .map(|r| r.iter().map(text).collect())
                 .unwrap_or_default();
+            // A change into or out of a drill was planned, not an incident: say so first.
+            if let Some(id) = a["drill_id"].as_u64() {
+                reasons.insert(0, format!("drill {id}"));
+            }
             vec![
                 text(&a["at"]),
                 text(&a["site"]),
@@ -633,5 +637,20 @@ mod tests {
         );
         assert!(t.lines().nth(1).unwrap().contains("not_heard_from"), "{t}");
         assert!(t.lines().nth(2).unwrap().contains("backlog_too_old"), "{t}");
+    }
+
+    /// Goal: a change into or out of a drill names the drill.
+    #[test]
+    fn drill_alerts_name_their_drill() {
+        let list = vec![
+            json!({"id": 3, "site": "plant-1", "from": "healthy", "to": "drill",
+                   "reasons": [], "at": "2026-11-27T04:00:00.000Z", "drill_id": 7}),
+            json!({"id": 4, "site": "plant-1", "from": "healthy", "to": "offline",
+                   "reasons": ["not_heard_from"], "at": "2026-11-27T04:00:09.000Z",
+                   "drill_id": null}),
+        ];
+        let t = render_alerts(&list, TABLE_WIDTH);
+        assert!(t.lines().nth(1).unwrap().contains("drill 7"), "{t}");
+        assert!(!t.lines().nth(2).unwrap().contains("drill"), "{t}");
     }
 }
