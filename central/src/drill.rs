@@ -199,6 +199,10 @@ pub struct SiteTrack {
     /// takes the events after its own mark up to this again).
     pub hello_acked_seq: u64,
     pub caught_up_ms: Option<i64>,
+    /// The site's last seq at its first session after the cut: the events after `hwm_at_start`
+    /// up to it are the ones it accepted while cut off (by seq, not by clock).
+    #[serde(default)]
+    pub reconnect_seq: Option<u64>,
     pub accepted: Accepted,
     /// New events central stored during the drill.
     pub events_received: u64,
@@ -211,8 +215,8 @@ pub struct SiteTrack {
     pub max_event_age_ms: i64,
     /// seqs of allowance returns (they go to the ledger, not the feed) for the discrepancy check.
     pub return_seqs: Vec<u64>,
-    /// Backlog changes per timeline bucket: +1 when an event was stored at the site, -1 when
-    /// central received it.
+    /// Backlog changes per timeline bucket: +1 in the bucket an event was stored in at the site,
+    /// -1 in the one after central received it.
     pub backlog_delta: BTreeMap<usize, i64>,
 }
 
@@ -348,6 +352,7 @@ impl Drill {
         if t.reconnected_ms.is_none() {
             t.reconnected_ms = Some(now_ms);
             t.hello_acked_seq = hello_acked_seq;
+            t.reconnect_seq = Some(hello_last_seq);
         }
         // A site that drops and reconnects before it caught up is caught up once central holds
         // what it had at the latest of its reconnections.
@@ -376,8 +381,6 @@ impl Drill {
         clock_offset_ms: i64,
         now_ms: i64,
     ) {
-        let cut_from = self.started_ms;
-        let cut_to = self.cut_ended_ms.unwrap_or(i64::MAX);
         let recv_bucket = self.bucket(now_ms);
         let started = self.started_ms;
         let bucket_ms = self.bucket_ms;
@@ -401,11 +404,15 @@ impl Drill {
                 let i = (at - started).max(0) / bucket_ms;
                 (i as usize).min(MAX_BUCKETS)
             };
-            if at_bucket < recv_bucket {
+            // Held at the site in every bucket from the one it was stored in to the one central
+            // received it in: an event that came and went within one bucket still counts.
+            if at_bucket <= recv_bucket {
                 *t.backlog_delta.entry(at_bucket).or_insert(0) += 1;
-                *t.backlog_delta.entry(recv_bucket).or_insert(0) -= 1;
+                *t.backlog_delta.entry(recv_bucket + 1).or_insert(0) -= 1;
             }
-            let during_cut = at >= cut_from && at < cut_to;
+            // Accepted while cut off: held by the site when it came back, and not yet at central
+            // when the drill started. By seq, so no clock decides it.
+            let during_cut = e.seq > t.hwm_at_start && t.reconnect_seq.is_some_and(|r| e.seq <= r);
             match e.decode() {
                 Ok(EventBody::Order(o)) => {
                     if during_cut {
@@ -489,7 +496,11 @@ pub struct SiteReport {
     pub cut_off_from: String,
     pub cut_off_until: Option<String>,
     pub accepted_while_cut_off: Accepted,
+    /// The seqs those are: after central's mark at the start, through what the site had when
+    /// it came back (`None` until it did).
+    pub cut_off_seqs: Option<(u64, u64)>,
     pub refused_connections: u64,
+    /// Most events held only at the site during one timeline bucket (at least 250 ms wide).
     pub peak_backlog: i64,
     pub peak_backlog_at: Option<String>,
     /// Age of the oldest event when central received it: the RPO a real outage would have had.
@@ -663,6 +674,7 @@ pub fn report(d: &Drill, findings: Option<&BTreeMap<String, SiteFindings>>, now_
             cut_off_from: rfc(d.started_ms),
             cut_off_until: cut_end.map(rfc),
             accepted_while_cut_off: t.accepted.clone(),
+            cut_off_seqs: t.reconnect_seq.map(|r| (t.hwm_at_start + 1, r)),
             refused_connections: t.refused_connections,
             peak_backlog: peak,
             peak_backlog_at: peak_at.map(rfc),

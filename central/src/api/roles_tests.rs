@@ -117,6 +117,9 @@ async fn erp_is_refused_admin_routes_before_the_body_is_read() {
         (Method::GET, "/v1/ledger"),
         (Method::POST, "/v1/sites/plant-1/revoke"),
         (Method::DELETE, "/v1/sites/plant-1/revoke"),
+        (Method::POST, "/v1/drills"),
+        (Method::POST, "/v1/drills/1/abort"),
+        (Method::POST, "/v1/backup"),
     ] {
         let (st, v) = h
             .call(Some(ERP), method.clone(), path, Some(huge.clone()))
@@ -132,6 +135,7 @@ async fn erp_is_refused_admin_routes_before_the_body_is_read() {
         h.store.revoked_sites().unwrap().is_empty(),
         "nothing revoked"
     );
+    assert!(h.store.drills(10).unwrap().is_empty(), "no drill started");
 
     let prices =
         json!([{"sku": "BOLT-M8", "customer": null, "unit_price": "0.12", "currency": "EUR"}]);
@@ -151,6 +155,7 @@ async fn erp_is_refused_admin_routes_before_the_body_is_read() {
         "/v1/sites",
         "/v1/exceptions",
         "/v1/sites/plant-1/reconciliations",
+        "/v1/drills",
     ] {
         let (st, v) = h.call(Some(ERP), Method::GET, path, None).await;
         assert_eq!(st, 200, "{path}: {v}");
