@@ -67,8 +67,16 @@ pub const DEFAULT_KEEP_ALIVE_MS: u64 = 1_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 3_000;
 /// Default first reconnect delay (before jitter).
 pub const DEFAULT_BACKOFF_INITIAL_MS: u64 = 100;
-/// Default cap on the reconnect delay (before jitter).
-pub const DEFAULT_BACKOFF_MAX_MS: u64 = 2_000;
+/// Default cap on the reconnect delay (before jitter): with full jitter the agent tries again
+/// within a second of the link coming back, and a fleet reconnecting to a restarted central is
+/// spread over that second.
+pub const DEFAULT_BACKOFF_MAX_MS: u64 = 1_000;
+/// Default QUIC send window and per-stream receive window: the bandwidth-delay product the sync
+/// link can fill (8 MiB: 100 Mbit/s at 640 ms RTT, 1 Gbit/s at 64 ms). quinn's default stream
+/// window (1.25 MB) would cap one stream at ~200 Mbit/s at 50 ms RTT.
+pub const DEFAULT_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
+/// Range of accepted QUIC windows.
+pub const WINDOW_BYTES_RANGE: std::ops::RangeInclusive<u64> = 64 * 1024..=256 * 1024 * 1024;
 /// Default most events per `Events` frame.
 pub const DEFAULT_BATCH_MAX_EVENTS: u64 = MAX_EVENTS_PER_BATCH as u64;
 /// Default most events in flight (sent, not acknowledged).
@@ -372,6 +380,10 @@ pub struct SyncConfig {
     pub backoff_max_ms: u64,
     pub batch_max_events: u64,
     pub window_events: u64,
+    /// QUIC send window of the connection (bytes).
+    pub send_window_bytes: u64,
+    /// QUIC receive window of the stream and the connection (bytes): master data downlink.
+    pub receive_window_bytes: u64,
 }
 
 impl Default for SyncConfig {
@@ -389,6 +401,8 @@ impl Default for SyncConfig {
             backoff_max_ms: DEFAULT_BACKOFF_MAX_MS,
             batch_max_events: DEFAULT_BATCH_MAX_EVENTS,
             window_events: DEFAULT_WINDOW_EVENTS,
+            send_window_bytes: DEFAULT_WINDOW_BYTES,
+            receive_window_bytes: DEFAULT_WINDOW_BYTES,
         }
     }
 }
@@ -448,6 +462,8 @@ pub struct SyncSettings {
     pub backoff_max: Duration,
     pub batch_max_events: u64,
     pub window_events: u64,
+    pub send_window_bytes: u64,
+    pub receive_window_bytes: u64,
 }
 
 impl Settings {
@@ -558,6 +574,8 @@ const SYNC_KEYS: &[&str] = &[
     "backoff_max_ms",
     "batch_max_events",
     "window_events",
+    "send_window_bytes",
+    "receive_window_bytes",
 ];
 
 /// Loads `path`, applies the process environment's `OUTPOST_*` overrides, resolves relative paths
@@ -829,6 +847,21 @@ impl AgentConfig {
                 format!("must be sync.backoff_initial_ms..={MAX_BACKOFF_MS}"),
             );
         }
+        for (key, v) in [
+            ("sync.send_window_bytes", s.send_window_bytes),
+            ("sync.receive_window_bytes", s.receive_window_bytes),
+        ] {
+            if !WINDOW_BYTES_RANGE.contains(&v) {
+                p.add(
+                    key,
+                    format!(
+                        "must be {}..={} bytes, got {v}",
+                        WINDOW_BYTES_RANGE.start(),
+                        WINDOW_BYTES_RANGE.end()
+                    ),
+                );
+            }
+        }
         if !(1..=DEFAULT_BATCH_MAX_EVENTS).contains(&s.batch_max_events) {
             p.add(
                 "sync.batch_max_events",
@@ -914,6 +947,8 @@ impl AgentConfig {
                     backoff_max: Duration::from_millis(s.backoff_max_ms),
                     batch_max_events: s.batch_max_events,
                     window_events: s.window_events,
+                    send_window_bytes: s.send_window_bytes,
+                    receive_window_bytes: s.receive_window_bytes,
                 },
                 allowance: AllowanceSettings {
                     request_deadline: Duration::from_millis(deadline_ms),
@@ -1382,6 +1417,8 @@ keep_alive_ms = 5000
 idle_timeout_ms = 3000
 batch_max_events = 5000
 window_events = 10
+send_window_bytes = 1000
+receive_window_bytes = 1000000000
 "#;
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
@@ -1399,6 +1436,8 @@ window_events = 10
             "sync.keep_alive_ms:",
             "sync.batch_max_events:",
             "sync.window_events:",
+            "sync.send_window_bytes:",
+            "sync.receive_window_bytes:",
         ] {
             assert!(all.contains(key), "{key} missing from:\n{all}");
         }

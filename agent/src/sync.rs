@@ -28,13 +28,28 @@ use crate::store::{IncarnationChange, ReadError, Store, WriteError, now_ms};
 use crate::tls::{self, TlsError};
 use crate::topup::{AllowanceAnswer, AllowanceAsk};
 
-/// Per-stream receive window: big enough for a full window of events in flight on a WAN
-/// (performance.md §2: quinn's 1.25 MB default caps one stream at ~200 Mbit/s at 50 ms RTT).
-pub const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
-/// Connection-level receive window (one stream is used, so the same as the stream's).
-pub const RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
-/// Send buffer for the connection: matches the peer's windows so one flight can fill them.
-pub const SEND_WINDOW: u64 = 8 * 1024 * 1024;
+/// RTT assumed before the first sample of a connection. quinn's default (333 ms) makes the
+/// handshake's first retransmission wait about a second; on the LANs and WANs sites use, 100 ms
+/// retransmits a lost Initial within ~0.3 s, so a link that comes back is used promptly.
+pub const INITIAL_RTT: Duration = Duration::from_millis(100);
+/// Shortest time one connection attempt is given, however fast the last link was.
+pub const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// An attempt is given this many times the last measured RTT (capped by
+/// `[sync] connect_timeout_ms`): a handshake needs about two round trips.
+pub const ATTEMPT_RTTS: u32 = 10;
+
+/// How long one connection attempt may take: `connect_timeout`, shortened to
+/// `ATTEMPT_RTTS` × the last session's RTT (at least `MIN_ATTEMPT_TIMEOUT`) once one is known,
+/// so that while central is unreachable the agent tries again often enough to notice it is back
+/// within about a second on a fast link, and a slow link still gets the time it needs.
+pub fn attempt_timeout(connect_timeout: Duration, last_rtt: Option<Duration>) -> Duration {
+    match last_rtt {
+        Some(rtt) => (rtt * ATTEMPT_RTTS)
+            .max(MIN_ATTEMPT_TIMEOUT)
+            .min(connect_timeout),
+        None => connect_timeout,
+    }
+}
 /// Most bytes of encoded frames gathered before one `write_all`: several `Events` frames per
 /// write amortise the per-write cost (performance.md §4.4: 5× more messages per second).
 pub const MAX_COALESCE_BYTES: usize = 1024 * 1024;
@@ -129,6 +144,10 @@ impl Backoff {
     }
 }
 
+fn window(bytes: u64) -> Result<VarInt, TlsError> {
+    VarInt::from_u64(bytes).map_err(|e| TlsError::Quic(format!("window of {bytes} bytes: {e}")))
+}
+
 /// The rustls + transport configuration for connections to central.
 pub fn client_config(s: &SyncSettings) -> Result<quinn::ClientConfig, TlsError> {
     let crypto = tls::quic_client_crypto(tls::client_config(&s.ca_cert, &s.cert, &s.key)?)?;
@@ -143,9 +162,13 @@ pub fn client_config(s: &SyncSettings) -> Result<quinn::ClientConfig, TlsError> 
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(None)
-        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
-        .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
-        .send_window(SEND_WINDOW);
+        .initial_rtt(INITIAL_RTT)
+        // Windows sized for the link's bandwidth-delay product (`[sync] *_window_bytes`): the
+        // uplink (events) is bounded by central's receive windows and this send window, the
+        // downlink (master data) by these receive windows.
+        .stream_receive_window(window(s.receive_window_bytes)?)
+        .receive_window(window(s.receive_window_bytes)?)
+        .send_window(s.send_window_bytes);
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
@@ -214,6 +237,8 @@ pub struct SyncClient {
     next_request_id: u64,
     client_config: quinn::ClientConfig,
     endpoint: Option<(bool, quinn::Endpoint)>,
+    /// RTT of the last connection that completed its handshake (shortens later attempts).
+    last_rtt: Option<Duration>,
     /// Heartbeat interval and probe; `None`: no heartbeats (scripted centrals in unit tests).
     /// The probe outlives sessions so CPU figures always cover the time since the last beat.
     heartbeat: Option<(Duration, Arc<std::sync::Mutex<HealthProbe>>)>,
@@ -256,6 +281,7 @@ impl SyncClient {
             next_request_id: 0,
             client_config,
             endpoint: None,
+            last_rtt: None,
             heartbeat: None,
         })
     }
@@ -405,7 +431,7 @@ impl SyncClient {
 
     /// One session: connect, hello, then upload and apply until something ends it.
     async fn session(&mut self, welcomed: &mut bool) -> Result<SessionEnd, SyncError> {
-        let limit = self.settings.connect_timeout;
+        let limit = attempt_timeout(self.settings.connect_timeout, self.last_rtt);
         let addr = self.resolve().await?;
         let endpoint = self.endpoint_for(addr)?;
         let connecting = endpoint.connect_with(
@@ -416,7 +442,10 @@ impl SyncClient {
         let conn = timeout(limit, connecting)
             .await
             .map_err(|_| SyncError::Timeout("connecting to central"))??;
+        self.last_rtt = Some(conn.rtt());
         let result = self.converse(&conn, welcomed).await;
+        // The RTT the session ended with is the better guess for the next attempts.
+        self.last_rtt = Some(conn.rtt());
         match &result {
             Err(SyncError::Protocol(reason)) | Err(SyncError::Diverged(reason)) => conn.close(
                 VarInt::from_u32(CLOSE_PROTOCOL_VIOLATION),
@@ -914,6 +943,8 @@ mod tests {
             backoff_max: Duration::from_millis(50),
             batch_max_events: 4,
             window_events: 8,
+            send_window_bytes: 1 << 20,
+            receive_window_bytes: 1 << 20,
         }
     }
 
@@ -1628,6 +1659,39 @@ mod tests {
         assert_eq!(LinkState::new(Some(10_000)).stale_secs(20_000), Some(10));
     }
 
+    /// Goal: an attempt gets ten round trips of the last link, at least a second, never more
+    /// than the configured connect timeout.
+    #[test]
+    fn attempts_are_shortened_by_a_known_rtt_within_bounds() {
+        let cap = Duration::from_secs(3);
+        assert_eq!(
+            attempt_timeout(cap, None),
+            cap,
+            "no RTT known: the configured timeout"
+        );
+        assert_eq!(
+            attempt_timeout(cap, Some(Duration::from_micros(300))),
+            MIN_ATTEMPT_TIMEOUT,
+            "a fast link: tried again every second"
+        );
+        assert_eq!(
+            attempt_timeout(cap, Some(Duration::from_millis(200))),
+            Duration::from_secs(2),
+            "ten round trips"
+        );
+        assert_eq!(
+            attempt_timeout(cap, Some(Duration::from_millis(600))),
+            cap,
+            "never beyond the configured timeout"
+        );
+        assert_eq!(
+            attempt_timeout(Duration::from_millis(500), Some(Duration::from_micros(300))),
+            Duration::from_millis(500),
+            "a configured timeout below the floor wins"
+        );
+    }
+
+    /// Goal: the n-th delay is uniform in [0, min(cap, initial·2^n)].
     #[test]
     fn backoff_is_capped_exponential_with_full_jitter() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(2000));
