@@ -61,10 +61,13 @@ pub const MAX_SITE_ID_LEN_FOR_ORDER_IDS: usize = 42;
 
 /// Default QUIC connect timeout (handshake included).
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 3_000;
-/// Default QUIC keep-alive interval: well below the idle timeout so a healthy link never idles out.
-pub const DEFAULT_KEEP_ALIVE_MS: u64 = 1_000;
-/// Default QUIC idle timeout: how quickly an outage is noticed.
-pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 3_000;
+/// Default QUIC keep-alive interval: well below the idle timeout so a healthy link never idles
+/// out (four keep-alives per idle timeout ride out short loss bursts).
+pub const DEFAULT_KEEP_ALIVE_MS: u64 = 500;
+/// Default QUIC idle timeout: how quickly an outage is noticed. A keep-alive sent after the last
+/// packet from central restarts QUIC's idle timer, so an outage is noticed within
+/// keep-alive + idle timeout: 2.5 s with the defaults.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 2_000;
 /// Default first reconnect delay (before jitter).
 pub const DEFAULT_BACKOFF_INITIAL_MS: u64 = 100;
 /// Default cap on the reconnect delay (before jitter): with full jitter the agent tries again

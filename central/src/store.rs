@@ -1338,6 +1338,42 @@ fn append_feed(
     Ok(cursor)
 }
 
+/// `records::FeedRow` by reference: the same encoding, without cloning the envelope.
+#[derive(Serialize)]
+struct FeedRowRef<'a> {
+    site: &'a str,
+    channel: Channel,
+    event: &'a EventEnvelope,
+}
+
+/// Appends `events` to the feed under consecutive cursors: the cursor and the feed table are
+/// read and written once for the run, not once per event (the drain of a large backlog is
+/// mostly milestones).
+fn append_feed_run(
+    txn: &WriteTransaction,
+    site: &str,
+    channel: Channel,
+    events: &[&EventEnvelope],
+) -> Result<(), Broken> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let first = meta_get(txn, META_NEXT_CURSOR)?.max(1);
+    {
+        let mut t = txn.open_table(EVENTS)?;
+        for (i, event) in events.iter().enumerate() {
+            let row = FeedRowRef {
+                site,
+                channel,
+                event,
+            };
+            t.insert(first + i as u64, encode(&row).as_slice())?;
+        }
+    }
+    meta_set(txn, META_NEXT_CURSOR, first + events.len() as u64)?;
+    Ok(())
+}
+
 /// Decodes a record read inside the writer. A record this build cannot read is a broken
 /// invariant of the store; the group is aborted rather than acting on a guess.
 fn decode_w<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, Broken> {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
+pub mod bench;
 pub mod proxy;
 pub mod quic_client;
 
@@ -21,15 +22,20 @@ pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Interval between polls of a condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Directory holding the workspace's built binaries (`target/debug`), derived from this test
-/// executable's own path (`target/debug/deps/<test>`).
+/// Directory holding the workspace's built binaries (`target/<profile>`), derived from this
+/// executable's own path: a test executable lives in `target/<profile>/deps/`, a binary such as
+/// `outpost-bench` in `target/<profile>/` itself (next to `outpost-central`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
+    let exe = std::env::current_exe().expect("executable path");
+    let parent = exe.parent().expect("executable has a parent directory");
+    let central = format!("outpost-central{}", std::env::consts::EXE_SUFFIX);
+    if parent.join(&central).exists() || parent.file_name().is_none_or(|n| n != "deps") {
+        return parent.to_path_buf();
+    }
+    parent
         .parent()
-        .and_then(|d| d.parent())
-        .expect("test executable lives in target/<profile>/deps");
-    dir.to_path_buf()
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf()
 }
 
 /// Clears every inherited `OUTPOST_*` variable from a child's environment: the binaries read them

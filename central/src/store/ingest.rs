@@ -16,8 +16,8 @@ use super::records::{
 use super::{
     Broken, DEAD_LETTERS, EXCEPTIONS, IngestBatchError, IngestOutcome, META_LAST_DEAD_LETTER,
     META_LAST_EXCEPTION, META_REVISION, OPEN_RECLAIMS, Outcome, SITE_HWM, StoreOptions,
-    append_feed, decode_w, effective_price, encode, get_customer, get_order, get_pool, meta_get,
-    next_id, put_order, put_pool, touch,
+    append_feed, append_feed_run, decode_w, effective_price, encode, get_customer, get_order,
+    get_pool, meta_get, next_id, put_order, put_pool, touch,
 };
 use crate::checks::{Reason, check_order};
 use crate::ledger::{LedgerKey, order_consumption};
@@ -90,9 +90,17 @@ pub(super) fn apply_ingest(
         now_ms,
         old_grants_through,
     };
+    // Consecutive milestones go to the feed together (one cursor update for the run); the run
+    // is written before any other event, so feed order stays sequence order.
+    let mut run: Vec<&EventEnvelope> = Vec::new();
     for env in fresh {
         let trace_id = loggable_trace_id(env);
-        match env.decode() {
+        let body = env.decode();
+        if !matches!(body, Ok(EventBody::Milestone(_))) {
+            append_feed_run(txn, site, Channel::Site, &run)?;
+            run.clear();
+        }
+        match body {
             Err(e) => {
                 let why = e.to_string();
                 tracing::info!(
@@ -114,7 +122,7 @@ pub(super) fn apply_ingest(
                     event_id = %env.event_id,
                     "milestone ingested into the feed"
                 );
-                append_feed(txn, site, Channel::Site, env)?;
+                run.push(env);
             }
             Ok(EventBody::AllowanceReturn(r)) => {
                 tracing::debug!(
@@ -173,6 +181,7 @@ pub(super) fn apply_ingest(
             }
         }
     }
+    append_feed_run(txn, site, Channel::Site, &run)?;
     if !fresh.is_empty() {
         txn.open_table(SITE_HWM)?.insert(site, plan.new_hwm)?;
         touch(txn, site, now_ms)?;

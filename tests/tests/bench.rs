@@ -1,0 +1,70 @@
+//! Goal: `outpost-bench --short` runs every scenario to completion against real processes and
+//! writes a JSON report with a figure for each scenario. No thresholds: CI machines (and debug
+//! builds) are too noisy for performance gates; this only proves the harness works.
+
+use std::time::Duration;
+
+use outpost_tests::run_cli;
+use serde_json::Value;
+
+#[test]
+fn short_benchmark_run_reports_every_scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let out = run_cli(
+        "outpost-bench",
+        &["--short", "--json", json_path.to_str().unwrap()],
+        Duration::from_secs(240),
+    )
+    .unwrap();
+    assert!(
+        out.success,
+        "outpost-bench failed\nstdout:\n{}\nstderr:\n{}",
+        out.stdout, out.stderr
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    assert!(
+        report["machine"]["cores"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert!(report["date"].is_string());
+    assert!(report["profile"].is_string());
+    assert!(!report["fsync_probes"].as_array().unwrap().is_empty());
+    let figure = |scenario: &str, name: &str| -> f64 {
+        let figs = report["scenarios"][scenario]["figures"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no figures for {scenario}: {report}"));
+        figs.iter()
+            .find(|f| f["name"] == name)
+            .and_then(|f| f["value"].as_f64())
+            .unwrap_or_else(|| panic!("no figure {name} in {scenario}: {figs:?}"))
+    };
+    // Figures that must be positive when the scenario ran at all.
+    for (scenario, name) in [
+        ("fsync", "fsync.start.p50"),
+        ("read", "read.c1.p50"),
+        ("read", "read.c64.req_per_s"),
+        ("read", "read.agent.cpu_s"),
+        ("ingest", "ingest.c64.events_per_s"),
+        ("ingest", "ingest.c64.p99"),
+        ("ingest", "ingest.fsync.p50"),
+        ("drain", "drain.events_per_s_from_central_start"),
+        ("drain", "drain.central_acked_seq"),
+        ("outage", "outage.detect_secs"),
+        ("outage", "outage.write_acked_secs_after_heal"),
+        ("memory", "memory.agent_rss_mib"),
+        ("memory", "memory.outbox_depth"),
+    ] {
+        let v = figure(scenario, name);
+        assert!(v > 0.0, "{scenario}/{name} = {v}");
+    }
+    for (scenario, name) in [("read", "read.c64.errors"), ("ingest", "ingest.c64.errors")] {
+        assert_eq!(figure(scenario, name), 0.0, "{scenario}/{name}");
+    }
+    assert!(
+        report["scenarios"]["peers"]["figures"].is_array(),
+        "{report}"
+    );
+    // Stdout carries the table.
+    assert!(out.stdout.contains("read.c64.req_per_s"), "{}", out.stdout);
+}
