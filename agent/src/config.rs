@@ -1239,7 +1239,7 @@ key = "certs/{site}.key"
         assert_eq!(s.data_dir, dir.path().join("data/plant-1"));
         assert_eq!(s.sync.ca_cert, dir.path().join("certs/ca.pem"));
         assert_eq!(s.api.max_body_bytes, 65536);
-        assert_eq!(s.sync.idle_timeout, Duration::from_millis(3000));
+        assert_eq!(s.sync.idle_timeout, Duration::from_millis(2000));
         assert_eq!(s.sync.batch_max_events, 1000);
         assert_eq!(s.sync.window_events, 20_000);
         assert_eq!(s.api.listen.port(), 0);
