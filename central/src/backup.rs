@@ -224,15 +224,7 @@ pub async fn download(remote: &Remote, out: &Path) -> Result<Downloaded, Downloa
         let text = resp.text().await.unwrap_or_default();
         let v: serde_json::Value =
             serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        return Err(CliError::Api {
-            status: status.as_u16(),
-            code: v["error"]["code"].as_str().unwrap_or("unknown").to_string(),
-            message: v["error"]["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| v.to_string()),
-        }
-        .into());
+        return Err(crate::cli::api_error(status.as_u16(), &v).into());
     }
     let expected = resp.content_length();
     let taken_ms = resp

@@ -145,14 +145,23 @@ pub async fn call_method(
     if status.is_success() {
         Ok(v)
     } else {
-        Err(CliError::Api {
-            status: status.as_u16(),
-            code: v["error"]["code"].as_str().unwrap_or("unknown").to_string(),
-            message: v["error"]["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| v.to_string()),
-        })
+        Err(api_error(status.as_u16(), &v))
+    }
+}
+
+/// The error for a non-2xx answer: the API's `{"error": {"code", "message"}}`, or the body as
+/// it came.
+pub fn api_error(status: u16, body: &Value) -> CliError {
+    CliError::Api {
+        status,
+        code: body["error"]["code"]
+            .as_str()
+            .unwrap_or("unknown")
+            .to_string(),
+        message: body["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| body.to_string()),
     }
 }
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use outpost_tests::{
-    Api, CliOutput, Fleet, bin, exception_order_id, exceptions, fast_agent_env, hermetic,
-    push_demo_master, read_feed, run_cli, wait_drained, wait_master,
+    Api, CliOutput, Fleet, bin, eventually, exception_order_id, exceptions, fast_agent_env,
+    hermetic, push_demo_master, read_feed, run_cli, wait_drained, wait_master,
 };
 use serde_json::Value;
 
@@ -243,6 +243,7 @@ async fn traffic_record_matches_central_exactly_once() -> Result<()> {
     // 2. A run stopped by SIGTERM.
     let second = out_dir.path().join("second.json");
     let args = traffic_args(&fleet, &second, "0", "8");
+    let feed_before = read_feed(&c).await?.len();
     let mut child = hermetic(&mut Command::new(bin("outpost-central")))
         .args(&args)
         .arg("--quiet")
@@ -250,7 +251,18 @@ async fn traffic_record_matches_central_exactly_once() -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Stopped once both kinds of write from this run have reached central (bounded wait).
+    eventually(
+        "the second run's orders and milestones at central",
+        Duration::from_secs(60),
+        || async {
+            let feed = read_feed(&c).await?;
+            let new = &feed[feed_before.min(feed.len())..];
+            let has = |k: &str| new.iter().any(|e| e["kind"] == k);
+            Ok((has("order") && has("milestone")).then_some(()))
+        },
+    )
+    .await?;
     let status = tokio::task::spawn_blocking(move || terminate(&mut child)).await??;
     ensure!(status.success(), "dev traffic after SIGTERM: {status}");
 

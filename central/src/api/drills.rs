@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::{ApiError, ApiJson, ApiState, Caller, rfc3339_ms};
 use crate::drill::driver::{self, DrillError};
 use crate::drill::{Drill, DrillRequest, render_text, report};
+use crate::store::now_ms;
 
 /// Default and largest number of drills in one `GET /v1/drills` answer.
 pub const DEFAULT_DRILL_LIMIT: usize = 20;
@@ -30,12 +31,6 @@ impl From<DrillError> for ApiError {
         };
         ApiError::new(status, code, e.to_string())
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A drill as JSON: its plan and phase, and its report (final once completed, live before).

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 
-use super::fleet::{TABLE_WIDTH, colour_wanted, human_duration};
+use super::fleet::{TABLE_WIDTH, clean, colour_wanted, fit, human_duration};
 use super::{CliError, Remote, call, table};
 
 /// Default and largest `drill list --limit` (central's own default and maximum).
@@ -142,29 +142,6 @@ pub fn start_body(a: &StartArgs) -> Value {
         "recovery_timeout_secs": a.recovery_timeout,
         "note": a.note,
     })
-}
-
-/// Text from central made safe to print and to measure (printable ASCII; anything else `?`).
-fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect()
-}
-
-/// `s` cut to `w` columns, ending in `…` when cut.
-fn fit(s: &str, w: usize) -> String {
-    if s.chars().count() <= w {
-        return s.to_string();
-    }
-    let mut out: String = s.chars().take(w.saturating_sub(1)).collect();
-    out.push('…');
-    out
 }
 
 fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {

@@ -110,7 +110,7 @@ pub fn human_duration(ms: u64) -> String {
 /// ASCII becomes `?`, so one char is one terminal column and an agent-reported string cannot
 /// carry terminal escapes. (ASCII-only instead of a unicode-width table: site ids and reason
 /// codes are ASCII anyway.)
-fn clean(s: &str) -> String {
+pub(crate) fn clean(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_graphic() || c == ' ' {
@@ -123,7 +123,7 @@ fn clean(s: &str) -> String {
 }
 
 /// `s` cut to `w` columns, ending in `…` when cut. `s` is `clean` (or our own ASCII/`…`/`→`).
-fn fit(s: &str, w: usize) -> String {
+pub(crate) fn fit(s: &str, w: usize) -> String {
     if s.chars().count() <= w {
         return s.to_string();
     }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use super::{Drill, DrillBackup, DrillKind, DrillRequest, Phase, SiteFindings, report};
 use crate::ledger::LedgerKey;
 use crate::registry::Registry;
-use crate::store::{LedgerFilter, Store};
+use crate::store::{LedgerFilter, Store, now_ms};
 
 /// How often the driver looks at the active drill.
 const TICK: Duration = Duration::from_millis(200);
@@ -37,12 +37,6 @@ pub enum DrillError {
     Store(String),
     #[error("central cannot take the backup: {0}")]
     Backup(String),
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Starts the drill `req` asks for. The record is durable before the cut takes effect; a restore
@@ -300,21 +294,27 @@ pub async fn run_driver(store: Store, registry: Arc<Registry>, mut stop: watch::
             persist = true;
         }
         if snapshot.recovery_over(now) {
-            let found = match findings(&store, &snapshot) {
-                Ok(f) => f,
-                Err(e) => {
+            // The read-back scans central's records since the start: off the async runtime.
+            let (st, snap) = (store.clone(), snapshot.clone());
+            let found = match tokio::task::spawn_blocking(move || findings(&st, &snap)).await {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => {
                     tracing::error!(drill = snapshot.id, error = %e, "cannot check the drill's records; retrying");
                     continue;
                 }
+                Err(e) => {
+                    tracing::error!(drill = snapshot.id, error = %e, "the drill's check failed; retrying");
+                    continue;
+                }
             };
-            let Some(done) = drills.with_active(|d| {
-                d.phase = Phase::Completed;
-                d.ended_ms = Some(now);
-                d.report = Some(report(d, Some(&found), now));
-                d.clone()
-            }) else {
+            // Completed in memory only once the report is stored: a failed write leaves the drill
+            // recovering, and the next tick computes and stores it again.
+            let Some(mut done) = drills.active().filter(|d| d.id == snapshot.id) else {
                 continue;
             };
+            done.phase = Phase::Completed;
+            done.ended_ms = Some(now);
+            done.report = Some(report(&done, Some(&found), now));
             match store.put_drill(done.clone()).await {
                 Ok(()) => {
                     let r = done.report.as_ref();
@@ -327,7 +327,6 @@ pub async fn run_driver(store: Store, registry: Arc<Registry>, mut stop: watch::
                     );
                     drills.finish(done.id);
                 }
-                // Kept active: the next tick computes and stores it again.
                 Err(e) => {
                     tracing::error!(drill = done.id, error = %e, "cannot store the drill report; retrying")
                 }

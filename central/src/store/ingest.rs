@@ -132,7 +132,18 @@ pub(super) fn apply_ingest(
                     event_id = %env.event_id,
                     "allowance return ingested"
                 );
-                apply_return(txn, site, env.seq, &r, &mut touched)?;
+                // A return the site made to the incarnation of central it talked to before a
+                // restore gave back allowance this incarnation zeroed at the session's start:
+                // the site holds this incarnation's grants in full, so nothing shrinks.
+                if env.seq <= ctx.old_grants_through {
+                    tracing::info!(
+                        site,
+                        seq = env.seq,
+                        "allowance return to the previous incarnation of central ignored"
+                    );
+                } else {
+                    apply_return(txn, site, env.seq, &r, &mut touched)?;
+                }
             }
             Ok(EventBody::Order(o)) => {
                 match ingest_order(txn, site, env, &o, &ctx, &mut touched)? {
