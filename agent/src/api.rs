@@ -813,6 +813,13 @@ struct Health {
     stale_secs: Option<u64>,
     /// What the API boundary refused (401, 403, 429, connections) since the agent started.
     api: serde_json::Value,
+    /// Sync protocol version of the latest session with central (`None` before the first).
+    protocol_version: Option<u16>,
+    /// `trusted`, or `untrusted` with the reason: the agent does not connect to central (nor
+    /// renew its certificate) while the wall clock is before a sane date.
+    clock: serde_json::Value,
+    /// The site certificate's expiry and its renewals over the sync connection.
+    certificate: serde_json::Value,
 }
 
 async fn health(
@@ -830,6 +837,21 @@ async fn health(
         central_incarnation: m.central_incarnation,
         stale_secs: s.link.stale_secs(now_ms()),
         api: counters.json(),
+        protocol_version: s.link.protocol_version(),
+        clock: match s.link.clock_untrusted() {
+            None => json!({ "trusted": true }),
+            Some(reason) => json!({ "trusted": false, "reason": reason }),
+        },
+        certificate: {
+            let c = s.link.certificate();
+            json!({
+                "not_after": c.not_after.map(|t| rfc3339_millis(t.saturating_mul(1000))),
+                "expires_in_days": c.not_after.map(|t| (t - now_ms() / 1000).div_euclid(86_400)),
+                "renewals": c.renewals,
+                "renewed_at": c.renewed_at_ms.map(rfc3339_millis),
+                "last_renewal_error": c.last_error,
+            })
+        },
     }))
 }
 

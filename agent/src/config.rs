@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use outpost_protocol::MAX_EVENTS_PER_BATCH;
+use outpost_protocol::config_reference::{self, EnvNaming};
 use outpost_protocol::identity;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{
@@ -105,12 +107,27 @@ pub const DEFAULT_HEARTBEAT_SECS: u64 = 5;
 /// memory and disk figures), at least one an hour.
 pub const HEARTBEAT_RANGE_SECS: std::ops::RangeInclusive<u64> = 1..=3_600;
 
-/// The config file as written (`[api]`, `[sync]`). Every field has a default so that all missing
-/// keys are reported together by `validate` rather than one at a time by the deserializer.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+// The doc comments of this struct, the section structs and their fields are the configuration
+// reference (`outpost-agent config-reference`, deploy/CONFIG.md): each says what the key means,
+// in which unit, and what `validate` accepts; fixed bounds go in `#[schemars(range(...))]` with
+// the constants `validate` uses (the tests probe one past each). See `reference_markdown`.
+
+// Every field has a default so that all missing keys are reported together by `validate` rather
+// than one at a time by the deserializer.
+
+/// The top level of the file. `check-config` reports every missing or invalid key at once;
+/// relative paths are resolved against the config file's directory.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
+    /// This site's id: lower-case letters, digits and `-`, not starting with `-`, at most 42
+    /// characters (order ids are `{site}-o{seq}` and must fit 64). Must be the site named in
+    /// `sync.cert`: central takes the site from the certificate.
+    #[schemars(extend("x-required" = true), example = "plant-1")]
     pub site_id: String,
+    /// Directory of the agent's store (`agent.redb`) and `ready.json`; created at start if
+    /// missing, refused if it is an existing file.
+    #[schemars(extend("x-required" = true), example = "/var/lib/outpost-agent")]
     pub data_dir: PathBuf,
     pub api: ApiConfig,
     pub sync: SyncConfig,
@@ -121,11 +138,18 @@ pub struct AgentConfig {
 }
 
 /// `[outbox]`: how long acknowledged events are kept so that a central restored from a backup
-/// can take them again. A row is kept while both bounds allow it; 0 in either keeps none.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// can take them again. An event is kept while both bounds allow it; 0 in either keeps none.
+/// Retained events do not count in `outbox_depth`, the heartbeat or the outbox limit;
+/// `outpost_agent_outbox_retained_events` shows them.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
+    /// How long an event acknowledged by central stays in the outbox, counted from when it was
+    /// stored; 0 keeps none.
+    #[schemars(range(min = 0, max = MAX_RETAIN_ACKED_SECS))]
     pub retain_acked_secs: u64,
+    /// Most acknowledged events kept (the newest); 0 keeps none.
+    #[schemars(range(min = 0, max = MAX_RETAIN_ACKED_EVENTS))]
     pub retain_acked_max_events: u64,
 }
 
@@ -139,15 +163,19 @@ impl Default for OutboxConfig {
 }
 
 /// `[log]`: how log lines are written to stderr (the filter comes from `RUST_LOG`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// `text` for people; `json` for log shippers: one object per line, event fields at the top
+    /// level, span fields under `span`/`spans`; `--log-json` forces JSON. A request's span
+    /// carries its `trace_id`; the outbox write and the upload of each event are logged with it
+    /// at debug (`RUST_LOG=info,outpost_agent=debug`).
     pub format: LogFormat,
 }
 
 /// `[log] format`: `text` for people, `json` (one object per line, span fields such as
 /// `trace_id` included) for log shippers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -156,9 +184,12 @@ pub enum LogFormat {
 }
 
 /// `[health]`: how often the agent reports its health signals to central.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
+    /// Time between two heartbeats (CPU, memory, disk, outbox, master revision, API counts) on
+    /// a live session, the first right after central's Welcome.
+    #[schemars(range(min = *HEARTBEAT_RANGE_SECS.start(), max = *HEARTBEAT_RANGE_SECS.end()))]
     pub heartbeat_secs: u64,
 }
 
@@ -171,9 +202,16 @@ impl Default for HealthConfig {
 }
 
 /// `[allowance]`: how the agent asks central for more allowance while an order waits.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AllowanceConfig {
+    /// Longest an order waits for central to grant more allowance (and for the granted
+    /// revision) before its lines are captured as pending; short, so that the site keeps
+    /// working at local speed.
+    #[schemars(range(
+        min = *REQUEST_DEADLINE_RANGE_MS.start(),
+        max = *REQUEST_DEADLINE_RANGE_MS.end()
+    ))]
     pub request_deadline_ms: u64,
 }
 
@@ -185,18 +223,42 @@ impl Default for AllowanceConfig {
     }
 }
 
-#[derive(Clone, Serialize, Deserialize)]
+/// `[api]`: the local HTTP API that the site's own systems (scanners, order entry, readers)
+/// call, and its limits. Refusals are counted under `api` in `GET /v1/health`.
+#[derive(Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
+    /// Address the local API listens on, `ip:port`; port 0 picks an ephemeral port (the real
+    /// one is in `ready.json`).
+    #[schemars(extend("x-required" = true), example = "0.0.0.0:8080")]
     pub listen: String,
-    /// `[[api.tokens]]` tables, one per client system. TOML only: an array of tables cannot be
-    /// written as an `OUTPOST_*` variable.
+    /// The API's clients, one `[[api.tokens]]` table each, at least one and at most 256. File
+    /// only: an array of tables cannot be written as an `OUTPOST_*` variable, and
+    /// `OUTPOST_API__TOKENS` is refused; so is the old plain-text `tokens = ["..."]` form.
     #[serde(deserialize_with = "lenient_tokens")]
+    #[schemars(with = "Vec<TokenConfig>", extend("x-required" = true))]
     pub tokens: Vec<TokenEntry>,
+    /// Largest request body; a larger one gets 413 `body_too_large`.
+    #[schemars(range(min = MIN_MAX_BODY_BYTES, max = MAX_MAX_BODY_BYTES))]
     pub max_body_bytes: u64,
+    /// Sustained rate of each client's token bucket (a client's `rate_per_sec` overrides it);
+    /// over it a request gets 429 `rate_limited` with `Retry-After`.
+    #[schemars(extend("x-unit" = "requests/s"), range(min = 1, max = MAX_RATE_LIMIT))]
     pub rate_limit_per_sec: u64,
+    /// Burst of each client's token bucket: requests a client may send at once before its
+    /// sustained rate applies.
+    #[schemars(extend("x-unit" = "requests"), range(min = 1, max = MAX_RATE_LIMIT))]
     pub rate_limit_burst: u64,
+    /// A client must send a request's headers within this (against slow-loris clients); also
+    /// how long an idle keep-alive connection is kept.
+    #[schemars(range(
+        min = *HEADER_READ_TIMEOUT_RANGE_MS.start(),
+        max = *HEADER_READ_TIMEOUT_RANGE_MS.end()
+    ))]
     pub header_read_timeout_ms: u64,
+    /// Connections served at once; past it a new connection is closed at once, counted and
+    /// warned about (at most one log line per 10 s).
+    #[schemars(extend("x-unit" = "connections"), range(min = 1, max = MAX_MAX_CONNECTIONS))]
     pub max_connections: u64,
 }
 
@@ -265,18 +327,36 @@ fn lenient_tokens<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<TokenEnt
     })
 }
 
-/// `[[api.tokens]]`: one client system allowed to call the local API.
-#[derive(Clone, Default, Serialize, Deserialize)]
+/// `[[api.tokens]]`: one client system allowed to call the local API, by name, role and the
+/// SHA-256 of its bearer token; the agent keeps no token. `outpost-agent hash-token --generate
+/// [--name N --role R]` makes a new token and prints its table; `echo -n TOKEN | outpost-agent
+/// hash-token` hashes an existing one.
+#[derive(Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
-    /// What logs show for this client (never the token).
+    /// What logs show for this client (never the token): 1..=64 characters of `A-Z a-z 0-9 .
+    /// _ -`, unique among the clients.
+    #[schemars(example = &"scanners")]
     pub name: String,
-    /// `reader`, `scanner`, `order-entry` or `admin`.
+    /// What the client may do: `reader` every `GET`; `scanner` also posts shipment milestones;
+    /// `order-entry` also creates orders; `admin` everything. A route the role does not allow
+    /// gets 403 `forbidden` before the body is read.
+    #[schemars(extend("enum" = Role::ALL.map(Role::as_str)), example = &"scanner")]
     pub role: String,
-    /// SHA-256 of the bearer token, 64 lower-case hex characters (`outpost-agent hash-token`).
+    /// SHA-256 of the client's bearer token, 64 lower-case hex characters (`outpost-agent
+    /// hash-token`); each client needs its own token. Never shown in logs or `Debug` output.
+    #[schemars(
+        extend("x-secret" = true),
+        example = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    )]
     pub sha256: String,
-    /// Overrides `api.rate_limit_per_sec` for this client.
+    /// This client's own sustained rate, in place of `api.rate_limit_per_sec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        extend("x-unit" = "requests/s"),
+        range(min = 1, max = MAX_RATE_LIMIT),
+        example = 50
+    )]
     pub rate_per_sec: Option<u64>,
 }
 
@@ -368,26 +448,89 @@ const TOKEN_KEYS: &[&str] = &["name", "role", "sha256", "rate_per_sec"];
 const PLAIN_TOKEN_MESSAGE: &str = "plain-text tokens are no longer accepted: hash each token with \
     `outpost-agent hash-token` and list it as an [[api.tokens]] table with name, role and sha256";
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `[sync]`: the QUIC link to central with mutual TLS: where central is, this site's
+/// certificate, and the link's timers, batches and windows.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
+    /// Central's QUIC address: `ip:port` or `host:port` with a non-zero port; a host name is
+    /// resolved at each connection attempt.
+    #[schemars(extend("x-required" = true), example = "central.example.net:7601")]
     pub central_addr: String,
+    /// The name central's certificate must carry (a DNS name or an IP address).
+    #[schemars(extend("x-required" = true), example = "central.example.net")]
     pub central_name: String,
+    /// The fleet CA certificate (PEM) that central's certificate must chain to.
+    #[schemars(extend("x-required" = true), example = "/etc/outpost/ca.pem")]
     pub ca_cert: PathBuf,
+    /// This site's certificate (PEM), issued by the fleet CA (`outpost-central certs site`); it
+    /// must name this `site_id`.
+    #[schemars(extend("x-required" = true), example = "/etc/outpost/plant-1.pem")]
     pub cert: PathBuf,
+    /// The private key of `sync.cert` (PEM; keep it readable by the agent only).
+    #[schemars(extend("x-required" = true), example = "/etc/outpost/plant-1.key")]
     pub key: PathBuf,
+    /// Limit on resolving central's address, on one connection attempt and on the hello
+    /// exchange. Once a session has measured the link's RTT, later attempts get 10 RTTs (at
+    /// least 1 s, at most this), so a link that comes back is used within about a second.
+    #[schemars(range(min = *TIMEOUT_RANGE_MS.start(), max = *TIMEOUT_RANGE_MS.end()))]
     pub connect_timeout_ms: u64,
+    /// QUIC keep-alive interval; must be below `sync.idle_timeout_ms`. An outage is noticed
+    /// within keep-alive + idle timeout (a keep-alive sent after central's last packet restarts
+    /// QUIC's idle timer): 2.5 s with the defaults; raise both on links with long loss bursts.
+    #[schemars(range(min = *TIMEOUT_RANGE_MS.start(), max = *TIMEOUT_RANGE_MS.end()))]
     pub keep_alive_ms: u64,
+    /// QUIC idle timeout: with no packet from central for this long the connection is closed
+    /// and the agent reconnects.
+    #[schemars(range(min = *TIMEOUT_RANGE_MS.start(), max = *TIMEOUT_RANGE_MS.end()))]
     pub idle_timeout_ms: u64,
+    /// First reconnect delay; the cap doubles with each failed attempt up to
+    /// `sync.backoff_max_ms`, and each delay is drawn uniformly below its cap (full jitter).
+    #[schemars(range(min = 1, max = MAX_BACKOFF_MS))]
     pub backoff_initial_ms: u64,
+    /// Cap on the reconnect delay (before jitter); at least `sync.backoff_initial_ms`.
+    #[schemars(range(min = 1, max = MAX_BACKOFF_MS))]
     pub backoff_max_ms: u64,
+    /// Most events per `Events` frame uploaded to central.
+    #[schemars(range(min = 1, max = DEFAULT_BATCH_MAX_EVENTS))]
     pub batch_max_events: u64,
+    /// Most events in flight (sent, not yet acknowledged by central); at least
+    /// `sync.batch_max_events`.
+    #[schemars(range(min = 1, max = MAX_WINDOW_EVENTS))]
     pub window_events: u64,
-    /// QUIC send window of the connection (bytes).
+    /// QUIC send window of the connection (the upload). Size it to the link's bandwidth × RTT:
+    /// 8 MiB fills 100 Mbit/s at 640 ms; central's `quic.stream_receive_window_bytes` bounds
+    /// the upload the same way.
+    #[schemars(range(min = *WINDOW_BYTES_RANGE.start(), max = *WINDOW_BYTES_RANGE.end()))]
     pub send_window_bytes: u64,
-    /// QUIC receive window of the stream and the connection (bytes): master data downlink.
+    /// QUIC receive window of the stream and of the connection (master data from central);
+    /// sized like `sync.send_window_bytes`.
+    #[schemars(range(min = *WINDOW_BYTES_RANGE.start(), max = *WINDOW_BYTES_RANGE.end()))]
     pub receive_window_bytes: u64,
+    /// Newest sync protocol version the agent offers central (ALPN). This build speaks its own
+    /// version and the one before and settles on the newest one central also speaks, so leave
+    /// it at the default; lower it only to hold a site on the previous version.
+    #[schemars(
+        extend("x-unit" = "version"),
+        range(
+            min = outpost_protocol::MIN_PROTOCOL_VERSION,
+            max = outpost_protocol::PROTOCOL_VERSION
+        )
+    )]
+    pub protocol_version_max: u16,
+    /// Renew the site certificate over the sync connection once it expires within this many
+    /// days: the agent makes a new key, sends central a signing request (the key never leaves
+    /// the site) and installs the new certificate without a restart. 0 turns renewal off.
+    /// Needs central's `[renewal] ca_dir` and protocol 4.
+    #[schemars(extend("x-unit" = "days"), range(min = 0, max = MAX_RENEW_BEFORE_DAYS))]
+    pub renew_before_days: u64,
 }
+
+/// Default of `sync.renew_before_days`: a month before expiry leaves weeks for retries and
+/// for an operator to notice a site that cannot renew.
+pub const DEFAULT_RENEW_BEFORE_DAYS: u64 = 30;
+/// Most days before expiry a renewal may start: ten years.
+pub const MAX_RENEW_BEFORE_DAYS: u64 = 3_650;
 
 impl Default for SyncConfig {
     fn default() -> Self {
@@ -406,6 +549,8 @@ impl Default for SyncConfig {
             window_events: DEFAULT_WINDOW_EVENTS,
             send_window_bytes: DEFAULT_WINDOW_BYTES,
             receive_window_bytes: DEFAULT_WINDOW_BYTES,
+            protocol_version_max: outpost_protocol::PROTOCOL_VERSION,
+            renew_before_days: DEFAULT_RENEW_BEFORE_DAYS,
         }
     }
 }
@@ -467,6 +612,9 @@ pub struct SyncSettings {
     pub window_events: u64,
     pub send_window_bytes: u64,
     pub receive_window_bytes: u64,
+    pub protocol_version_max: u16,
+    /// `Duration::ZERO`: no renewal.
+    pub renew_before: Duration,
 }
 
 impl Settings {
@@ -579,7 +727,32 @@ const SYNC_KEYS: &[&str] = &[
     "window_events",
     "send_window_bytes",
     "receive_window_bytes",
+    "protocol_version_max",
+    "renew_before_days",
 ];
+
+/// How `load` names environment overrides: `OUTPOST_SYNC__CONNECT_TIMEOUT_MS`.
+pub const ENV_NAMING: EnvNaming<'static> = EnvNaming {
+    prefix: ENV_PREFIX,
+    separator: ENV_SEPARATOR,
+};
+
+/// The configuration reference of the agent's config file, as Markdown, generated from
+/// `AgentConfig`'s doc comments, defaults and ranges: `outpost-agent config-reference` prints
+/// it, and deploy/CONFIG.md holds it (tests/tests/config_reference.rs keeps the two equal).
+pub fn reference_markdown() -> String {
+    let schema = schemars::schema_for!(AgentConfig);
+    config_reference::render(
+        "outpost-agent: `<site>.toml`",
+        "The site agent's config, one file per site, given as `outpost-agent run --config FILE`; \
+         `outpost-agent check-config --config FILE` names every problem by its key. Any key but \
+         an array can be overridden by the environment variable shown (`OUTPOST_`, then the \
+         key's path in upper case with `__` between a section and its key); an unknown \
+         `OUTPOST_*` variable is refused as an unknown key.",
+        schema.as_value(),
+        ENV_NAMING,
+    )
+}
 
 /// Loads `path`, applies the process environment's `OUTPOST_*` overrides, resolves relative paths
 /// against the config file's directory and validates everything.
@@ -850,6 +1023,28 @@ impl AgentConfig {
                 format!("must be sync.backoff_initial_ms..={MAX_BACKOFF_MS}"),
             );
         }
+        let (lo, hi) = (
+            outpost_protocol::MIN_PROTOCOL_VERSION,
+            outpost_protocol::PROTOCOL_VERSION,
+        );
+        if !(lo..=hi).contains(&s.protocol_version_max) {
+            p.add(
+                "sync.protocol_version_max",
+                format!(
+                    "must be {lo}..={hi} (the versions this build speaks), got {}",
+                    s.protocol_version_max
+                ),
+            );
+        }
+        if s.renew_before_days > MAX_RENEW_BEFORE_DAYS {
+            p.add(
+                "sync.renew_before_days",
+                format!(
+                    "must be 0..={MAX_RENEW_BEFORE_DAYS}, got {}",
+                    s.renew_before_days
+                ),
+            );
+        }
         for (key, v) in [
             ("sync.send_window_bytes", s.send_window_bytes),
             ("sync.receive_window_bytes", s.receive_window_bytes),
@@ -952,6 +1147,10 @@ impl AgentConfig {
                     window_events: s.window_events,
                     send_window_bytes: s.send_window_bytes,
                     receive_window_bytes: s.receive_window_bytes,
+                    protocol_version_max: s.protocol_version_max,
+                    renew_before: Duration::from_secs(
+                        s.renew_before_days.min(MAX_RENEW_BEFORE_DAYS) * 86_400,
+                    ),
                 },
                 allowance: AllowanceSettings {
                     request_deadline: Duration::from_millis(deadline_ms),
@@ -1751,6 +1950,201 @@ receive_window_bytes = 1000000000
             all.contains("sync.cert: the certificate is for site \"plant-2\""),
             "{all}"
         );
+    }
+
+    /// The agent's config schema, as the reference is rendered from it.
+    fn schema() -> serde_json::Value {
+        schemars::schema_for!(AgentConfig).to_value()
+    }
+
+    /// An environment variable's text for a documented value (strings unquoted).
+    fn env_text(v: &serde_json::Value) -> String {
+        match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Writes a config document (the file's shape as JSON) as a TOML file.
+    fn write_toml(path: &Path, doc: &serde_json::Value) {
+        std::fs::write(path, toml::to_string(doc).unwrap()).unwrap();
+    }
+
+    /// Removes the key at `path` from a config document (`tokens[i]` meaning every element).
+    fn remove_key(doc: &mut serde_json::Value, path: &[String]) {
+        let Some((first, rest)) = path.split_first() else {
+            return;
+        };
+        match first.strip_suffix("[i]") {
+            Some(array) => {
+                if let Some(items) = doc.get_mut(array).and_then(|a| a.as_array_mut()) {
+                    for item in items {
+                        remove_key(item, rest);
+                    }
+                }
+            }
+            None if rest.is_empty() => {
+                if let Some(obj) = doc.as_object_mut() {
+                    obj.remove(first);
+                }
+            }
+            None => {
+                if let Some(next) = doc.get_mut(first) {
+                    remove_key(next, rest);
+                }
+            }
+        }
+    }
+
+    /// Points a config document's data directory and certificate files at `dir`'s (the
+    /// documented examples name a production layout).
+    fn use_test_files(doc: &mut serde_json::Value, dir: &Path) {
+        let s = |p: PathBuf| serde_json::Value::String(p.display().to_string());
+        doc["data_dir"] = s(dir.join("data"));
+        doc["sync"]["ca_cert"] = s(dir.join("certs/ca.pem"));
+        doc["sync"]["cert"] = s(dir.join("certs/plant-1.pem"));
+        doc["sync"]["key"] = s(dir.join("certs/plant-1.key"));
+    }
+
+    /// Goal: the reference describes every key fully: a meaning, a unit for every number that
+    /// agrees with the key's suffix, an example for every required key.
+    #[test]
+    fn reference_describes_every_key() {
+        let problems = config_reference::check(&schema());
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+        let md = reference_markdown();
+        for key in [
+            "`sync.connect_timeout_ms` | `3000` (3 s) | ms | 50..=600000 | `OUTPOST_SYNC__CONNECT_TIMEOUT_MS`",
+            "`site_id` | required, e.g. `\"plant-1\"`",
+            "`api.tokens[i].sha256` | required, secret |",
+            "`api.tokens` | required | — |  | file only |",
+        ] {
+            assert!(md.contains(key), "{key} missing from:\n{md}");
+        }
+    }
+
+    /// Goal: every documented default loads and validates, writing it out means the same as
+    /// leaving the key out, and every environment variable the reference names sets its key.
+    /// Method: a file setting every key to its documented default (required keys to their
+    /// example); a file with only the required keys; and a file with only the file-only keys
+    /// (the client tables) plus every other key as its `OUTPOST_*` variable. All three must load
+    /// to the same settings.
+    #[test]
+    fn every_documented_default_and_variable_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        pki.write_site_files(&dir.path().join("certs"), "plant-1");
+        let schema = schema();
+
+        let mut full = config_reference::example_document(&schema, false);
+        use_test_files(&mut full, dir.path());
+        let full_path = dir.path().join("full.toml");
+        write_toml(&full_path, &full);
+        let from_full = load_with_env(&full_path, BTreeMap::new())
+            .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&full_path).unwrap()));
+
+        let mut required = config_reference::example_document(&schema, true);
+        use_test_files(&mut required, dir.path());
+        let required_path = dir.path().join("required.toml");
+        write_toml(&required_path, &required);
+        let from_required = load_with_env(&required_path, BTreeMap::new()).unwrap();
+        // Keys without a default (a client's `rate_per_sec`) were set to their example: only the
+        // defaults are compared.
+        let mut defaults = full.clone();
+        for key in config_reference::tables(&schema)
+            .iter()
+            .flat_map(|t| &t.keys)
+            .filter(|k| !k.required && k.default.as_ref().is_none_or(|d| d.is_null()))
+        {
+            remove_key(&mut defaults, &key.path);
+        }
+        let defaults_path = dir.path().join("defaults.toml");
+        write_toml(&defaults_path, &defaults);
+        let from_defaults = load_with_env(&defaults_path, BTreeMap::new()).unwrap();
+        assert_eq!(format!("{from_defaults:?}"), format!("{from_required:?}"));
+        assert_eq!(from_defaults.log_format, from_required.log_format);
+
+        let mut env = BTreeMap::new();
+        let mut file_only = serde_json::Map::new();
+        for table in config_reference::tables(&schema) {
+            for key in table.keys.iter().filter(|k| !k.removed) {
+                let path: Vec<&str> = key.path.iter().map(String::as_str).collect();
+                let value = full.pointer(&format!("/{}", path.join("/")));
+                match (key.env_settable, value) {
+                    (true, Some(v)) => {
+                        env.insert(ENV_NAMING.var(&path), env_text(v));
+                    }
+                    (false, Some(v)) if path.len() == 2 => {
+                        let section = file_only
+                            .entry(path[0])
+                            .or_insert_with(|| serde_json::json!({}));
+                        section[path[1]] = v.clone();
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(
+            env.contains_key("OUTPOST_SYNC__CONNECT_TIMEOUT_MS"),
+            "{env:?}"
+        );
+        let env_path = dir.path().join("env.toml");
+        write_toml(&env_path, &serde_json::Value::Object(file_only));
+        let from_env = load_with_env(&env_path, env).unwrap();
+        assert_eq!(format!("{from_full:?}"), format!("{from_env:?}"));
+        assert_eq!(from_full.log_format, from_env.log_format);
+    }
+
+    /// Goal: the ranges the reference shows are the ones `validate` enforces. Method: for every
+    /// key with a documented bound, set it one past the bound through its `OUTPOST_*` variable
+    /// over a valid file, and check that the problem names the key.
+    #[test]
+    fn documented_ranges_are_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let path = write_config(dir.path(), &pki, "plant-1", "");
+        let mut probed = 0;
+        for table in config_reference::tables(&schema()) {
+            for key in table.keys.iter().filter(|k| k.env_settable && !k.removed) {
+                let path_parts: Vec<&str> = key.path.iter().map(String::as_str).collect();
+                let var = ENV_NAMING.var(&path_parts);
+                for outside in outside_values(key) {
+                    let env: BTreeMap<String, String> = [(var.clone(), outside.clone())].into();
+                    let all = match load_with_env(&path, env) {
+                        Ok(_) => String::new(),
+                        Err(e) => e.problems().join("\n"),
+                    };
+                    let dotted = key.dotted();
+                    assert!(
+                        all.lines().any(|l| l.starts_with(&format!("{dotted}:"))),
+                        "{var}={outside} (outside the documented range) is not refused by \
+                         {dotted}:\n{all}"
+                    );
+                    probed += 1;
+                }
+            }
+        }
+        assert!(probed >= 20, "only {probed} bounds probed");
+    }
+
+    /// One value below the documented minimum (unless the type cannot hold it) and one above the
+    /// documented maximum, as environment variable text.
+    fn outside_values(key: &config_reference::Key) -> Vec<String> {
+        let unsigned = key.format.as_deref().is_some_and(|f| f.starts_with("uint"));
+        let mut out = Vec::new();
+        for (bound, step) in [(&key.minimum, -1i64), (&key.maximum, 1)] {
+            let Some(b) = bound else { continue };
+            if b.is_f64() {
+                out.push((b.as_f64().unwrap() + step as f64).to_string());
+            } else if let Some(n) = b.as_i64() {
+                if !(unsigned && n == 0 && step < 0) {
+                    out.push((i128::from(n) + i128::from(step)).to_string());
+                }
+            } else if let Some(n) = b.as_u64() {
+                out.push((u128::from(n) + 1).to_string());
+            }
+        }
+        out
     }
 
     #[test]

@@ -110,6 +110,61 @@ impl HealthProbe {
     }
 }
 
+/// Where this site's own certificate stands, as the agent can tell by itself. Central refuses an
+/// expired (or not yet valid) client certificate at every connection attempt, which from here
+/// looks like any failed handshake; only a new enrolment cures it, so it is said plainly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertificateState {
+    Valid,
+    Expired,
+    NotYetValid,
+}
+
+/// The validity period of a DER certificate, in seconds since the Unix epoch.
+pub fn certificate_validity(der: &[u8]) -> Result<(i64, i64), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// Pure: the state of a certificate valid from `not_before` to `not_after` at `now` (seconds).
+pub fn certificate_state(not_before: i64, not_after: i64, now: i64) -> CertificateState {
+    if now > not_after {
+        CertificateState::Expired
+    } else if now < not_before {
+        CertificateState::NotYetValid
+    } else {
+        CertificateState::Valid
+    }
+}
+
+/// Reads this site's certificate (`sync.cert`) and logs an error naming the dates and the cure
+/// when it has expired or is not yet valid. `None` when it cannot be read (check-config says why).
+pub fn check_own_certificate(cert: &Path, site: &str) -> Option<CertificateState> {
+    let chain = crate::tls::read_certs(cert).ok()?;
+    let (not_before, not_after) = certificate_validity(chain.first()?.as_ref()).ok()?;
+    let state = certificate_state(not_before, not_after, now_ms() / 1000);
+    let at = |secs: i64| crate::store::rfc3339_millis(secs.saturating_mul(1000));
+    match state {
+        CertificateState::Valid => {}
+        CertificateState::Expired => tracing::error!(
+            cert = %cert.display(),
+            not_after = %at(not_after),
+            "this site's certificate has EXPIRED: central refuses every connection until the \
+             site is enrolled again (`outpost-central sites add {site} --force ...`, then \
+             `outpost-agent enroll BUNDLE --force` here); orders and milestones are still taken \
+             into the outbox and are delivered once it connects"
+        ),
+        CertificateState::NotYetValid => tracing::error!(
+            cert = %cert.display(),
+            not_before = %at(not_before),
+            "this site's certificate is NOT YET VALID by this machine's clock: central may refuse \
+             the connection; check the clock"
+        ),
+    }
+    Some(state)
+}
+
 /// Free and total bytes of the filesystem holding `path`: the mount point that is the longest
 /// prefix of it.
 fn store_disk(disks: &Disks, path: &Path) -> Option<(u64, u64)> {
@@ -132,6 +187,14 @@ mod tests {
 
     /// Goal: a heartbeat fills every figure this host can give: the store's file and disk, the
     /// outbox with its oldest event, the API counters, and the process's own memory.
+    #[test]
+    fn certificate_states() {
+        assert_eq!(certificate_state(10, 20, 15), CertificateState::Valid);
+        assert_eq!(certificate_state(10, 20, 20), CertificateState::Valid);
+        assert_eq!(certificate_state(10, 20, 21), CertificateState::Expired);
+        assert_eq!(certificate_state(10, 20, 9), CertificateState::NotYetValid);
+    }
+
     #[tokio::test]
     async fn a_sample_fills_the_signals() {
         let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod capture;
 pub mod config;
+pub mod enroll;
 pub mod health;
 pub mod metrics;
 pub mod run;

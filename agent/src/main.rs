@@ -8,6 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: the HTTP workers allocate and free small buffers on every
+/// request from both threads, and glibc's arenas cost a fifth of their CPU (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "outpost-agent", version, about = "Outpost site agent")]
 struct Cli {
@@ -26,11 +31,34 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Install a site's enrolment bundle (from `outpost-central sites add`): check it, write the
+    /// CA, certificate and key into the TLS directory, write a new config or update site_id and
+    /// [sync] of the existing one, and validate the result as check-config does. A refusal
+    /// changes nothing.
+    Enroll {
+        /// The bundle file.
+        bundle: PathBuf,
+        /// The agent's config: written if absent, else only site_id and [sync] are updated.
+        #[arg(long, default_value = outpost_agent::enroll::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Where ca.pem, site.pem and site.key go (default: `agent` next to the config file).
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+        /// The data directory written into a new config (ignored when the config exists).
+        #[arg(long, default_value = outpost_agent::enroll::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Enrol even if the config or the store belongs to another site.
+        #[arg(long)]
+        force: bool,
+    },
     /// Load and validate a config file; print "config OK" or every problem; exit 0 or 1.
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print the configuration reference (Markdown): every key of the config file with its
+    /// default, unit, allowed values, environment variable and meaning.
+    ConfigReference,
     /// Print the SHA-256 of a bearer token read from standard input (for `[[api.tokens]] sha256`),
     /// or with --generate make a new random token and print it with a ready `[[api.tokens]]` table.
     HashToken {
@@ -128,6 +156,47 @@ fn init_tracing(json: bool) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Enroll {
+            bundle,
+            config,
+            tls_dir,
+            data_dir,
+            force,
+        } => {
+            use outpost_agent::enroll::{self, EnrollOptions};
+            let opts = EnrollOptions {
+                bundle,
+                config,
+                tls_dir,
+                data_dir,
+                force,
+            };
+            match enroll::enroll(&opts) {
+                Ok(done) => {
+                    print!("{}", enroll::report(&done));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    let tail = if e.changed_nothing() {
+                        "nothing was changed"
+                    } else {
+                        "enrolment is incomplete: fix the cause and run it again"
+                    };
+                    eprintln!("error: enrolment refused: {e}\n({tail})");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::ConfigReference => {
+            let text = outpost_agent::config::reference_markdown();
+            match std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cannot write the reference: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::HashToken {
             generate,
             name,

@@ -51,6 +51,8 @@ pub enum RunError {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
+    // Said plainly once at start: later, central's refusal looks like any failed handshake.
+    crate::health::check_own_certificate(&settings.sync.cert, &settings.site_id);
     let data_dir = &settings.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|source| RunError::DataDir {
         path: data_dir.clone(),

@@ -6,15 +6,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outpost_protocol::io::{read_frame, write_frame};
 use outpost_protocol::session::Uploader;
 use outpost_protocol::{
-    AgentMsg, CentralMsg, EventEnvelope, FrameError, Heartbeat, Hello, PROTOCOL_VERSION, Refuse,
-    RefuseCode,
+    AgentMsg, CentralMsg, EventEnvelope, FrameError, Heartbeat, Hello, Refuse, RefuseCode,
 };
 use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -25,7 +24,7 @@ use tracing::Instrument;
 use crate::config::SyncSettings;
 use crate::health::HealthProbe;
 use crate::store::{IncarnationChange, ReadError, Store, WriteError, now_ms};
-use crate::tls::{self, TlsError};
+use crate::tls::{self, CertInfo, RenewalRequest, TlsError};
 use crate::topup::{AllowanceAnswer, AllowanceAsk};
 
 /// RTT assumed before the first sample of a connection. quinn's default (333 ms) makes the
@@ -37,6 +36,46 @@ pub const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// An attempt is given this many times the last measured RTT (capped by
 /// `[sync] connect_timeout_ms`): a handshake needs about two round trips.
 pub const ATTEMPT_RTTS: u32 = 10;
+
+/// No wall clock before this is sane (2026-11-01T00:00:00Z): a box without a real-time clock
+/// that boots into 1970 or 2000 is below it. The site certificate's start date raises the floor.
+pub const TIME_FLOOR_UNIX: i64 = 1_793_491_200;
+/// How often the agent looks again at a clock it does not trust.
+pub const CLOCK_RECHECK: Duration = Duration::from_secs(2);
+/// How often a live session checks whether the certificate is due for renewal (the first check
+/// is at the session's start).
+pub const RENEW_CHECK: Duration = Duration::from_secs(3_600);
+
+/// Whether the wall clock can be trusted with certificate dates: `now` (s since the epoch) is
+/// not before `TIME_FLOOR_UNIX` nor before the site certificate's start. `Err` says why not.
+pub fn clock_sane(now_unix: i64, cert: Option<&CertInfo>) -> Result<(), String> {
+    let (floor, what) = match cert {
+        Some(c) if c.not_before > TIME_FLOOR_UNIX => (c.not_before, "the site certificate's start"),
+        _ => (TIME_FLOOR_UNIX, "this build's earliest sane date"),
+    };
+    if now_unix < floor {
+        return Err(format!(
+            "the system clock ({}) is before {what} ({}): waiting for a sane clock (NTP) before \
+             trusting certificate dates; orders and milestones are still taken",
+            crate::store::rfc3339_millis(now_unix.saturating_mul(1000)),
+            crate::store::rfc3339_millis(floor.saturating_mul(1000)),
+        ));
+    }
+    Ok(())
+}
+
+/// Where the site certificate and its renewal stand, for `/v1/health`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CertStatus {
+    /// End of the current certificate's validity (s since the epoch); `None` if unreadable.
+    pub not_after: Option<i64>,
+    /// When the certificate in use was installed by a renewal (ms since the epoch).
+    pub renewed_at_ms: Option<i64>,
+    /// Renewals completed since the agent started.
+    pub renewals: u64,
+    /// Why the last renewal attempt failed, until one succeeds.
+    pub last_error: Option<String>,
+}
 
 /// How long one connection attempt may take: `connect_timeout`, shortened to
 /// `ATTEMPT_RTTS` × the last session's RTT (at least `MIN_ATTEMPT_TIMEOUT`) once one is known,
@@ -150,7 +189,12 @@ fn window(bytes: u64) -> Result<VarInt, TlsError> {
 
 /// The rustls + transport configuration for connections to central.
 pub fn client_config(s: &SyncSettings) -> Result<quinn::ClientConfig, TlsError> {
-    let crypto = tls::quic_client_crypto(tls::client_config(&s.ca_cert, &s.cert, &s.key)?)?;
+    let crypto = tls::quic_client_crypto(tls::client_config(
+        &s.ca_cert,
+        &s.cert,
+        &s.key,
+        s.protocol_version_max,
+    )?)?;
     let mut transport = quinn::TransportConfig::default();
     transport
         .keep_alive_interval(Some(s.keep_alive))
@@ -181,6 +225,11 @@ pub struct LinkState {
     connected: AtomicBool,
     /// Milliseconds since the epoch when central was last heard from; 0: never.
     last_heard_ms: AtomicI64,
+    /// Why the wall clock is not trusted (no connection is attempted meanwhile); `None`: it is.
+    clock_untrusted: Mutex<Option<String>>,
+    certificate: Mutex<CertStatus>,
+    /// Protocol version of the latest session (0: none yet).
+    protocol_version: AtomicU16,
 }
 
 impl LinkState {
@@ -189,7 +238,42 @@ impl LinkState {
         LinkState {
             connected: AtomicBool::new(false),
             last_heard_ms: AtomicI64::new(last_heard_ms.unwrap_or(0).max(0)),
+            clock_untrusted: Mutex::new(None),
+            certificate: Mutex::new(CertStatus::default()),
+            protocol_version: AtomicU16::new(0),
         }
+    }
+
+    /// Protocol version of the latest session, `None` before the first.
+    pub fn protocol_version(&self) -> Option<u16> {
+        let v = self.protocol_version.load(Ordering::Relaxed);
+        (v > 0).then_some(v)
+    }
+
+    /// Why the clock is not trusted, or `None`.
+    pub fn clock_untrusted(&self) -> Option<String> {
+        self.clock_untrusted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_clock_untrusted(&self, why: Option<String>) {
+        *self
+            .clock_untrusted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    pub fn certificate(&self) -> CertStatus {
+        self.certificate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn update_certificate(&self, f: impl FnOnce(&mut CertStatus)) {
+        f(&mut self.certificate.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     pub fn is_connected(&self) -> bool {
@@ -236,6 +320,8 @@ pub struct SyncClient {
     asks_open: bool,
     next_request_id: u64,
     client_config: quinn::ClientConfig,
+    /// The certificate in use (`None` if unreadable: the handshake will say why).
+    cert: Option<CertInfo>,
     endpoint: Option<(bool, quinn::Endpoint)>,
     /// RTT of the last connection that completed its handshake (shortens later attempts).
     last_rtt: Option<Duration>,
@@ -271,6 +357,8 @@ impl SyncClient {
         asks: mpsc::Receiver<AllowanceAsk>,
     ) -> Result<Self, TlsError> {
         let client_config = client_config(&settings)?;
+        let cert = tls::cert_info(&settings.cert).ok();
+        link.update_certificate(|c| c.not_after = cert.as_ref().map(|c| c.not_after));
         Ok(SyncClient {
             settings,
             site,
@@ -280,6 +368,7 @@ impl SyncClient {
             asks_open: true,
             next_request_id: 0,
             client_config,
+            cert,
             endpoint: None,
             last_rtt: None,
             heartbeat: None,
@@ -300,6 +389,26 @@ impl SyncClient {
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            // Certificate dates mean nothing on a clock reset to the past: wait for a sane
+            // clock instead of failing handshakes (and never renew on a wrong clock).
+            match clock_sane(now_ms() / 1000, self.cert.as_ref()) {
+                Ok(()) => {
+                    if self.link.clock_untrusted().is_some() {
+                        tracing::info!("the system clock is sane again; connecting to central");
+                        self.link.set_clock_untrusted(None);
+                    }
+                }
+                Err(why) => {
+                    if self.link.clock_untrusted().is_none() {
+                        tracing::warn!(reason = %why, "not connecting to central");
+                    }
+                    self.link.set_clock_untrusted(Some(why));
+                    if !self.pause(CLOCK_RECHECK, &mut shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
             }
             let mut welcomed = false;
             let span = tracing::info_span!("sync_session", site.id = %self.site, central = %self.settings.central_addr);
@@ -468,9 +577,16 @@ impl SyncClient {
         let (mut send, mut recv) = timeout(limit, conn.open_bi())
             .await
             .map_err(|_| SyncError::Timeout("opening the stream"))??;
+        // The handshake only completes on an ALPN both sides list (`tls::client_config`).
+        let version = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol)
+            .and_then(|p| outpost_protocol::version_of_alpn(&p))
+            .ok_or_else(|| SyncError::Protocol("no Outpost protocol version negotiated".into()))?;
         let marks = self.store.marks()?;
         let hello = AgentMsg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: version,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             site: self.site.clone(),
             master_rev: marks.master_rev,
@@ -497,14 +613,15 @@ impl SyncClient {
             }
             None => return Err(SyncError::Closed),
         };
-        if welcome.protocol_version != PROTOCOL_VERSION {
+        if welcome.protocol_version != version {
             return Err(SyncError::Protocol(format!(
-                "central answered with protocol version {}, this agent speaks {PROTOCOL_VERSION}",
+                "central answered with protocol version {}, the handshake negotiated {version}",
                 welcome.protocol_version
             )));
         }
         *welcomed = true;
         self.link.heard(now_ms());
+        self.link.protocol_version.store(version, Ordering::Relaxed);
 
         // Central's store may have been replaced (restored from a backup) since the last
         // Welcome: it may not know the grants this site holds. Settled before any Master frame of
@@ -583,6 +700,7 @@ impl SyncClient {
             master_rev = marks.master_rev,
             central_rev = welcome.master_rev,
             central_version = %welcome.central_version,
+            protocol_version = version,
             "connected to central"
         );
 
@@ -629,6 +747,12 @@ impl SyncClient {
         // Dropped with the session: the orders waiting on these requests then go on at once.
         let mut pending = PendingAsks::new();
 
+        // Certificate renewal (protocol 4): checked now and every `RENEW_CHECK`; at most one
+        // request in flight, and one per check.
+        let mut renewal: Option<RenewalRequest> = None;
+        let mut renew_check = tokio::time::interval(RENEW_CHECK);
+        renew_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
         let mut buf: Vec<u8> = Vec::new();
         loop {
             // Send everything the window allows, several frames per write.
@@ -665,6 +789,15 @@ impl SyncClient {
             tokio::select! {
                 msg = inbound.recv() => {
                     match msg {
+                        Some(Ok(Some(CentralMsg::Certificate { chain_pem }))) => {
+                            self.install_certificate(renewal.take(), chain_pem).await;
+                        }
+                        Some(Ok(Some(CentralMsg::CertificateRefused { reason }))) => {
+                            if renewal.take().is_some() {
+                                tracing::warn!(%reason, "central refused to renew the certificate; asking again later");
+                                self.link.update_certificate(|c| c.last_error = Some(format!("central refused: {reason}")));
+                            }
+                        }
                         Some(Ok(Some(msg))) => {
                             self.handle_central(msg, &mut up, &ack_tx, &mut pending).await?
                         }
@@ -688,6 +821,90 @@ impl SyncClient {
                     Some(ask) => self.send_ask(ask, &mut send, &mut pending).await?,
                     None => self.asks_open = false,
                 },
+                _ = renew_check.tick(), if version >= 4 && renewal.is_none() => {
+                    if let Some(request) = self.renewal_request().await {
+                        let frame = outpost_protocol::encode(&AgentMsg::RenewCertificate {
+                            csr_der: request.csr_der.clone(),
+                        })?;
+                        write_all(&mut send, &frame).await?;
+                        tracing::info!("asked central to renew the site certificate (new key made here)");
+                        renewal = Some(request);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new key and signing request when the certificate expires within `[sync]
+    /// renew_before_days` (and the clock is sane); `None` when no renewal is due.
+    async fn renewal_request(&self) -> Option<RenewalRequest> {
+        let cert = self.cert.as_ref()?;
+        let before = i64::try_from(self.settings.renew_before.as_secs()).unwrap_or(i64::MAX);
+        let now = now_ms() / 1000;
+        if before == 0 || clock_sane(now, Some(cert)).is_err() || cert.not_after - now > before {
+            return None;
+        }
+        let site = self.site.clone();
+        match tokio::task::spawn_blocking(move || tls::new_renewal_request(&site)).await {
+            Ok(Ok(r)) => Some(r),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot make a certificate signing request");
+                self.link
+                    .update_certificate(|c| c.last_error = Some(e.clone()));
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "certificate signing request task failed");
+                None
+            }
+        }
+    }
+
+    /// Checks and installs a renewed certificate, then uses it for the next connections (this
+    /// one goes on: its TLS session is already established). Failures are logged and kept in
+    /// the health; the old certificate stays in use.
+    async fn install_certificate(&mut self, request: Option<RenewalRequest>, chain_pem: String) {
+        let Some(request) = request else {
+            tracing::warn!("central sent a certificate that was not asked for; ignored");
+            return;
+        };
+        let (ca, cert, key, site) = (
+            self.settings.ca_cert.clone(),
+            self.settings.cert.clone(),
+            self.settings.key.clone(),
+            self.site.clone(),
+        );
+        let installed = tokio::task::spawn_blocking(move || {
+            let info = tls::check_renewed(&ca, &site, &request, &chain_pem, now_ms() / 1000)?;
+            tls::install_renewed(&cert, &key, &chain_pem, &request.key_pem)
+                .map_err(|e| format!("cannot write the renewed certificate: {e}"))?;
+            Ok::<_, String>(info)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("renewal task failed: {e}")));
+        let result = installed.and_then(|info| {
+            let cfg = client_config(&self.settings)
+                .map_err(|e| format!("the renewed certificate cannot be loaded: {e}"))?;
+            Ok((info, cfg))
+        });
+        match result {
+            Ok((info, cfg)) => {
+                self.client_config = cfg;
+                tracing::info!(
+                    not_after = %crate::store::rfc3339_millis(info.not_after.saturating_mul(1000)),
+                    "installed the renewed site certificate; the next connection uses it"
+                );
+                self.link.update_certificate(|c| {
+                    c.not_after = Some(info.not_after);
+                    c.renewed_at_ms = Some(now_ms());
+                    c.renewals += 1;
+                    c.last_error = None;
+                });
+                self.cert = Some(info);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "certificate renewal failed; keeping the current certificate");
+                self.link.update_certificate(|c| c.last_error = Some(e));
             }
         }
     }
@@ -751,6 +968,8 @@ impl SyncClient {
             CentralMsg::Welcome(_) => Err(SyncError::Protocol(
                 "a second Welcome in one session".into(),
             )),
+            // Handled by the session loop, which holds the renewal in flight.
+            CentralMsg::Certificate { .. } | CentralMsg::CertificateRefused { .. } => Ok(()),
         }
     }
 }
@@ -853,6 +1072,8 @@ fn msg_name(m: &CentralMsg) -> &'static str {
         CentralMsg::Ack { .. } => "Ack",
         CentralMsg::Master(_) => "Master",
         CentralMsg::AllowanceReply { .. } => "AllowanceReply",
+        CentralMsg::Certificate { .. } => "Certificate",
+        CentralMsg::CertificateRefused { .. } => "CertificateRefused",
     }
 }
 
@@ -888,7 +1109,7 @@ mod tests {
     use crate::testutil::{Pki, catalogue, grants};
     use crate::topup::TopUp;
     use outpost_protocol::{
-        EventBody, Grant, MasterChange, Milestone, MilestoneKind, Pool, Welcome,
+        EventBody, Grant, MasterChange, Milestone, MilestoneKind, PROTOCOL_VERSION, Pool, Welcome,
     };
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -945,6 +1166,8 @@ mod tests {
             window_events: 8,
             send_window_bytes: 1 << 20,
             receive_window_bytes: 1 << 20,
+            protocol_version_max: PROTOCOL_VERSION,
+            renew_before: Duration::ZERO,
         }
     }
 
@@ -1460,7 +1683,7 @@ mod tests {
         let mut hwm = 0;
         while let Ok(Some(msg)) = read_frame::<AgentMsg, _>(&mut recv).await {
             match msg {
-                AgentMsg::Heartbeat(_) => {}
+                AgentMsg::Heartbeat(_) | AgentMsg::RenewCertificate { .. } => {}
                 AgentMsg::Events(batch) => {
                     let plan =
                         outpost_protocol::session::plan_ingest("plant-1", hwm, &batch).unwrap();
@@ -1645,6 +1868,24 @@ mod tests {
 
     /// Goal: `stale_secs` is 0 while connected, counts from the last time central was heard
     /// from otherwise (never moving back), and is unknown if central was never heard from.
+    #[test]
+    fn a_clock_before_the_floor_or_the_certificate_is_not_trusted() {
+        assert!(clock_sane(TIME_FLOOR_UNIX, None).is_ok());
+        let why = clock_sane(946_684_800, None).unwrap_err(); // 2000-01-01
+        assert!(
+            why.contains("2000-01-01") && why.contains("waiting for a sane clock"),
+            "{why}"
+        );
+        let cert = CertInfo {
+            not_before: TIME_FLOOR_UNIX + 86_400,
+            not_after: TIME_FLOOR_UNIX + 400 * 86_400,
+            site: "plant-1".into(),
+        };
+        let why = clock_sane(TIME_FLOOR_UNIX + 3_600, Some(&cert)).unwrap_err();
+        assert!(why.contains("certificate"), "{why}");
+        assert!(clock_sane(TIME_FLOOR_UNIX + 2 * 86_400, Some(&cert)).is_ok());
+    }
+
     #[test]
     fn stale_secs_counts_from_the_last_frame() {
         let link = LinkState::new(None);

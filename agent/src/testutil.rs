@@ -55,6 +55,21 @@ impl Pki {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// Signs a certificate for the key of a signing request (DER), naming `site`, valid for
+    /// `days` from now: what central does for a renewal.
+    pub fn sign_request(&self, site: &str, csr_der: &[u8], days: i64) -> String {
+        let mut csr =
+            rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into()).unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![SanType::URI(identity::site_uri(site).try_into().unwrap())];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(days);
+        csr.params = p;
+        csr.signed_by(&self.issuer).unwrap().pem()
+    }
+
     /// Writes `ca.pem`, `<site>.pem` and `<site>.key` into `dir`.
     pub fn write_site_files(&self, dir: &Path, site: &str) {
         std::fs::create_dir_all(dir).unwrap();

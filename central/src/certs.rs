@@ -131,7 +131,7 @@ pub fn create_ca(out_dir: &Path, force: bool) -> Result<IssuedFiles, CertError> 
     // A distinct name per CA keeps issuers apart when an old and a new CA are trusted together
     // during a rotation (verifiers look issuers up by name).
     let tag: [u8; 4] = rand::random();
-    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    let tag = outpost_protocol::secret::to_hex(&tag);
     let mut p = base_params(&format!("Outpost fleet CA {tag}"), CA_VALIDITY_DAYS)?;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![
@@ -193,16 +193,50 @@ pub fn issue_site(
     out_dir: &Path,
     force: bool,
 ) -> Result<IssuedFiles, CertError> {
-    validate_site_id(site)?;
+    let issued = issue_site_in_memory(ca_dir, site, LEAF_VALIDITY_DAYS)?;
+    write_pair(out_dir, site, &issued.cert_pem, &issued.key, force)
+}
+
+/// A site certificate and its key, not yet written anywhere, with the validity it was given.
+pub struct IssuedSite {
+    pub cert_pem: String,
+    pub key: KeyPair,
+    pub not_before: time::OffsetDateTime,
+    pub not_after: time::OffsetDateTime,
+}
+
+/// Issues the client certificate of site `site` (URI SAN `urn:outpost:site:<site>`, extended
+/// key usage clientAuth), valid from `BACKDATE_DAYS` ago until `validity_days` from now, and
+/// returns it with its key instead of writing files (`sites add` puts both in a bundle).
+pub fn issue_site_in_memory(
+    ca_dir: &Path,
+    site: &str,
+    validity_days: i64,
+) -> Result<IssuedSite, CertError> {
+    let p = site_params(site, validity_days)?;
     let issuer = load_issuer(ca_dir)?;
-    let mut p = base_params(&format!("outpost site {site}"), LEAF_VALIDITY_DAYS)?;
+    let (not_before, not_after) = (p.not_before, p.not_after);
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    Ok(IssuedSite {
+        cert_pem: cert.pem(),
+        key,
+        not_before,
+        not_after,
+    })
+}
+
+/// What a site certificate says, whoever made its key: the site id as the URI SAN
+/// `urn:outpost:site:<site>` (the only identity central trusts), clientAuth, valid from
+/// `BACKDATE_DAYS` ago for `validity_days`. Used when issuing and when renewing.
+pub fn site_params(site: &str, validity_days: i64) -> Result<CertificateParams, CertError> {
+    validate_site_id(site)?;
+    let mut p = base_params(&format!("outpost site {site}"), validity_days)?;
     p.subject_alt_names = vec![SanType::URI(site_uri(site).try_into()?)];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     p.use_authority_key_identifier_extension = true;
-    let key = KeyPair::generate()?;
-    let cert = p.signed_by(&key, &issuer)?;
-    write_pair(out_dir, site, &cert.pem(), &key, force)
+    Ok(p)
 }
 
 /// Every certificate in a PEM file, in order (leaf first for a chain).

@@ -14,6 +14,7 @@ use crate::run::READY_FILE;
 
 pub mod drill;
 pub mod fleet;
+pub mod sites;
 
 /// Limit on each CLI request: an operator waits this long at most.
 pub const CLI_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

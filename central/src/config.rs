@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use outpost_protocol::config_reference::{self, EnvNaming};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Default request body limit of the central API: a 10,000-item master-data upsert of a few
@@ -77,34 +79,47 @@ pub const MAX_RECLAIM_CHECK_SECS: u64 = 3_600;
 /// Longest configurable silence before a reclaim: a year (beyond that, reclaim by hand).
 pub const MAX_RECLAIM_SILENT_SECS: u64 = 365 * 86_400;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// The doc comments of this struct, the section structs and their fields are the configuration
+// reference (`outpost-central config-reference`, deploy/CONFIG.md): each says what the key
+// means, in which unit, and what `validate` accepts; fixed bounds go in
+// `#[schemars(range(...))]` with the constants `validate` uses (the tests probe one past each).
+// See `reference_markdown`.
+
+/// The top level of the file. `[api]` and `[quic]` are required, `[allowance]`, `[health]`
+/// and `[log]` optional; relative paths are resolved against the config file's directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CentralConfig {
-    /// Holds `central.redb` and `ready.json`.
+    /// Directory of central's store (`central.redb`), `ready.json` and `backups/`; created at
+    /// start if missing, refused if it is an existing file.
+    #[schemars(example = "/var/lib/outpost-central")]
     pub data_dir: PathBuf,
     pub api: ApiConfig,
     pub quic: QuicConfig,
-    /// Optional: the allowance policy (defaults below).
     #[serde(default)]
     pub allowance: AllowanceConfig,
-    /// Optional: fleet health thresholds and alert webhooks (defaults below).
     #[serde(default)]
     pub health: HealthConfig,
-    /// Optional: how log lines are written (`text` by default).
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub renewal: RenewalConfig,
 }
 
 /// `[log]`: how log lines are written to stderr (the filter comes from `RUST_LOG`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// `text` for people; `json` for log shippers: one object per line, event fields such as
+    /// `trace_id`, `site`, `seq` at the top level, span fields under `span`/`spans`;
+    /// `--log-json` forces JSON. Each ingested event is logged with its `trace_id` at debug
+    /// (`RUST_LOG=info,outpost_central=debug`), exceptions and dead letters at info.
     pub format: LogFormat,
 }
 
 /// `[log] format`: `text` for people, `json` (one object per line, span fields such as
 /// `trace_id` included) for log shippers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -130,17 +145,36 @@ pub const MAX_WEBHOOKS: usize = 16;
 /// Longest accepted duration thresholds: a week.
 pub const MAX_HEALTH_SECS: u64 = 7 * 86_400;
 
-/// `[health]`: when a site counts as degraded or offline, and where alerts are POSTed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `[health]`: when a site counts as degraded or offline, and where alerts are POSTed. Central
+/// derives each site's state every second from its heartbeats (`[health] heartbeat_secs` in
+/// the agent's config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
+    /// A site not heard from this long (no heartbeat, no frame) is `offline`.
+    #[schemars(range(min = 1, max = MAX_HEALTH_SECS))]
     pub offline_after_secs: u64,
+    /// `degraded` (`backlog_too_old`) when a site's oldest unsynced event is this old.
+    #[schemars(range(min = 1, max = MAX_HEALTH_SECS))]
     pub backlog_age_secs: u64,
+    /// `degraded` (`disk_nearly_full`) when the filesystem of a site's store has less free
+    /// space than this.
+    #[schemars(range(min = 0, max = 100))]
     pub disk_free_min_pct: u64,
+    /// `degraded` (`clock_offset_too_large`) when a site's clock is further off central's than
+    /// this.
+    #[schemars(range(min = 1, max = MAX_HEALTH_SECS * 1_000))]
     pub clock_offset_max_ms: u64,
+    /// `degraded` (`master_lag_too_large`) when a site has been behind central's master
+    /// revision this long.
+    #[schemars(range(min = 1, max = MAX_HEALTH_SECS))]
     pub master_lag_max_secs: u64,
+    /// `degraded` (`outbox_near_limit`) when a site's outbox holds this many events.
+    #[schemars(extend("x-unit" = "events"), range(min = 1))]
     pub outbox_events_max: u64,
-    /// `http://` or `https://` URLs that receive each alert as a JSON POST.
+    /// `http://` or `https://` URLs that receive each alert as a JSON POST (5 s timeout, 4
+    /// attempts with jittered backoff from 500 ms, a queue of 256 alerts that drops the oldest
+    /// with a warning); at most 16.
     pub webhooks: Vec<String>,
 }
 
@@ -215,21 +249,27 @@ impl HealthConfig {
     }
 }
 
-/// How central escrows ATP and credit at the sites.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// `[allowance]`: how much of each SKU's ATP and each customer's credit central escrows at
+/// each site, so that the site can confirm orders on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AllowanceConfig {
-    /// ATP units each site is topped up to, per SKU (within what the ERP figure leaves free).
+    /// ATP each site is topped up to, per SKU (within what the ERP figure leaves free).
     #[serde(default = "default_atp_target")]
+    #[schemars(extend("x-unit" = "units"), range(min = 0, max = outpost_protocol::MAX_QTY))]
     pub atp_target: i64,
-    /// Share of each customer's credit limit each site is topped up to (0.0..=1.0).
+    /// Share of each customer's credit limit each site is topped up to.
     #[serde(default = "default_credit_target_fraction")]
+    #[schemars(extend("x-unit" = "fraction"), range(min = 0.0, max = 1.0))]
     pub credit_target_fraction: f64,
-    /// A site silent for longer than this is asked to return all its allowance.
+    /// A site silent for longer than this is asked to return all its allowance. Must be above
+    /// `allowance.reclaim_check_secs`: a connected site is marked as heard from at each check.
     #[serde(default = "default_reclaim_silent_secs")]
+    #[schemars(range(min = 2, max = MAX_RECLAIM_SILENT_SECS))]
     pub reclaim_silent_secs: u64,
     /// How often central looks for silent sites and missed top-ups.
     #[serde(default = "default_reclaim_check_secs")]
+    #[schemars(range(min = 1, max = MAX_RECLAIM_CHECK_SECS))]
     pub reclaim_check_secs: u64,
 }
 
@@ -257,26 +297,36 @@ impl AllowanceConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `[api]`: the HTTP API of the ERP integration, operators and the dashboard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// `host:port`; port 0 picks an ephemeral port (reported in the ready file).
+    /// Address the HTTP API listens on, `ip:port`; port 0 picks an ephemeral port (the real one
+    /// is in `ready.json`).
+    #[schemars(example = "0.0.0.0:7600")]
     pub listen: String,
-    /// The API's clients (`[[api.tokens]]`): each a name, a role and the SHA-256 of its bearer
-    /// token. Central never stores a token itself.
+    /// The API's clients, one `[[api.tokens]]` table each, at least one and at most 256; central
+    /// keeps only the SHA-256 of each token. File only: an array of tables cannot be written as
+    /// an `OUTPOST_*` variable.
     #[serde(default)]
+    #[schemars(extend("x-required" = true))]
     pub tokens: Vec<ApiClient>,
-    /// The removed single plain-text token. Still parsed so that an old config is refused with
-    /// a message saying what to do instead of "unknown field"; never used.
+    /// Removed: the single plain-text token. Still read so that `check-config` refuses an old
+    /// config with instructions (hash the token with `outpost-central hash-token` and list it
+    /// as an `[[api.tokens]]` table) instead of "unknown field"; never used.
     #[serde(default, skip_serializing)]
+    #[schemars(extend("deprecated" = true))]
     pub token: Option<Redacted>,
+    /// Largest request body accepted: a 10,000-item master-data upsert of a few hundred bytes
+    /// per item fits the default.
     #[serde(default = "default_max_body_bytes")]
+    #[schemars(range(min = 1, max = MAX_MAX_BODY_BYTES))]
     pub max_body_bytes: u64,
 }
 
 /// What an API client may do: `admin` everything, `erp` the ERP integration's routes (master
 /// data, the event feed, orders, reads of exceptions and sites, health).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Erp,
@@ -297,15 +347,28 @@ impl Role {
     }
 }
 
-/// One API client (`[[api.tokens]]`). Its `Debug` output never shows the hash.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+/// `[[api.tokens]]`: one client of central's API, by name, role and the SHA-256 of its bearer
+/// token. `outpost-central hash-token --generate [--name N --role erp|admin]` makes a new token
+/// and prints its table; `echo -n TOKEN | outpost-central hash-token` hashes an existing one.
+/// Its `Debug` output never shows the hash.
+#[derive(Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiClient {
     /// 1..=64 characters of `[A-Za-z0-9._-]`, unique; logs name the client, never the token.
+    #[schemars(example = &"erp")]
     pub name: String,
+    /// What the client may do: `erp` the ERP integration's routes (master data, the event
+    /// feed, orders, reads of exceptions and sites, health); `admin` every route. A route the
+    /// role does not allow gets 403 `forbidden` before the body is read.
+    #[schemars(example = Role::Erp)]
     pub role: Role,
-    /// 64 lower-case hex digits: the SHA-256 of the bearer token (`outpost-central hash-token`).
+    /// 64 lower-case hex digits: the SHA-256 of the bearer token (`outpost-central
+    /// hash-token`); each client needs its own token. Never shown in logs or `Debug` output.
     #[serde(skip_serializing)]
+    #[schemars(
+        extend("x-secret" = true),
+        example = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
+    )]
     pub sha256: Redacted,
 }
 
@@ -326,7 +389,7 @@ impl ApiClient {
 }
 
 /// A secret-ish string (a token hash, or a removed plain token) that `Debug` never prints.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Redacted(String);
 
@@ -345,47 +408,144 @@ impl std::fmt::Debug for Redacted {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `[quic]`: the QUIC sync server the agents connect to, with mutual TLS, and its limits.
+/// Refused connections are counted in `outpost_central_quic_connections_refused_total`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuicConfig {
+    /// Address (UDP) the sync server listens on, `ip:port`; port 0 picks an ephemeral port (the
+    /// real one is in `ready.json`).
+    #[schemars(example = "0.0.0.0:7601")]
     pub listen: String,
-    /// Fleet CA: clients must present a certificate signed by it.
+    /// The fleet CA (PEM): agents must present a certificate signed by it.
+    #[schemars(example = "/etc/outpost/ca.pem")]
     pub ca_cert: PathBuf,
-    /// Central's server certificate (chain) and key, PEM.
+    /// Central's server certificate chain (PEM), from `outpost-central certs central`.
+    #[schemars(example = "/etc/outpost/central.pem")]
     pub cert: PathBuf,
+    /// The private key of `quic.cert` (PEM; keep it readable by central only).
+    #[schemars(example = "/etc/outpost/central.key")]
     pub key: PathBuf,
+    /// QUIC idle timeout: a connection silent this long is closed, so a dead link is noticed
+    /// within it.
     #[serde(default = "default_idle_timeout_ms")]
+    #[schemars(range(min = MIN_IDLE_TIMEOUT_MS, max = MAX_IDLE_TIMEOUT_MS))]
     pub idle_timeout_ms: u64,
+    /// QUIC keep-alive interval; must be below `quic.idle_timeout_ms`.
     #[serde(default = "default_keep_alive_ms")]
+    #[schemars(range(min = 1, max = MAX_IDLE_TIMEOUT_MS - 1))]
     pub keep_alive_ms: u64,
     /// Most live agent connections; more are refused at the handshake.
     #[serde(default = "default_max_connections")]
+    #[schemars(extend("x-unit" = "connections"), range(min = 1, max = MAX_MAX_CONNECTIONS))]
     pub max_connections: usize,
-    /// Handshakes quinn queues before central accepts or refuses them (`max_incoming`).
+    /// Handshakes quinn queues before central accepts or refuses them
+    /// (`ServerConfig::max_incoming`); a flood of Initials is cut here.
     #[serde(default = "default_max_incoming")]
+    #[schemars(extend("x-unit" = "handshakes"), range(min = 1, max = MAX_MAX_INCOMING))]
     pub max_incoming: usize,
-    /// Handshake bytes buffered per not-yet-accepted connection (`incoming_buffer_size`).
+    /// Handshake bytes buffered per not-yet-accepted connection (a few Initial packets).
     #[serde(default = "default_incoming_buffer_bytes")]
+    #[schemars(range(min = MIN_INCOMING_BUFFER_BYTES, max = MAX_INCOMING_BUFFER_BYTES))]
     pub incoming_buffer_bytes: u64,
-    /// Handshake bytes buffered for all not-yet-accepted connections (`incoming_buffer_size_total`).
+    /// Handshake bytes buffered for all not-yet-accepted connections together; at least
+    /// `quic.incoming_buffer_bytes`.
     #[serde(default = "default_incoming_buffer_total_bytes")]
+    #[schemars(range(min = MIN_INCOMING_BUFFER_BYTES, max = MAX_INCOMING_BUFFER_TOTAL_BYTES))]
     pub incoming_buffer_total_bytes: u64,
-    /// Bidirectional streams an agent may have open at once (the protocol uses one).
-    /// Unidirectional streams and datagrams are always refused.
+    /// Bidirectional streams an agent may have open at once (the protocol uses one per
+    /// connection). Unidirectional streams and datagrams are always refused.
     #[serde(default = "default_max_bidi_streams")]
+    #[schemars(extend("x-unit" = "streams"), range(min = 1, max = MAX_MAX_BIDI_STREAMS))]
     pub max_bidi_streams: u32,
-    /// Bytes an agent may send on one stream ahead of central reading them.
+    /// Bytes an agent may send on its stream ahead of central reading them (two full frames
+    /// by default).
     #[serde(default = "default_stream_receive_window_bytes")]
+    #[schemars(range(min = MIN_RECEIVE_WINDOW_BYTES, max = MAX_RECEIVE_WINDOW_BYTES))]
     pub stream_receive_window_bytes: u64,
-    /// Bytes an agent may send on a connection ahead of central reading them.
+    /// Bytes an agent may send on a connection (all its streams) ahead of central reading
+    /// them; at least `quic.stream_receive_window_bytes`.
     #[serde(default = "default_receive_window_bytes")]
+    #[schemars(range(min = MIN_RECEIVE_WINDOW_BYTES, max = MAX_RECEIVE_WINDOW_BYTES))]
     pub receive_window_bytes: u64,
-    /// Handshakes in flight from one source IP address; more are refused.
+    /// Handshakes in flight from one source IP address; more are refused. At most
+    /// `quic.max_incoming`; a site needs one, a NAT with many sites a few.
     #[serde(default = "default_max_handshakes_per_ip")]
+    #[schemars(extend("x-unit" = "handshakes"), range(min = 1, max = MAX_MAX_INCOMING))]
     pub max_handshakes_per_ip: usize,
-    /// Resident memory (MiB) above which central refuses new connections; live sessions go on.
+    /// Central samples its own resident memory every 500 ms; above this it refuses new
+    /// connections (with a rate-limited warning) while live sessions go on.
     #[serde(default = "default_memory_limit_mib")]
+    #[schemars(range(min = MIN_MEMORY_LIMIT_MIB, max = MAX_MEMORY_LIMIT_MIB))]
     pub memory_limit_mib: u64,
+    /// Newest sync protocol version central offers agents in the TLS handshake (ALPN). This
+    /// build speaks its own version and the one before; leave it at the default unless a fleet
+    /// must stay on the previous version while central is upgraded. Agents settle on the newest
+    /// version both sides offer.
+    #[serde(default = "default_protocol_version_max")]
+    #[schemars(
+        extend("x-unit" = "version"),
+        range(
+            min = outpost_protocol::MIN_PROTOCOL_VERSION,
+            max = outpost_protocol::PROTOCOL_VERSION
+        )
+    )]
+    pub protocol_version_max: u16,
+}
+
+fn default_protocol_version_max() -> u16 {
+    outpost_protocol::PROTOCOL_VERSION
+}
+
+/// Default of `renewal.site_validity_days`.
+pub const DEFAULT_SITE_VALIDITY_DAYS: u64 = crate::certs::LEAF_VALIDITY_DAYS as u64;
+/// Most days a renewed site certificate is valid: ten years, the CA's own lifetime.
+pub const MAX_SITE_VALIDITY_DAYS: u64 = crate::certs::CA_VALIDITY_DAYS as u64;
+/// Default of `renewal.min_interval_secs`: an hour between two certificates for one site.
+pub const DEFAULT_RENEWAL_MIN_INTERVAL_SECS: u64 = 3_600;
+pub const MAX_RENEWAL_MIN_INTERVAL_SECS: u64 = 30 * 86_400;
+
+/// `[renewal]`: site certificates renewed over the sync connection. A site generates a new key
+/// when its certificate nears expiry (`[sync] renew_before_days` at the agent) and sends a
+/// signing request; central signs a certificate for the site named by the session's verified
+/// certificate. Counted in `outpost_central_certificates_renewed_total` and
+/// `outpost_central_certificate_renewals_refused_total`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenewalConfig {
+    /// Directory holding the fleet CA's `ca.pem` and `ca.key` (`outpost-central certs ca`),
+    /// readable by central. Not set: renewal requests are refused with that reason, and sites
+    /// must be re-enrolled (`outpost-central sites add`) before their certificates expire.
+    /// Keep the directory readable by central's user only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(example = "/etc/outpost/central/ca")]
+    pub ca_dir: Option<PathBuf>,
+    /// How long a renewed site certificate is valid (from one day before it is signed).
+    #[serde(default = "default_site_validity_days")]
+    #[schemars(extend("x-unit" = "days"), range(min = 1, max = MAX_SITE_VALIDITY_DAYS))]
+    pub site_validity_days: u64,
+    /// Least time between two certificates signed for one site; requests sooner are refused
+    /// (the agent asks again later). Bounds what a site with a stolen key could do.
+    #[serde(default = "default_renewal_min_interval_secs")]
+    #[schemars(range(min = 0, max = MAX_RENEWAL_MIN_INTERVAL_SECS))]
+    pub min_interval_secs: u64,
+}
+
+impl Default for RenewalConfig {
+    fn default() -> Self {
+        RenewalConfig {
+            ca_dir: None,
+            site_validity_days: DEFAULT_SITE_VALIDITY_DAYS,
+            min_interval_secs: DEFAULT_RENEWAL_MIN_INTERVAL_SECS,
+        }
+    }
+}
+
+fn default_site_validity_days() -> u64 {
+    DEFAULT_SITE_VALIDITY_DAYS
+}
+fn default_renewal_min_interval_secs() -> u64 {
+    DEFAULT_RENEWAL_MIN_INTERVAL_SECS
 }
 
 fn default_atp_target() -> i64 {
@@ -456,6 +616,7 @@ impl QuicConfig {
             receive_window_bytes: DEFAULT_RECEIVE_WINDOW_BYTES,
             max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP,
             memory_limit_mib: DEFAULT_MEMORY_LIMIT_MIB,
+            protocol_version_max: outpost_protocol::PROTOCOL_VERSION,
         }
     }
 
@@ -520,7 +681,37 @@ impl QuicConfig {
             MIN_MEMORY_LIMIT_MIB,
             MAX_MEMORY_LIMIT_MIB,
         );
+        range(
+            "protocol_version_max",
+            u64::from(self.protocol_version_max),
+            u64::from(outpost_protocol::MIN_PROTOCOL_VERSION),
+            u64::from(outpost_protocol::PROTOCOL_VERSION),
+        );
     }
+}
+
+/// How `load` names environment overrides: `OUTPOST_QUIC__IDLE_TIMEOUT_MS`.
+pub const ENV_NAMING: EnvNaming<'static> = EnvNaming {
+    prefix: ENV_PREFIX,
+    separator: ENV_SEPARATOR,
+};
+
+/// The configuration reference of central's config file, as Markdown, generated from
+/// `CentralConfig`'s doc comments, defaults and ranges: `outpost-central config-reference`
+/// prints it, and deploy/CONFIG.md holds it (tests/tests/config_reference.rs keeps the two
+/// equal).
+pub fn reference_markdown() -> String {
+    let schema = schemars::schema_for!(CentralConfig);
+    config_reference::render(
+        "outpost-central: `central.toml`",
+        "Central's config, given as `outpost-central serve --config FILE`; `outpost-central \
+         check-config --config FILE` names every problem by its key and also loads the TLS \
+         files. Any key but an array can be overridden by the environment variable shown \
+         (`OUTPOST_`, then the key's path in upper case with `__` between a section and its \
+         key); an unknown `OUTPOST_*` variable is refused as an unknown key.",
+        schema.as_value(),
+        ENV_NAMING,
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -589,6 +780,12 @@ impl CentralConfig {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
+        }
+        if let Some(p) = &mut self.renewal.ca_dir
+            && p.is_relative()
+            && !p.as_os_str().is_empty()
+        {
+            *p = base.join(&*p);
         }
     }
 
@@ -675,6 +872,29 @@ impl CentralConfig {
             ));
         }
         self.health.validate(&mut problems);
+        let r = &self.renewal;
+        if !(1..=MAX_SITE_VALIDITY_DAYS).contains(&r.site_validity_days) {
+            problems.push(format!(
+                "renewal.site_validity_days: must be 1..={MAX_SITE_VALIDITY_DAYS}, got {}",
+                r.site_validity_days
+            ));
+        }
+        if r.min_interval_secs > MAX_RENEWAL_MIN_INTERVAL_SECS {
+            problems.push(format!(
+                "renewal.min_interval_secs: must be 0..={MAX_RENEWAL_MIN_INTERVAL_SECS}, got {}",
+                r.min_interval_secs
+            ));
+        }
+        if let Some(dir) = &r.ca_dir {
+            for f in [crate::certs::CA_CERT_FILE, crate::certs::CA_KEY_FILE] {
+                if !dir.join(f).is_file() {
+                    problems.push(format!(
+                        "renewal.ca_dir: file not found: {}",
+                        dir.join(f).display()
+                    ));
+                }
+            }
+        }
         problems
     }
 
@@ -1158,6 +1378,227 @@ keep_alive_ms = 5000
         let err = CentralConfig::load_with_env(&path, Some(HashMap::new())).unwrap_err();
         assert!(matches!(err, LoadConfigError::Read { .. }), "{err}");
         assert!(err.to_string().contains("surprise"), "{err}");
+    }
+
+    /// Central's config schema, as the reference is rendered from it.
+    fn schema() -> serde_json::Value {
+        schemars::schema_for!(CentralConfig).to_value()
+    }
+
+    /// An environment variable's text for a documented value (strings unquoted).
+    fn env_text(v: &serde_json::Value) -> String {
+        match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The test's own files for the keys whose documented example names a production path that
+    /// validation checks (`write_pems` files plus the CA key), by JSON pointer.
+    fn test_paths(dir: &Path) -> Vec<(&'static str, serde_json::Value)> {
+        std::fs::write(dir.join(crate::certs::CA_KEY_FILE), "x").unwrap();
+        let s = |p: PathBuf| serde_json::Value::String(p.display().to_string());
+        vec![
+            ("/data_dir", s(dir.join("data"))),
+            ("/quic/ca_cert", s(dir.join("ca.pem"))),
+            ("/quic/cert", s(dir.join("central.pem"))),
+            ("/quic/key", s(dir.join("central.key"))),
+            ("/renewal/ca_dir", s(dir.to_path_buf())),
+        ]
+    }
+
+    /// Writes a config document (the file's shape as JSON) as a TOML file, with its paths
+    /// pointed at `dir`'s files (`test_paths`).
+    fn write_doc(dir: &Path, name: &str, doc: &serde_json::Value) -> PathBuf {
+        let mut doc = doc.clone();
+        for (pointer, value) in test_paths(dir) {
+            if let Some(v) = doc.pointer_mut(pointer) {
+                *v = value;
+            }
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+        path
+    }
+
+    /// Removes the key at `path` from a config document (`tokens[i]` meaning every element).
+    fn remove_key(doc: &mut serde_json::Value, path: &[String]) {
+        let Some((first, rest)) = path.split_first() else {
+            return;
+        };
+        match first.strip_suffix("[i]") {
+            Some(array) => {
+                if let Some(items) = doc.get_mut(array).and_then(|a| a.as_array_mut()) {
+                    for item in items {
+                        remove_key(item, rest);
+                    }
+                }
+            }
+            None if rest.is_empty() => {
+                if let Some(obj) = doc.as_object_mut() {
+                    obj.remove(first);
+                }
+            }
+            None => {
+                if let Some(next) = doc.get_mut(first) {
+                    remove_key(next, rest);
+                }
+            }
+        }
+    }
+
+    /// Goal: the reference describes every key fully: a meaning, a unit for every number that
+    /// agrees with the key's suffix, an example for every required key.
+    #[test]
+    fn reference_describes_every_key() {
+        let problems = config_reference::check(&schema());
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+        let md = reference_markdown();
+        for key in [
+            "`quic.idle_timeout_ms` | `3000` (3 s) | ms | 100..=600000 | `OUTPOST_QUIC__IDLE_TIMEOUT_MS`",
+            "`data_dir` | required, e.g. `\"/var/lib/outpost-central\"`",
+            "`api.tokens[i].sha256` | required, secret |",
+            "`api.token` | removed |",
+            "`api.tokens[i].role` | required, e.g. `\"erp\"` | — | `\"erp\"`, `\"admin\"` |",
+            "`health.webhooks` | `[]` | — |  | file only |",
+            "`allowance.credit_target_fraction` | `0.2` | fraction | 0.0..=1.0 |",
+        ] {
+            assert!(md.contains(key), "{key} missing from:\n{md}");
+        }
+    }
+
+    /// Goal: every documented default loads and validates, writing it out means the same as
+    /// leaving the key out, and every environment variable the reference names sets its key.
+    /// Method: a file setting every key to its documented default (required keys to their
+    /// example); a file with only the required keys; and a file with only the file-only keys
+    /// (client tables, webhooks) plus every other key as its `OUTPOST_*` variable. All three
+    /// must load to the same config.
+    #[test]
+    fn every_documented_default_and_variable_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pems(dir.path());
+        let schema = schema();
+        let full = config_reference::example_document(&schema, false);
+        let full_path = write_doc(dir.path(), "full.toml", &full);
+        let from_full = CentralConfig::load_with_env(&full_path, Some(HashMap::new()))
+            .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&full_path).unwrap()));
+
+        let required = config_reference::example_document(&schema, true);
+        assert!(required.get("health").is_none(), "{required}");
+        let required_path = write_doc(dir.path(), "required.toml", &required);
+        let from_required =
+            CentralConfig::load_with_env(&required_path, Some(HashMap::new())).unwrap();
+        let mut defaults = full.clone();
+        for key in config_reference::tables(&schema)
+            .iter()
+            .flat_map(|t| &t.keys)
+            .filter(|k| !k.required && k.default.as_ref().is_none_or(|d| d.is_null()))
+        {
+            remove_key(&mut defaults, &key.path);
+        }
+        let defaults_path = write_doc(dir.path(), "defaults.toml", &defaults);
+        let from_defaults =
+            CentralConfig::load_with_env(&defaults_path, Some(HashMap::new())).unwrap();
+        assert_eq!(from_defaults, from_required);
+
+        // Every scalar as its variable, over a file of the file-only keys; paths must be the
+        // test's files, as `write_doc` sets them in the other files.
+        let paths = test_paths(dir.path());
+        let mut env = HashMap::new();
+        let mut file_only = serde_json::json!({});
+        for table in config_reference::tables(&schema) {
+            for key in table.keys.iter().filter(|k| !k.removed) {
+                let path: Vec<&str> = key.path.iter().map(String::as_str).collect();
+                let Some(value) = full.pointer(&format!("/{}", path.join("/"))) else {
+                    continue;
+                };
+                let pointer = format!("/{}", path.join("/"));
+                let value = paths
+                    .iter()
+                    .find(|(p, _)| *p == pointer)
+                    .map_or_else(|| value.clone(), |(_, v)| v.clone());
+                if key.env_settable {
+                    env.insert(ENV_NAMING.var(&path), env_text(&value));
+                } else if let [section, name] = path.as_slice() {
+                    if file_only.get(*section).is_none() {
+                        file_only[*section] = serde_json::json!({});
+                    }
+                    file_only[*section][*name] = value;
+                }
+            }
+        }
+        assert!(
+            env.contains_key("OUTPOST_QUIC__MEMORY_LIMIT_MIB"),
+            "{env:?}"
+        );
+        let env_path = dir.path().join("env.toml");
+        std::fs::write(&env_path, toml::to_string(&file_only).unwrap()).unwrap();
+        let from_env = CentralConfig::load_with_env(&env_path, Some(env)).unwrap();
+        assert_eq!(from_env, from_full);
+
+        // A list cannot be set from the environment: the reference says "file only".
+        std::fs::write(&full_path, VALID).unwrap();
+        let webhooks = HashMap::from([(
+            "OUTPOST_HEALTH__WEBHOOKS".to_string(),
+            "http://127.0.0.1:9/hook".to_string(),
+        )]);
+        assert!(CentralConfig::load_with_env(&full_path, Some(webhooks)).is_err());
+    }
+
+    /// Goal: the ranges the reference shows are the ones `validate` enforces. Method: for every
+    /// key with a documented bound, set it one past the bound through its `OUTPOST_*` variable
+    /// over a valid file, and check that a problem names the key.
+    #[test]
+    fn documented_ranges_are_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pems(dir.path());
+        let path = dir.path().join("central.toml");
+        std::fs::write(&path, VALID).unwrap();
+        let mut probed = 0;
+        for table in config_reference::tables(&schema()) {
+            for key in table.keys.iter().filter(|k| k.env_settable && !k.removed) {
+                let parts: Vec<&str> = key.path.iter().map(String::as_str).collect();
+                let var = ENV_NAMING.var(&parts);
+                let dotted = key.dotted();
+                for outside in outside_values(key) {
+                    let env = HashMap::from([(var.clone(), outside.clone())]);
+                    let problems = match CentralConfig::load_with_env(&path, Some(env)) {
+                        Ok(_) => Vec::new(),
+                        Err(LoadConfigError::Invalid { problems, .. }) => problems,
+                        Err(e) => vec![e.to_string()],
+                    };
+                    assert!(
+                        problems
+                            .iter()
+                            .any(|p| p.starts_with(&format!("{dotted}:"))),
+                        "{var}={outside} (outside the documented range) is not refused by \
+                         {dotted}: {problems:?}"
+                    );
+                    probed += 1;
+                }
+            }
+        }
+        assert!(probed >= 25, "only {probed} bounds probed");
+    }
+
+    /// One value below the documented minimum (unless the type cannot hold it) and one above the
+    /// documented maximum, as environment variable text.
+    fn outside_values(key: &config_reference::Key) -> Vec<String> {
+        let unsigned = key.format.as_deref().is_some_and(|f| f.starts_with("uint"));
+        let mut out = Vec::new();
+        for (bound, step) in [(&key.minimum, -1i64), (&key.maximum, 1)] {
+            let Some(b) = bound else { continue };
+            if b.is_f64() {
+                out.push((b.as_f64().unwrap() + step as f64).to_string());
+            } else if let Some(n) = b.as_i64() {
+                if !(unsigned && n == 0 && step < 0) {
+                    out.push((i128::from(n) + i128::from(step)).to_string());
+                }
+            } else if let Some(n) = b.as_u64() {
+                out.push((u128::from(n) + 1).to_string());
+            }
+        }
+        out
     }
 
     #[test]

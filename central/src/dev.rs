@@ -148,12 +148,7 @@ pub fn site_names(n: usize) -> Vec<String> {
 /// A random bearer token: `TOKEN_BYTES` bytes as lower-case hex.
 pub fn random_token() -> String {
     let bytes: [u8; TOKEN_BYTES] = rand::random();
-    bytes
-        .iter()
-        .fold(String::with_capacity(TOKEN_BYTES * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    outpost_protocol::secret::to_hex(&bytes)
 }
 
 /// A TOML string literal (quoted and escaped).
@@ -234,7 +229,10 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
          [allowance]\n\
          atp_target = {atp_target}\n\
          credit_target_fraction = {credit_fraction}\n\
-         reclaim_silent_secs = {silent}\n",
+         reclaim_silent_secs = {silent}\n\n\
+         # Site certificates are renewed over the sync connection, signed with this CA.\n\
+         [renewal]\n\
+         ca_dir = {ca_dir}\n",
         data = toml_str(&path_str(&central_data)),
         api = toml_str(&format!("127.0.0.1:{api_port}")),
         erp_hash = toml_str(&crate::config::sha256_hex(&erp_token)),
@@ -246,6 +244,7 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
         atp_target = crate::store::DEFAULT_ATP_TARGET,
         credit_fraction = crate::store::DEFAULT_CREDIT_TARGET_FRACTION,
         silent = crate::store::DEFAULT_RECLAIM_SILENT_SECS,
+        ca_dir = toml_str(&path_str(&certs_dir)),
     );
     write_secret(&central_toml, &central_cfg)?;
 

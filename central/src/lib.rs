@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod quic;
 pub mod registry;
+pub mod renewal;
 pub mod run;
 pub mod store;
 pub mod traffic;

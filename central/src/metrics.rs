@@ -47,6 +47,9 @@ pub struct Snapshot {
     pub refused_connections: u64,
     pub refused_handshakes_per_ip: u64,
     pub refused_memory: u64,
+    /// Site certificates signed for renewals, and renewal requests refused, since start.
+    pub certs_renewed: u64,
+    pub cert_renewals_refused: u64,
     /// When this process started serving its API (Unix time, seconds).
     pub start_time_secs: f64,
     pub resident_memory_bytes: Option<u64>,
@@ -123,6 +126,8 @@ impl Snapshot {
             refused_connections: refusals.connections.load(Ordering::Relaxed),
             refused_handshakes_per_ip: refusals.handshakes_per_ip.load(Ordering::Relaxed),
             refused_memory: refusals.memory.load(Ordering::Relaxed),
+            certs_renewed: crate::renewal::RENEWED.load(Ordering::Relaxed),
+            cert_renewals_refused: crate::renewal::REFUSED.load(Ordering::Relaxed),
             start_time_secs: unix_secs(started),
             resident_memory_bytes: crate::quic::resident_memory_bytes(),
         })
@@ -225,6 +230,20 @@ pub fn render(s: &Snapshot) -> String {
         "quic_connections_refused",
         "QUIC connections refused before their handshake, by the limit that refused them",
         refused,
+    );
+    let renewed = Counter::<u64>::default();
+    renewed.inc_by(s.certs_renewed);
+    r.register(
+        "certificates_renewed",
+        "Site certificates signed for a renewal over the sync connection",
+        renewed,
+    );
+    let renewals_refused = Counter::<u64>::default();
+    renewals_refused.inc_by(s.cert_renewals_refused);
+    r.register(
+        "certificate_renewals_refused",
+        "Certificate renewal requests refused (no CA key, bad request, too soon)",
+        renewals_refused,
     );
     root.register_with_unit(
         "process_start_time",
@@ -365,6 +384,8 @@ mod tests {
             refused_connections: 3,
             refused_handshakes_per_ip: 4,
             refused_memory: 5,
+            certs_renewed: 6,
+            cert_renewals_refused: 7,
             start_time_secs: 1_600_000_000.0,
             resident_memory_bytes: None,
         };
@@ -378,6 +399,8 @@ mod tests {
             "outpost_central_site_clock_offset_seconds{site=\"plant-1\"} -1.5",
             "outpost_central_site_revoked{site=\"plant-1\"} 0",
             "outpost_central_site_revoked{site=\"plant-2\"} 1",
+            "outpost_central_certificates_renewed_total 6",
+            "outpost_central_certificate_renewals_refused_total 7",
             "outpost_central_sites 2",
             "outpost_central_live_sessions 1",
             "outpost_central_master_revision 9",

@@ -16,8 +16,8 @@ use outpost_protocol::identity::site_id_from_cert_der;
 use outpost_protocol::io::{read_frame, write_frame};
 use outpost_protocol::session::{IngestError, check_hello};
 use outpost_protocol::{
-    ALPN, AgentMsg, CentralMsg, EventEnvelope, FrameError, MAX_CHANGES_PER_FRAME, MasterBatch,
-    PROTOCOL_VERSION, Refuse, RefuseCode, Welcome,
+    AgentMsg, CentralMsg, EventEnvelope, FrameError, MAX_CHANGES_PER_FRAME, MasterBatch, Refuse,
+    RefuseCode, Welcome,
 };
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::RootCertStore;
@@ -93,7 +93,9 @@ pub fn server_config(cfg: &QuicConfig) -> Result<quinn::ServerConfig, TlsSetupEr
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Every version this build speaks, newest first, up to `[quic] protocol_version_max`: an
+    // agent one release behind settles on the version before.
+    tls.alpn_protocols = outpost_protocol::alpn_protocols(cfg.protocol_version_max);
     // 0-RTT data is replayable; the sync protocol never needs it.
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
@@ -133,6 +135,8 @@ fn transport_config(cfg: &QuicConfig) -> quinn::TransportConfig {
 pub struct SyncContext {
     pub store: Store,
     pub registry: Arc<Registry>,
+    /// Signs renewed site certificates (`[renewal]`).
+    pub signer: Arc<crate::renewal::Signer>,
 }
 
 /// What the accept loop enforces before a handshake starts (from `[quic]`).
@@ -395,6 +399,16 @@ pub fn cert_site(conn: &Connection) -> Result<String, String> {
     site_id_from_cert_der(leaf).map_err(|e| e.to_string())
 }
 
+/// End of the validity of the client certificate (ms since the epoch), if it can be read.
+fn peer_cert_not_after_ms(conn: &Connection) -> Option<i64> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    cert.validity().not_after.timestamp().checked_mul(1000)
+}
+
 async fn handle_incoming(
     incoming: quinn::Incoming,
     handshake_slot: HandshakeSlot,
@@ -431,9 +445,24 @@ async fn handle_incoming(
         }
     };
     tracing::Span::current().record("site.id", site.as_str());
+    // The handshake only completes on an ALPN both sides list (`server_config`).
+    let version = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .and_then(|p| outpost_protocol::version_of_alpn(&p));
+    let Some(version) = version else {
+        tracing::warn!("no Outpost protocol negotiated; closing");
+        conn.close(
+            VarInt::from_u32(CLOSE_REFUSED),
+            b"no Outpost protocol version negotiated",
+        );
+        return;
+    };
     let session = Session {
         conn: conn.clone(),
         site,
+        version,
         ctx,
         shutdown,
     };
@@ -471,6 +500,9 @@ enum End {
 struct Session {
     conn: Connection,
     site: String,
+    /// Protocol version of this session, negotiated by ALPN: `MIN_PROTOCOL_VERSION` to
+    /// `PROTOCOL_VERSION`. Messages newer than it are never sent.
+    version: u16,
     ctx: SyncContext,
     shutdown: watch::Receiver<bool>,
 }
@@ -566,7 +598,7 @@ impl Session {
                 }
             };
         let received_ms = unix_ms(SystemTime::now());
-        if let Err(r) = check_hello(&self.site, &hello) {
+        if let Err(r) = check_hello(&self.site, self.version, &hello) {
             self.send_refuse(&mut send, r).await;
             return;
         }
@@ -594,6 +626,13 @@ impl Session {
                 .await;
             return;
         }
+        self.ctx.registry.set_session_info(
+            &self.site,
+            crate::registry::SessionInfo {
+                protocol_version: self.version,
+                cert_not_after_ms: peer_cert_not_after_ms(&self.conn),
+            },
+        );
         let offset_ms = clock_offset_ms(hello.agent_time_ms, received_ms, self.conn.rtt());
         self.ctx.registry.set_clock_offset(&self.site, offset_ms);
         if offset_ms.unsigned_abs() > CLOCK_OFFSET_WARN_MS.unsigned_abs() {
@@ -648,7 +687,7 @@ impl Session {
         let mut rev_rx = self.ctx.store.subscribe_revision();
         let central_rev = *rev_rx.borrow_and_update();
         let welcome = CentralMsg::Welcome(Welcome {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: self.version,
             central_version: crate::VERSION.to_string(),
             acked_seq,
             master_rev: central_rev,
@@ -661,6 +700,7 @@ impl Session {
         }
         tracing::info!(
             agent_version = %hello.agent_version,
+            protocol_version = self.version,
             agent_rev = hello.master_rev,
             agent_last_seq = hello.last_seq,
             agent_acked_seq = hello.acked_seq,
@@ -804,6 +844,20 @@ impl Session {
                                 return End::Gone(format!("cannot send AllowanceReply: {e}"));
                             }
                         }
+                        Some(Ok(AgentMsg::RenewCertificate { csr_der })) => {
+                            if self.version < 4 {
+                                let r = refuse(
+                                    RefuseCode::ProtocolViolation,
+                                    "RenewCertificate is not part of protocol 3",
+                                );
+                                self.send_refuse(&mut send, r.clone()).await;
+                                return End::Refused(r);
+                            }
+                            let reply = self.renew(csr_der).await;
+                            if let Err(e) = self.write(&mut send, &reply).await {
+                                return End::Gone(format!("cannot send the certificate: {e}"));
+                            }
+                        }
                         Some(Ok(AgentMsg::Events(batch))) => {
                             self.ctx.registry.touch(&self.site);
                             match self.ingest(batch).await {
@@ -832,6 +886,30 @@ impl Session {
                     } else {
                         central_rev = *rev_rx.borrow_and_update();
                     }
+                }
+            }
+        }
+    }
+
+    /// Signs a renewed certificate for this session's site (on the blocking pool: it reads the
+    /// CA key and signs); a refusal is an answer too, and the session goes on either way.
+    async fn renew(&self, csr_der: Vec<u8>) -> CentralMsg {
+        let signer = self.ctx.signer.clone();
+        let site = self.site.clone();
+        let signed = tokio::task::spawn_blocking(move || signer.sign(&site, &csr_der))
+            .await
+            .unwrap_or_else(|e| Err(format!("signing task failed: {e}")));
+        match signed {
+            Ok(chain_pem) => {
+                crate::renewal::RENEWED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("signed a renewed certificate for the site's new key");
+                CentralMsg::Certificate { chain_pem }
+            }
+            Err(reason) => {
+                crate::renewal::REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(%reason, "certificate renewal refused");
+                CentralMsg::CertificateRefused {
+                    reason: bounded(reason),
                 }
             }
         }

@@ -54,6 +54,16 @@ struct Entry {
     /// When the site itself was last heard from (a Hello or any frame); unlike `last_seen`,
     /// not moved by the end of a session, which a killed agent's idle timeout causes.
     last_heard: Option<SystemTime>,
+    session: Option<SessionInfo>,
+}
+
+/// What the latest session of a site negotiated and presented (fleet view).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Sync protocol version (ALPN).
+    pub protocol_version: u16,
+    /// End of the validity of the certificate the site presented (ms since the epoch).
+    pub cert_not_after_ms: Option<i64>,
 }
 
 /// Connection state of one site, as reported by `GET /v1/sites`.
@@ -155,6 +165,12 @@ impl Registry {
         self.lock().1.get(site).and_then(|e| e.clock_offset_ms)
     }
 
+    /// Records what `site`'s new session negotiated and presented.
+    pub fn set_session_info(&self, site: &str, info: SessionInfo) {
+        let mut g = self.lock();
+        g.1.entry(site.to_string()).or_default().session = Some(info);
+    }
+
     /// Records the clock offset estimated from `site`'s latest Hello.
     pub fn set_clock_offset(&self, site: &str, offset_ms: i64) {
         let mut g = self.lock();
@@ -217,6 +233,8 @@ pub struct SiteSignals {
     pub last_heard: Option<SystemTime>,
     /// Oldest first; the last one is the latest.
     pub beats: Vec<Beat>,
+    /// The latest session's protocol version and certificate, since central started.
+    pub session: Option<SessionInfo>,
 }
 
 impl Registry {
@@ -287,6 +305,7 @@ impl Registry {
                         },
                         last_heard: e.last_heard,
                         beats: e.beats.iter().skip(skip).cloned().collect(),
+                        session: e.session,
                     },
                 )
             })

@@ -193,6 +193,11 @@ pub async fn serve(
     let ctx = SyncContext {
         store: store.clone(),
         registry,
+        signer: Arc::new(crate::renewal::Signer::new(
+            cfg.renewal.ca_dir.clone(),
+            i64::try_from(cfg.renewal.site_validity_days).unwrap_or(i64::MAX),
+            Duration::from_secs(cfg.renewal.min_interval_secs),
+        )),
     };
     let limits = crate::quic::AcceptLimits::from_config(&cfg.quic);
     let drills = tokio::spawn(crate::drill::driver::run_driver(

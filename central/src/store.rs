@@ -18,9 +18,11 @@ mod drills;
 mod ingest;
 #[cfg(test)]
 mod lifecycle_tests;
+mod migrate;
 mod orders;
 mod records;
 mod revoked;
+mod schema3;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -45,6 +47,7 @@ pub use backup::{
 };
 pub use counts::TableCounts;
 pub use drills::{DrillMarks, HeldSeqs, MAX_DRILLS};
+pub use migrate::{MigrateError, Migrated, OLDEST_MIGRATED_SCHEMA};
 pub use orders::{
     CentralOrderError, CentralOrderOutcome, DecideError, ExceptionOpError, ResolveAction,
 };
@@ -256,8 +259,14 @@ pub enum OpenStoreError {
         #[source]
         source: redb::Error,
     },
+    /// Found by `init_tables` after `migrate` ran: not expected, since `migrate` migrates or
+    /// refuses every version but this build's.
     #[error("{path} has schema version {found}, this build reads version {SCHEMA_VERSION}")]
     SchemaVersion { path: PathBuf, found: u64 },
+    /// A store of another schema version that is not migrated: newer than this build, older
+    /// than it migrates, or a migration that failed (the store is left as it was).
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
     /// A backup file opened as a store: it would keep the incarnation of the central it was
     /// taken from, so sites would not notice the restore.
     #[error(
@@ -518,6 +527,9 @@ impl Store {
             path: path.to_path_buf(),
             source,
         })?;
+        // A store of the previous schema is brought to this one first; `init_tables` then finds
+        // the current version (or none, for a new store).
+        migrate::migrate(&db, path)?;
         let revision = init_tables(&db).map_err(|e| match e {
             InitError::Redb(source) => OpenStoreError::Init {
                 path: path.to_path_buf(),
@@ -1872,7 +1884,10 @@ mod tests {
         }
         assert!(matches!(
             Store::open(&path),
-            Err(OpenStoreError::SchemaVersion { found: 99, .. })
+            Err(OpenStoreError::Migrate(MigrateError::Newer {
+                found: 99,
+                ..
+            }))
         ));
     }
 }

@@ -132,6 +132,7 @@ async fn over_the_memory_limit_new_connections_are_refused_and_live_sessions_go_
         allowance: AllowanceConfig::default(),
         health: Default::default(),
         log: Default::default(),
+        renewal: Default::default(),
     };
     assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
     let ready_path = cfg.ready_path();

@@ -109,6 +109,7 @@ async fn start_central() -> Central {
         allowance: AllowanceConfig::default(),
         health: Default::default(),
         log: Default::default(),
+        renewal: Default::default(),
     };
     assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
     let ready_path = cfg.ready_path();

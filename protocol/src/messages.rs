@@ -36,6 +36,12 @@ pub enum AgentMsg {
     },
     /// The agent's health signals, sent every `[health] heartbeat_secs` on a live session.
     Heartbeat(Heartbeat),
+    /// Protocol 4: asks central to sign a new certificate for this site's new key (a PKCS#10
+    /// request in DER; the key itself never leaves the site). Central takes the site id from the
+    /// session's certificate, never from the request. Answered by `Certificate` or
+    /// `CertificateRefused`. Variants are only ever appended, so protocol 3 messages keep their
+    /// encoding.
+    RenewCertificate { csr_der: Vec<u8> },
 }
 
 /// What an agent reports about itself and its host (fleet health). Counters are cumulative
@@ -93,7 +99,15 @@ pub enum CentralMsg {
         rev: u64,
         reason: String,
     },
+    /// Protocol 4: the certificate signed for a `RenewCertificate` request, as PEM (leaf first).
+    Certificate { chain_pem: String },
+    /// Protocol 4: central will not sign (no CA key configured, a bad request, too soon since
+    /// the last one). The agent keeps its current certificate and asks again later.
+    CertificateRefused { reason: String },
 }
+
+/// Largest certificate signing request accepted (DER): a few hundred bytes in practice.
+pub const MAX_CSR_BYTES: usize = 8 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {

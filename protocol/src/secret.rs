@@ -18,13 +18,13 @@ pub fn hash_token(token: &[u8]) -> [u8; 32] {
 
 /// Lower-case hex of `bytes`.
 pub fn to_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
 }
 
 /// The SHA-256 of a token as 64 lower-case hex digits: what `[[api.tokens]] sha256` holds.
@@ -97,6 +97,7 @@ mod tests {
         assert_eq!(parse_sha256_hex(&hex.to_uppercase()), None);
         assert_eq!(parse_sha256_hex(&hex[..63]), None);
         assert_eq!(parse_sha256_hex(&format!("{}g", &hex[..63])), None);
+        assert_eq!(to_hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
         // A known vector: SHA-256 of "abc".
         assert_eq!(
             sha256_hex("abc"),

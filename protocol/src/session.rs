@@ -5,8 +5,8 @@
 
 use std::ops::RangeInclusive;
 
-use crate::PROTOCOL_VERSION;
 use crate::messages::{EventEnvelope, Hello, MAX_EVENTS_PER_BATCH, Refuse, RefuseCode};
+use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// A protocol violation by the peer: the session is closed with this reason.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -104,14 +104,25 @@ impl Uploader {
     }
 }
 
-/// Central side: checks a hello against the identity from the certificate.
-pub fn check_hello(cert_site: &str, hello: &Hello) -> Result<(), Refuse> {
-    if hello.protocol_version != PROTOCOL_VERSION {
+/// Central side: checks a hello against the identity from the certificate and the protocol
+/// version negotiated in the TLS handshake (ALPN).
+pub fn check_hello(cert_site: &str, negotiated: u16, hello: &Hello) -> Result<(), Refuse> {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.protocol_version) {
         return Err(Refuse {
             code: RefuseCode::IncompatibleVersion,
             reason: format!(
-                "agent speaks protocol version {}, central speaks {}; upgrade the older side",
-                hello.protocol_version, PROTOCOL_VERSION
+                "agent speaks protocol version {}, central speaks {MIN_PROTOCOL_VERSION} to \
+                 {PROTOCOL_VERSION}; upgrade the older side",
+                hello.protocol_version
+            ),
+        });
+    }
+    if hello.protocol_version != negotiated {
+        return Err(Refuse {
+            code: RefuseCode::IncompatibleVersion,
+            reason: format!(
+                "the Hello says protocol version {} but the handshake negotiated {negotiated}",
+                hello.protocol_version
             ),
         });
     }
@@ -293,16 +304,28 @@ mod tests {
             retained_from_seq: 0,
             central_incarnation: 0,
         };
-        assert!(check_hello("plant-1", &h).is_ok());
+        assert!(check_hello("plant-1", PROTOCOL_VERSION, &h).is_ok());
         assert_eq!(
-            check_hello("plant-2", &h).unwrap_err().code,
+            check_hello("plant-2", PROTOCOL_VERSION, &h)
+                .unwrap_err()
+                .code,
             RefuseCode::WrongSite
         );
-        h.protocol_version = PROTOCOL_VERSION + 1;
+        // The previous version is still spoken, when the handshake agreed on it.
+        h.protocol_version = MIN_PROTOCOL_VERSION;
+        assert!(check_hello("plant-1", MIN_PROTOCOL_VERSION, &h).is_ok());
         assert_eq!(
-            check_hello("plant-1", &h).unwrap_err().code,
+            check_hello("plant-1", PROTOCOL_VERSION, &h)
+                .unwrap_err()
+                .code,
             RefuseCode::IncompatibleVersion
         );
+        for v in [MIN_PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
+            h.protocol_version = v;
+            let r = check_hello("plant-1", v, &h).unwrap_err();
+            assert_eq!(r.code, RefuseCode::IncompatibleVersion);
+            assert!(r.reason.contains(&v.to_string()), "{}", r.reason);
+        }
     }
 
     proptest! {

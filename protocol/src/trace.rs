@@ -62,7 +62,7 @@ pub fn trace_id_from_bytes(mut bytes: [u8; 16]) -> String {
     if bytes == [0; 16] {
         bytes[15] = 1;
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::secret::to_hex(&bytes)
 }
 
 /// Renders a `traceparent` value for `trace_id` with the given (random) span id, sampled flag set.
@@ -70,8 +70,7 @@ pub fn traceparent(trace_id: &str, mut span_id: [u8; 8]) -> String {
     if span_id == [0; 8] {
         span_id[7] = 1;
     }
-    let span: String = span_id.iter().map(|b| format!("{b:02x}")).collect();
-    format!("00-{trace_id}-{span}-01")
+    format!("00-{trace_id}-{}-01", crate::secret::to_hex(&span_id))
 }
 
 /// A trace id derived from an event's identity, for envelopes built where no request carried a

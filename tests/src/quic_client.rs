@@ -20,6 +20,16 @@ pub fn client_config(
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<quinn::ClientConfig> {
+    client_config_alpn(ca_pem, cert_pem, key_pem, vec![ALPN.to_vec()])
+}
+
+/// `client_config` offering the ALPN identifiers `alpn` (e.g. only the previous version's).
+pub fn client_config_alpn(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    alpn: Vec<Vec<u8>>,
+) -> Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
@@ -33,7 +43,7 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(certs, key)?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = alpn;
     let q = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)?;
     Ok(quinn::ClientConfig::new(Arc::new(q)))
 }
@@ -95,12 +105,22 @@ pub async fn open(addr: SocketAddr, cfg: quinn::ClientConfig) -> Result<Session>
 
 impl Session {
     pub async fn send(&mut self, msg: &AgentMsg) -> Result<()> {
+        self.send_as(msg).await
+    }
+
+    pub async fn recv(&mut self) -> Result<CentralMsg> {
+        self.recv_as().await
+    }
+
+    /// Sends a message of any message type, e.g. a frozen previous version's.
+    pub async fn send_as<T: serde::Serialize>(&mut self, msg: &T) -> Result<()> {
         tokio::time::timeout(STEP, write_frame(&mut self.send, msg)).await??;
         Ok(())
     }
 
-    pub async fn recv(&mut self) -> Result<CentralMsg> {
-        match tokio::time::timeout(STEP, read_frame::<CentralMsg, _>(&mut self.recv)).await?? {
+    /// Receives a frame decoded as `T`, e.g. a frozen previous version's message type.
+    pub async fn recv_as<T: serde::de::DeserializeOwned>(&mut self) -> Result<T> {
+        match tokio::time::timeout(STEP, read_frame::<T, _>(&mut self.recv)).await?? {
             Some(m) => Ok(m),
             None => bail!("stream closed by central"),
         }

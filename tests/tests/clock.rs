@@ -310,3 +310,61 @@ async fn skewed_sites_reconnect_after_central_restarts() -> Result<()> {
     }
     Ok(())
 }
+
+/// Goal: an agent whose box boots with its clock reset far into the past (no real-time clock)
+/// starts, takes writes, does not connect to central or trust certificate dates meanwhile and
+/// says so in its health; once the clock is set right (NTP), without a restart, it connects and
+/// delivers every write exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_reset_to_the_past_waits_for_sane_time_without_losing_writes() -> Result<()> {
+    let Some(lib) = libfaketime() else {
+        return Ok(());
+    };
+    let fleet = Fleet::init(1)?;
+    let central = fleet.start_central(None)?;
+    let quic = central.ready.quic.clone().context("central quic")?;
+    let c = Api::new(&central);
+    // libfaketime reads the shift from this file at every clock read, so the test can set the
+    // clock right while the agent runs, like NTP would.
+    let clock_file = fleet.path().join("faketime");
+    std::fs::write(&clock_file, "-10000d\n")?; // about 27 years back: 1999
+    let mut env = fast_agent_env();
+    env.extend([
+        ("LD_PRELOAD", lib.display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE", clock_file.display().to_string()),
+        ("FAKETIME_NO_CACHE", "1".to_string()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+        ("DONT_FAKE_MONOTONIC", "1".to_string()),
+    ]);
+    let agent = fleet.start_agent("plant-1", &quic, &env)?;
+    let a = Api::new(&agent);
+    let h = eventually(
+        "the agent distrusts its clock",
+        CONVERGE_TIMEOUT,
+        || async {
+            let h = health(&a).await?;
+            Ok((h["clock"]["trusted"] == false).then_some(h))
+        },
+    )
+    .await?;
+    let why = h["clock"]["reason"].as_str().unwrap_or("");
+    ensure!(
+        why.contains("waiting for a sane clock") && why.contains("1999"),
+        "health says why: {h}"
+    );
+    ensure!(h["connected"] == false, "{h}");
+    let ids = post_milestones(&a, "rtc-reset", 5).await?;
+    let h = health(&a).await?;
+    ensure!(h["outbox_depth"] == 5 && h["connected"] == false, "{h}");
+
+    std::fs::write(&clock_file, "+0\n")?;
+    wait_drained(&a).await?;
+    let h = health(&a).await?;
+    ensure!(h["clock"]["trusted"] == true, "{h}");
+    let feed = read_feed(&c).await?;
+    for id in &ids {
+        let n = feed.iter().filter(|e| e["id"] == id.as_str()).count();
+        ensure!(n == 1, "{id} is in central's feed {n} times");
+    }
+    Ok(())
+}

@@ -117,6 +117,11 @@ fn site_json(
         "offline_since": offline_since,
         "last_seen": last_seen.map(rfc3339_ms),
         "connected": signals.is_some_and(|s| s.liveness.connected),
+        "protocol_version": signals.and_then(|s| s.session).map(|i| i.protocol_version),
+        "certificate_expires_at": signals
+            .and_then(|s| s.session)
+            .and_then(|i| i.cert_not_after_ms)
+            .map(rfc3339_ms),
         "signals": latest,
     })
 }

@@ -1014,7 +1014,9 @@ impl Sim {
                 }
                 self.close_agent_end(conn);
             }
-            CentralMsg::AllowanceReply { .. } => {}
+            CentralMsg::AllowanceReply { .. }
+            | CentralMsg::Certificate { .. }
+            | CentralMsg::CertificateRefused { .. } => {}
         }
     }
 
@@ -1049,7 +1051,7 @@ impl Sim {
         match msg {
             AgentMsg::Hello(h) => {
                 // The certificate says who is calling; the Hello must agree.
-                if let Err(r) = check_hello(&name, &h) {
+                if let Err(r) = check_hello(&name, PROTOCOL_VERSION, &h) {
                     self.refuse(conn, r.code, r.reason);
                     return;
                 }
@@ -1137,7 +1139,10 @@ impl Sim {
                     }
                 }
             }
-            AgentMsg::AllowanceRequest { .. } | AgentMsg::Heartbeat(_) => {}
+            // The simulation runs no renewals.
+            AgentMsg::AllowanceRequest { .. }
+            | AgentMsg::Heartbeat(_)
+            | AgentMsg::RenewCertificate { .. } => {}
         }
     }
 
