@@ -8,11 +8,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc instead of glibc's malloc: the HTTP workers allocate and free small buffers on every
-/// request from both threads, and glibc's arenas cost a fifth of their CPU (BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "outpost-agent", version, about = "Outpost site agent")]
 struct Cli {

@@ -11,11 +11,6 @@ use outpost_central::config::{CentralConfig, LoadConfigError};
 use outpost_central::dev::{self, DEFAULT_BASE_PORT, DEFAULT_SITES, InitOptions, UpOptions};
 use outpost_central::traffic::{self, TrafficOptions};
 
-/// mimalloc instead of glibc's malloc: the HTTP workers allocate and free small buffers on every
-/// request from both threads, and glibc's arenas cost a fifth of their CPU (BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "outpost-central",

@@ -47,6 +47,7 @@ fn short_benchmark_run_reports_every_scenario() {
         ("read", "read.agent.cpu_s"),
         ("ingest", "ingest.c64.events_per_s"),
         ("ingest", "ingest.c64.p99"),
+        ("ingest", "ingest.c64_random_ids.events_per_s"),
         ("ingest", "ingest.fsync.p50"),
         ("drain", "drain.events_per_s_from_central_start"),
         ("drain", "drain.central_acked_seq"),
@@ -58,7 +59,11 @@ fn short_benchmark_run_reports_every_scenario() {
         let v = figure(scenario, name);
         assert!(v > 0.0, "{scenario}/{name} = {v}");
     }
-    for (scenario, name) in [("read", "read.c64.errors"), ("ingest", "ingest.c64.errors")] {
+    for (scenario, name) in [
+        ("read", "read.c64.errors"),
+        ("ingest", "ingest.c64.errors"),
+        ("ingest", "ingest.c64_random_ids.errors"),
+    ] {
         assert_eq!(figure(scenario, name), 0.0, "{scenario}/{name}");
     }
     // The SQLite peer is always measured; the NATS peer whenever nats-server is installed

@@ -101,7 +101,8 @@ fn milestone_body(id: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-/// A request maker posting milestones `{prefix}-{n}` to the agent at `host` with `token`.
+/// A request maker posting milestones `{prefix}-{n}` to the agent at `host` with `token`:
+/// event ids in the order they are sent, as time-ordered ids (UUIDv7, ULID) would be.
 fn milestone_requests(
     host: String,
     token: String,
@@ -113,7 +114,29 @@ fn milestone_requests(
             &format!("/v1/shipments/SH-{}/milestones", n % 1000),
             Some(&token),
             "",
-            &milestone_body(&format!("{prefix}-{n}")),
+            &milestone_body(&format!("{prefix}-{n:012}")),
+        )
+    }
+}
+
+/// Like `milestone_requests`, with random-looking 32-hex-digit event ids (as UUIDv4 would be):
+/// each insert lands at a random place in the agent's event-id index.
+fn random_id_milestone_requests(host: String, token: String) -> impl Fn(u64) -> Vec<u8> {
+    fn mix(mut z: u64) -> u64 {
+        // splitmix64: distinct inputs give distinct, well-spread outputs.
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    move |n| {
+        let id = format!("{:016x}{:016x}", mix(n), mix(n ^ 0x5555_5555_5555_5555));
+        post_json(
+            &host,
+            &format!("/v1/shipments/SH-{}/milestones", n % 1000),
+            Some(&token),
+            "",
+            &milestone_body(&id),
         )
     }
 }
@@ -322,7 +345,7 @@ pub async fn ingest(cfg: Cfg) -> Result<Vec<Figure>> {
     .await;
     let cpu1 = cpu_secs(agent.ready.pid);
     let note = format!(
-        "64 conns, unique event ids, ack after fsync, central NOT running; {}",
+        "64 conns, unique time-ordered event ids, ack after fsync, central NOT running; {}",
         p.describe()
     );
     figs.push(
@@ -339,6 +362,42 @@ pub async fn ingest(cfg: Cfg) -> Result<Vec<Figure>> {
     figs.push(errors_fig("ingest.c64", &r));
     figs.push(cpu_per_op(
         "ingest.c64.agent_cpu_us_per_event",
+        cpu0,
+        cpu1,
+        r.requests,
+    ));
+    // The same load with random event ids (clients using UUIDv4), for the cost of scattered
+    // inserts into the event-id index (the store already holds the ordered run above).
+    let cpu0 = cpu_secs(agent.ready.pid);
+    let r = http_load(
+        addr,
+        64,
+        cfg.measure(),
+        random_id_milestone_requests(agent.ready.api.clone(), agent.token.clone()),
+    )
+    .await;
+    let cpu1 = cpu_secs(agent.ready.pid);
+    let note = format!(
+        "as ingest.c64 with random 32-hex-digit event ids; {}",
+        p.describe()
+    );
+    figs.push(
+        Figure::new(
+            "ingest.c64_random_ids.events_per_s",
+            r.ok_per_s(),
+            "events/s",
+        )
+        .note(&note),
+    );
+    figs.extend(latency_figs(
+        "ingest.c64_random_ids",
+        &r,
+        [None, None, None],
+        &note,
+    ));
+    figs.push(errors_fig("ingest.c64_random_ids", &r));
+    figs.push(cpu_per_op(
+        "ingest.c64_random_ids.agent_cpu_us_per_event",
         cpu0,
         cpu1,
         r.requests,
