@@ -971,7 +971,7 @@ impl AgentConfig {
         let s = &self.sync;
         if s.central_addr.is_empty() {
             p.add("sync.central_addr", "is required");
-        } else if !valid_host_port(&s.central_addr) {
+        } else if !outpost_protocol::identity::valid_host_port(&s.central_addr) {
             p.add(
                 "sync.central_addr",
                 format!("invalid socket address {:?}", s.central_addr),
@@ -1357,23 +1357,6 @@ fn check_invalid_token_entry(p: &mut Problems, i: usize, v: &serde_json::Value) 
             "must be an [[api.tokens]] table with name, role and sha256",
         );
     }
-}
-
-/// `ip:port`, `[ipv6]:port` or `host:port` with a non-zero port.
-fn valid_host_port(s: &str) -> bool {
-    if s.parse::<SocketAddr>().is_ok() {
-        return true;
-    }
-    let Some((host, port)) = s.rsplit_once(':') else {
-        return false;
-    };
-    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    port_ok && host_ok
 }
 
 #[derive(Default)]
@@ -2108,7 +2091,7 @@ receive_window_bytes = 1000000000
             for key in table.keys.iter().filter(|k| k.env_settable && !k.removed) {
                 let path_parts: Vec<&str> = key.path.iter().map(String::as_str).collect();
                 let var = ENV_NAMING.var(&path_parts);
-                for outside in outside_values(key) {
+                for outside in config_reference::outside_values(key) {
                     let env: BTreeMap<String, String> = [(var.clone(), outside.clone())].into();
                     let all = match load_with_env(&path, env) {
                         Ok(_) => String::new(),
@@ -2127,33 +2110,13 @@ receive_window_bytes = 1000000000
         assert!(probed >= 20, "only {probed} bounds probed");
     }
 
-    /// One value below the documented minimum (unless the type cannot hold it) and one above the
-    /// documented maximum, as environment variable text.
-    fn outside_values(key: &config_reference::Key) -> Vec<String> {
-        let unsigned = key.format.as_deref().is_some_and(|f| f.starts_with("uint"));
-        let mut out = Vec::new();
-        for (bound, step) in [(&key.minimum, -1i64), (&key.maximum, 1)] {
-            let Some(b) = bound else { continue };
-            if b.is_f64() {
-                out.push((b.as_f64().unwrap() + step as f64).to_string());
-            } else if let Some(n) = b.as_i64() {
-                if !(unsigned && n == 0 && step < 0) {
-                    out.push((i128::from(n) + i128::from(step)).to_string());
-                }
-            } else if let Some(n) = b.as_u64() {
-                out.push((u128::from(n) + 1).to_string());
-            }
-        }
-        out
-    }
-
     #[test]
     fn host_port_forms() {
         for ok in ["127.0.0.1:1", "[::1]:7601", "central.example.net:7601"] {
-            assert!(valid_host_port(ok), "{ok}");
+            assert!(outpost_protocol::identity::valid_host_port(ok), "{ok}");
         }
         for bad in ["x", "x:0", ":1", "a b:1", "host:99999"] {
-            assert!(!valid_host_port(bad), "{bad}");
+            assert!(!outpost_protocol::identity::valid_host_port(bad), "{bad}");
         }
     }
 }

@@ -212,11 +212,10 @@ fn pem_certs(field: &'static str, pem: &str) -> Result<Vec<CertificateDer<'stati
 
 /// The certificate's validity period.
 fn validity(der: &[u8]) -> Result<(SystemTime, SystemTime), BundleError> {
-    let (not_before, not_after) =
-        crate::health::certificate_validity(der).map_err(|e| BundleError::Pem {
-            field: "cert",
-            detail: format!("cannot be parsed: {e}"),
-        })?;
+    let (not_before, not_after) = crate::tls::cert_validity(der).map_err(|e| BundleError::Pem {
+        field: "cert",
+        detail: format!("cannot be parsed: {e}"),
+    })?;
     let at = |secs: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
     Ok((at(not_before), at(not_after)))
 }

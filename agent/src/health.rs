@@ -120,13 +120,6 @@ pub enum CertificateState {
     NotYetValid,
 }
 
-/// The validity period of a DER certificate, in seconds since the Unix epoch.
-pub fn certificate_validity(der: &[u8]) -> Result<(i64, i64), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let v = cert.validity();
-    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
-}
-
 /// Pure: the state of a certificate valid from `not_before` to `not_after` at `now` (seconds).
 pub fn certificate_state(not_before: i64, not_after: i64, now: i64) -> CertificateState {
     if now > not_after {
@@ -142,7 +135,7 @@ pub fn certificate_state(not_before: i64, not_after: i64, now: i64) -> Certifica
 /// when it has expired or is not yet valid. `None` when it cannot be read (check-config says why).
 pub fn check_own_certificate(cert: &Path, site: &str) -> Option<CertificateState> {
     let chain = crate::tls::read_certs(cert).ok()?;
-    let (not_before, not_after) = certificate_validity(chain.first()?.as_ref()).ok()?;
+    let (not_before, not_after) = crate::tls::cert_validity(chain.first()?.as_ref()).ok()?;
     let state = certificate_state(not_before, not_after, now_ms() / 1000);
     let at = |secs: i64| crate::store::rfc3339_millis(secs.saturating_mul(1000));
     match state {

@@ -111,13 +111,22 @@ pub fn cert_info(path: &Path) -> Result<CertInfo, TlsError> {
     })
 }
 
-fn cert_info_der(der: &[u8]) -> Result<CertInfo, String> {
+/// The validity period of a DER certificate, in seconds since the Unix epoch.
+pub fn cert_validity(der: &[u8]) -> Result<(i64, i64), String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    Ok((
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    ))
+}
+
+fn cert_info_der(der: &[u8]) -> Result<CertInfo, String> {
+    let (not_before, not_after) = cert_validity(der)?;
     let site = outpost_protocol::identity::site_id_from_cert_der(der).map_err(|e| e.to_string())?;
     Ok(CertInfo {
-        not_before: cert.validity().not_before.timestamp(),
-        not_after: cert.validity().not_after.timestamp(),
+        not_before,
+        not_after,
         site,
     })
 }

@@ -1560,7 +1560,7 @@ keep_alive_ms = 5000
                 let parts: Vec<&str> = key.path.iter().map(String::as_str).collect();
                 let var = ENV_NAMING.var(&parts);
                 let dotted = key.dotted();
-                for outside in outside_values(key) {
+                for outside in config_reference::outside_values(key) {
                     let env = HashMap::from([(var.clone(), outside.clone())]);
                     let problems = match CentralConfig::load_with_env(&path, Some(env)) {
                         Ok(_) => Vec::new(),
@@ -1579,26 +1579,6 @@ keep_alive_ms = 5000
             }
         }
         assert!(probed >= 25, "only {probed} bounds probed");
-    }
-
-    /// One value below the documented minimum (unless the type cannot hold it) and one above the
-    /// documented maximum, as environment variable text.
-    fn outside_values(key: &config_reference::Key) -> Vec<String> {
-        let unsigned = key.format.as_deref().is_some_and(|f| f.starts_with("uint"));
-        let mut out = Vec::new();
-        for (bound, step) in [(&key.minimum, -1i64), (&key.maximum, 1)] {
-            let Some(b) = bound else { continue };
-            if b.is_f64() {
-                out.push((b.as_f64().unwrap() + step as f64).to_string());
-            } else if let Some(n) = b.as_i64() {
-                if !(unsigned && n == 0 && step < 0) {
-                    out.push((i128::from(n) + i128::from(step)).to_string());
-                }
-            } else if let Some(n) = b.as_u64() {
-                out.push((u128::from(n) + 1).to_string());
-            }
-        }
-        out
     }
 
     #[test]

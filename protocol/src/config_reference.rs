@@ -457,6 +457,27 @@ fn allowed_cell(key: &Key) -> String {
     }
 }
 
+/// One value below the documented minimum (unless the type cannot hold it) and one above the
+/// documented maximum, as environment variable text: what the crates' range tests set to check
+/// that `validate` enforces the range the reference shows.
+pub fn outside_values(key: &Key) -> Vec<String> {
+    let unsigned = key.format.as_deref().is_some_and(|f| f.starts_with("uint"));
+    let mut out = Vec::new();
+    for (bound, step) in [(&key.minimum, -1i64), (&key.maximum, 1)] {
+        let Some(b) = bound else { continue };
+        if b.is_f64() {
+            out.push((b.as_f64().unwrap() + step as f64).to_string());
+        } else if let Some(n) = b.as_i64() {
+            if !(unsigned && n == 0 && step < 0) {
+                out.push((i128::from(n) + i128::from(step)).to_string());
+            }
+        } else if let Some(n) = b.as_u64() {
+            out.push((u128::from(n) + 1).to_string());
+        }
+    }
+    out
+}
+
 /// The reference as Markdown: a `## {title}` heading, `intro`, then one table per section.
 pub fn render(title: &str, intro: &str, schema: &Value, env: EnvNaming<'_>) -> String {
     let mut out = format!("## {title}\n\n");

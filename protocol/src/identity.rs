@@ -69,6 +69,24 @@ pub fn site_id_from_cert_der(der: &[u8]) -> Result<String, SiteIdError> {
     Ok(id)
 }
 
+/// Whether `s` is where a site can reach central: `ip:port`, `[ipv6]:port` or `host:port` with a
+/// non-zero port (what `[sync] central_addr` and enrolment bundles accept).
+pub fn valid_host_port(s: &str) -> bool {
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    port_ok && host_ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -668,14 +668,26 @@ pub struct CliOutput {
 
 /// Runs a workspace binary with `args`, killing it if it takes longer than `timeout`.
 pub fn run_cli(name: &str, args: &[&str], timeout: Duration) -> Result<CliOutput> {
+    run_cli_env(name, args, &[], timeout)
+}
+
+/// `run_cli` with extra environment variables for the child.
+pub fn run_cli_env(
+    name: &str,
+    args: &[&str],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> Result<CliOutput> {
     let dir = tempfile::tempdir()?;
     let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
-    let mut child = hermetic(&mut Command::new(bin(name)))
+    let mut cmd = Command::new(bin(name));
+    hermetic(&mut cmd)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path)?)
-        .stderr(std::fs::File::create(&err_path)?)
-        .spawn()?;
+        .stderr(std::fs::File::create(&err_path)?);
+    let mut child = cmd.spawn()?;
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(st) = child.try_wait()? {
@@ -693,4 +705,24 @@ pub fn run_cli(name: &str, args: &[&str], timeout: Duration) -> Result<CliOutput
         stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
         stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
     })
+}
+
+/// Where Debian's `faketime` package puts the preload library.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The libfaketime preload library (`OUTPOST_LIBFAKETIME` or Debian's path), or `None` after a
+/// loud message naming `what` was not tested.
+pub fn libfaketime(what: &str) -> Option<PathBuf> {
+    let p = std::env::var_os("OUTPOST_LIBFAKETIME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(LIBFAKETIME));
+    if p.exists() {
+        return Some(p);
+    }
+    eprintln!(
+        "\n!!! SKIPPED: {what} needs libfaketime at {} (Debian package `faketime`: `apt-get \
+         install -y faketime`, as .ci/run does). Nothing was tested. !!!\n",
+        p.display()
+    );
+    None
 }

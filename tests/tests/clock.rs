@@ -13,8 +13,6 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-/// Where Debian's `faketime` package puts the preload library.
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// The clock skew applied to a site, in ms.
 const SKEW_MS: i64 = 3 * 3_600_000;
 /// How far a measured offset may be from the applied skew: process start-up, the round trip and
@@ -24,18 +22,7 @@ const MILESTONES: [&str; 5] = ["picked", "packed", "loaded", "departed", "delive
 
 /// The preload library, or `None` (after a loud message) when it is not installed.
 fn libfaketime() -> Option<PathBuf> {
-    let p = std::env::var_os("OUTPOST_LIBFAKETIME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(LIBFAKETIME));
-    if p.exists() {
-        return Some(p);
-    }
-    eprintln!(
-        "\n!!! SKIPPED: clock-fault tests need libfaketime at {} (Debian package `faketime`: \
-         `apt-get install -y faketime`, as .ci/run does). Nothing was tested. !!!\n",
-        p.display()
-    );
-    None
+    outpost_tests::libfaketime("the clock-fault tests")
 }
 
 /// Env that shifts an agent's wall clock by `offset` (libfaketime syntax, e.g. "+3h") while

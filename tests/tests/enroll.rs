@@ -7,36 +7,22 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use outpost_tests::*;
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 /// Where Debian's `faketime` package puts the preload library.
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// Longest one CLI run may take.
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 const SITE: &str = "plant-9";
 
 /// The preload library, or `None` (after a loud message) when it is not installed.
 fn libfaketime() -> Option<PathBuf> {
-    let p = std::env::var_os("OUTPOST_LIBFAKETIME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(LIBFAKETIME));
-    if p.exists() {
-        return Some(p);
-    }
-    eprintln!(
-        "\n!!! SKIPPED: the expired-certificate recovery test needs libfaketime at {} (Debian \
-         package `faketime`: `apt-get install -y faketime`, as .ci/run does). Nothing was \
-         tested. !!!\n",
-        p.display()
-    );
-    None
+    outpost_tests::libfaketime("the expired-certificate recovery test")
 }
 
 /// Env that shifts a process's wall clock by `offset` (libfaketime syntax, e.g. "-400d").
@@ -51,35 +37,7 @@ fn faked(lib: &Path, offset: &str) -> Vec<(String, String)> {
 
 /// Runs a workspace binary with `args` and extra environment, bounded by `CLI_TIMEOUT`.
 fn run(name: &str, args: &[&str], env: &[(String, String)]) -> Result<CliOutput> {
-    let dir = tempfile::tempdir()?;
-    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
-    let mut cmd = Command::new(bin(name));
-    hermetic(&mut cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path)?)
-        .stderr(std::fs::File::create(&err_path)?);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn()?;
-    let deadline = Instant::now() + CLI_TIMEOUT;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{name} {args:?} did not finish within {CLI_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ok(CliOutput {
-        success: status.success(),
-        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
-    })
+    run_cli_env(name, args, env, CLI_TIMEOUT)
 }
 
 /// `run` that must succeed.

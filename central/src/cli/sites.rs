@@ -75,23 +75,6 @@ pub enum AddSiteError {
     },
 }
 
-/// `host:port` or `ip:port` with a non-zero port: what the agent's `sync.central_addr` accepts.
-fn valid_central_addr(s: &str) -> bool {
-    if s.parse::<std::net::SocketAddr>().is_ok() {
-        return true;
-    }
-    let Some((host, port)) = s.rsplit_once(':') else {
-        return false;
-    };
-    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    port_ok && host_ok
-}
-
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -217,7 +200,7 @@ pub fn add(opts: &AddSiteOptions) -> Result<AddedSite, AddSiteError> {
     if !(1..=MAX_SITE_CERT_DAYS).contains(&opts.days) {
         return Err(AddSiteError::Days(opts.days));
     }
-    if !valid_central_addr(&opts.central_addr) {
+    if !outpost_protocol::identity::valid_host_port(&opts.central_addr) {
         return Err(AddSiteError::CentralAddr(opts.central_addr.clone()));
     }
     if rustls::pki_types::ServerName::try_from(opts.central_name.as_str()).is_err() {
