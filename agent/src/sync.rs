@@ -3,6 +3,10 @@
 //! central's acks and master data (grants and reclaims included) are applied to the store, and
 //! the API's allowance requests are relayed to central and answered. Reconnects forever with
 //! capped exponential backoff and full jitter. Async network shell around the pure `Uploader`.
+//! The protocol version is negotiated by ALPN (this build's and the one before); on protocol 4
+//! the session also renews the site certificate when it nears expiry (new key made here, the
+//! signed certificate checked, installed and used for the next connection). No connection is
+//! attempted while the wall clock reads before a sane date (`clock_sane`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
