@@ -397,22 +397,23 @@ struct Caller(usize);
 /// call.
 pub fn router_with(state: ApiState, boundary: Boundary) -> Router {
     let limit = state.max_body_bytes;
-    let gate = Gate {
+    // Behind one `Arc`: the middleware clones its state for every request.
+    let gate = Arc::new(Gate {
         boundary: boundary.clone(),
         max_body_bytes: limit,
-    };
+    });
     let counters = boundary.counters.clone();
     let metrics_counters = boundary.counters.clone();
     let started = std::time::SystemTime::now();
     Router::new()
         .route(
             "/v1/health",
-            get(move |s: State<ApiState>| health(s, counters.clone())),
+            get(move |s: State<Arc<ApiState>>| health(s, counters.clone())),
         )
         // A read like the others: any valid token may scrape it.
         .route(
             METRICS_ROUTE,
-            get(move |s: State<ApiState>| {
+            get(move |s: State<Arc<ApiState>>| {
                 crate::metrics::handler(s, metrics_counters.clone(), started)
             }),
         )
@@ -473,7 +474,8 @@ pub fn router_with(state: ApiState, boundary: Boundary) -> Router {
                 }
             }),
         )
-        .with_state(state)
+        // Behind one `Arc`: axum clones the state for every request.
+        .with_state(Arc::new(state))
 }
 
 /// Limits of the accept loop.
@@ -679,7 +681,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// Bearer authentication (401) and the client's rate limit (429), before anything else. Logs
 /// name the client and its role, never the token or its hash.
-async fn guard(State(gate): State<Gate>, req: Request, next: Next) -> Response {
+async fn guard(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
     let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
         || req
             .headers()
@@ -703,7 +705,7 @@ async fn guard(State(gate): State<Gate>, req: Request, next: Next) -> Response {
     resp
 }
 
-async fn guard_inner(gate: Gate, mut req: Request, next: Next) -> Response {
+async fn guard_inner(gate: Arc<Gate>, mut req: Request, next: Next) -> Response {
     let state = &gate.boundary;
     let Some(index) = state.clients.authenticate(req.headers()) else {
         ApiCounters::bump(&state.counters.unauthorized);
@@ -741,7 +743,7 @@ async fn guard_inner(gate: Gate, mut req: Request, next: Next) -> Response {
 
 /// On matched routes: the caller's role must allow the route (403 `forbidden` otherwise), and the
 /// declared body length must be within the limit (413), both before any body byte is read.
-async fn authorize(State(gate): State<Gate>, req: Request, next: Next) -> Response {
+async fn authorize(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
     let state = &gate.boundary;
     let caller = req
         .extensions()
@@ -823,7 +825,7 @@ struct Health {
 }
 
 async fn health(
-    State(s): State<ApiState>,
+    State(s): State<Arc<ApiState>>,
     counters: Arc<ApiCounters>,
 ) -> Result<axum::Json<Health>, ApiError> {
     let m = s.store.marks()?;
@@ -856,7 +858,7 @@ async fn health(
 }
 
 async fn atp(
-    State(s): State<ApiState>,
+    State(s): State<Arc<ApiState>>,
     sku: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let sku = path_id(sku)?;
@@ -896,7 +898,7 @@ fn pool_json(pool: &Pool, remaining: i64) -> serde_json::Value {
     }
 }
 
-async fn allowances(State(s): State<ApiState>) -> Result<Response, ApiError> {
+async fn allowances(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let (pools, truncated) = s.store.allowances()?;
     let m = s.store.marks()?;
     let list: Vec<_> = pools.iter().map(|(p, r)| pool_json(p, *r)).collect();
@@ -916,7 +918,7 @@ struct PriceQuery {
 }
 
 async fn price(
-    State(s): State<ApiState>,
+    State(s): State<Arc<ApiState>>,
     sku: Result<Path<String>, PathRejection>,
     q: Result<Query<PriceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -936,7 +938,7 @@ async fn price(
 }
 
 async fn customer(
-    State(s): State<ApiState>,
+    State(s): State<Arc<ApiState>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = path_id(id)?;
@@ -1091,7 +1093,7 @@ fn with_trace(mut resp: Response, trace_id: &str) -> Response {
 }
 
 async fn create_order(
-    State(s): State<ApiState>,
+    State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
     body: JsonBody<OrderRequest>,
 ) -> Result<Response, ApiError> {
@@ -1173,7 +1175,7 @@ async fn top_up_for(s: &ApiState, key: &str, order: &NewOrder) {
 }
 
 async fn get_order(
-    State(s): State<ApiState>,
+    State(s): State<Arc<ApiState>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = path_id(id)?;
@@ -1205,7 +1207,7 @@ fn milestone_json(r: &MilestoneRecord) -> serde_json::Value {
 }
 
 async fn record_milestone(
-    State(s): State<ApiState>,
+    State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
     shipment_id: Result<Path<String>, PathRejection>,
     body: JsonBody<MilestoneRequest>,

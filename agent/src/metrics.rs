@@ -265,7 +265,7 @@ pub fn render(s: &Snapshot) -> String {
 
 /// `GET /metrics` (any role: it is a read like the other GETs).
 pub async fn handler(
-    axum::extract::State(state): axum::extract::State<ApiState>,
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<ApiState>>,
     counters: std::sync::Arc<ApiCounters>,
     started: SystemTime,
 ) -> Result<axum::response::Response, crate::api::ApiError> {

@@ -1200,16 +1200,24 @@ impl StoreWriter {
     }
 }
 
+/// redb's page cache (its default is 1 GiB). The agent's RSS is mostly this cache plus the
+/// process itself; hot master data and the outbox's tail fit, and pages beyond it are read from
+/// the OS page cache (a few µs).
+pub const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 fn open_db(path: &Path) -> Result<Database, OpenStoreError> {
-    let db = Database::create(path).map_err(|e| match e {
-        redb::DatabaseError::DatabaseAlreadyOpen => OpenStoreError::AlreadyOpen {
-            path: path.to_path_buf(),
-        },
-        e => OpenStoreError::Open {
-            path: path.to_path_buf(),
-            source: e.into(),
-        },
-    })?;
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => OpenStoreError::AlreadyOpen {
+                path: path.to_path_buf(),
+            },
+            e => OpenStoreError::Open {
+                path: path.to_path_buf(),
+                source: e.into(),
+            },
+        })?;
     prepare_db(db, path)
 }
 

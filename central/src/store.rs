@@ -64,6 +64,10 @@ use crate::ledger::{LedgerKey, Targets};
 /// another version is refused at open instead of being misread. Version 4 added the store's
 /// incarnation, the lost ranges and the recovery fields of the reconciliation report.
 pub const SCHEMA_VERSION: u64 = 4;
+/// redb's page cache (its default is 1 GiB, which a growing feed would fill, pushing central
+/// over `quic.memory_limit_mib`): the feed's tail, the sites' marks and master data stay hot;
+/// older pages come from the OS page cache.
+pub const CACHE_BYTES: usize = 128 * 1024 * 1024;
 /// Depth of the writer's queue. Producers wait when it is full (backpressure on HTTP handlers
 /// and sync sessions) rather than growing memory.
 pub const WRITE_QUEUE_DEPTH: usize = 4096;
@@ -493,7 +497,15 @@ impl Store {
     /// the allowance policy `opts`.
     pub fn open_with(path: &Path, opts: StoreOptions) -> Result<Store, OpenStoreError> {
         let file = path.to_path_buf();
-        Self::open_with_opener(path, opts, Box::new(move || Database::create(&file)))
+        Self::open_with_opener(
+            path,
+            opts,
+            Box::new(move || {
+                Database::builder()
+                    .set_cache_size(CACHE_BYTES)
+                    .create(&file)
+            }),
+        )
     }
 
     /// Opens the store on a custom redb storage backend (simulated disks that lose unsynced
