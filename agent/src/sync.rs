@@ -798,6 +798,8 @@ impl SyncClient {
                         }
                         Some(Ok(Some(CentralMsg::CertificateRefused { reason }))) => {
                             if renewal.take().is_some() {
+                                // Kept in the health until the next renewal: bounded like a close reason.
+                                let reason = truncate(&reason);
                                 tracing::warn!(%reason, "central refused to renew the certificate; asking again later");
                                 self.link.update_certificate(|c| c.last_error = Some(format!("central refused: {reason}")));
                             }

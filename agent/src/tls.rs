@@ -315,18 +315,23 @@ mod tests {
         crate::store::now_ms() / 1000
     }
 
+    /// plant-1's CA, certificate and key files in `dir`.
+    fn site_files(pki: &Pki, dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        pki.write_site_files(dir, "plant-1");
+        (
+            dir.join("ca.pem"),
+            dir.join("plant-1.pem"),
+            dir.join("plant-1.key"),
+        )
+    }
+
     /// Goal: a renewed certificate is checked (site, key, CA, dates) before it replaces the old
     /// one, and then loads as the client identity.
     #[test]
     fn a_renewed_certificate_is_checked_then_installed() {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new();
-        pki.write_site_files(dir.path(), "plant-1");
-        let (ca, cert, key) = (
-            dir.path().join("ca.pem"),
-            dir.path().join("plant-1.pem"),
-            dir.path().join("plant-1.key"),
-        );
+        let (ca, cert, key) = site_files(&pki, dir.path());
         let old_key = std::fs::read(&key).unwrap();
         let req = new_renewal_request("plant-1").unwrap();
         // Wrong site, wrong key, another CA, not valid now: each refused, nothing written.
@@ -366,12 +371,7 @@ mod tests {
     fn an_interrupted_install_is_finished_at_the_next_load() {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new();
-        pki.write_site_files(dir.path(), "plant-1");
-        let (ca, cert, key) = (
-            dir.path().join("ca.pem"),
-            dir.path().join("plant-1.pem"),
-            dir.path().join("plant-1.key"),
-        );
+        let (ca, cert, key) = site_files(&pki, dir.path());
         let req = new_renewal_request("plant-1").unwrap();
         let good = pki.sign_request("plant-1", &req.csr_der, 30);
         // The state right after the key's rename: new key in place, certificate still beside it.
