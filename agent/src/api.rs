@@ -28,7 +28,7 @@ use crate::store::{
     MilestoneRecord, NewLine, NewMilestone, NewOrder, OrderRecord, ReadError, Store, WriteError,
     now_ms, rfc3339_millis,
 };
-use crate::sync::LinkState;
+use crate::link::LinkState;
 use crate::topup::TopUp;
 
 pub use outpost_protocol::{IDEMPOTENCY_KEY_HEADER as IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_LEN};

@@ -6,6 +6,7 @@ pub mod capture;
 pub mod config;
 pub mod enroll;
 pub mod health;
+pub mod link;
 pub mod metrics;
 pub mod run;
 pub mod store;

@@ -284,7 +284,7 @@ mod tests {
     use crate::api::{Boundary, Clients, router_with};
     use crate::config::{ApiClient, Role};
     use crate::store::{NewLine, NewOrder, Store};
-    use crate::sync::LinkState;
+    use crate::link::LinkState;
     use crate::testutil::{catalogue, grants};
     use axum::body::Body;
     use axum::http::Request;

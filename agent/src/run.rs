@@ -13,7 +13,8 @@ use crate::api::{self, ApiState, Boundary, Clients, ServeLimits};
 use crate::config::Settings;
 use crate::health::HealthProbe;
 use crate::store::{self, OpenStoreError, Store};
-use crate::sync::{LinkState, SyncClient};
+use crate::link::LinkState;
+use crate::sync::SyncClient;
 use crate::tls::TlsError;
 use crate::topup::{ASK_QUEUE_DEPTH, TopUp};
 

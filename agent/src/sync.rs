@@ -10,8 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_protocol::io::{read_frame, write_frame};
@@ -27,6 +26,7 @@ use tracing::Instrument;
 
 use crate::config::SyncSettings;
 use crate::health::HealthProbe;
+use crate::link::LinkState;
 use crate::store::{IncarnationChange, ReadError, Store, WriteError, now_ms};
 use crate::tls::{self, CertInfo, RenewalRequest, TlsError};
 use crate::topup::{AllowanceAnswer, AllowanceAsk};
@@ -66,19 +66,6 @@ pub fn clock_sane(now_unix: i64, cert: Option<&CertInfo>) -> Result<(), String> 
         ));
     }
     Ok(())
-}
-
-/// Where the site certificate and its renewal stand, for `/v1/health`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct CertStatus {
-    /// End of the current certificate's validity (s since the epoch); `None` if unreadable.
-    pub not_after: Option<i64>,
-    /// When the certificate in use was installed by a renewal (ms since the epoch).
-    pub renewed_at_ms: Option<i64>,
-    /// Renewals completed since the agent started.
-    pub renewals: u64,
-    /// Why the last renewal attempt failed, until one succeeds.
-    pub last_error: Option<String>,
 }
 
 /// How long one connection attempt may take: `connect_timeout`, shortened to
@@ -220,93 +207,6 @@ pub fn client_config(s: &SyncSettings) -> Result<quinn::ClientConfig, TlsError> 
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
-}
-
-/// Whether the agent is connected to central and when it last heard from it. Written by the sync
-/// task, read by the API.
-#[derive(Debug, Default)]
-pub struct LinkState {
-    connected: AtomicBool,
-    /// Milliseconds since the epoch when central was last heard from; 0: never.
-    last_heard_ms: AtomicI64,
-    /// Why the wall clock is not trusted (no connection is attempted meanwhile); `None`: it is.
-    clock_untrusted: Mutex<Option<String>>,
-    certificate: Mutex<CertStatus>,
-    /// Protocol version of the latest session (0: none yet).
-    protocol_version: AtomicU16,
-}
-
-impl LinkState {
-    /// `last_heard_ms`: the best earlier knowledge (the time of the last applied master batch).
-    pub fn new(last_heard_ms: Option<i64>) -> Self {
-        LinkState {
-            connected: AtomicBool::new(false),
-            last_heard_ms: AtomicI64::new(last_heard_ms.unwrap_or(0).max(0)),
-            clock_untrusted: Mutex::new(None),
-            certificate: Mutex::new(CertStatus::default()),
-            protocol_version: AtomicU16::new(0),
-        }
-    }
-
-    /// Protocol version of the latest session, `None` before the first.
-    pub fn protocol_version(&self) -> Option<u16> {
-        let v = self.protocol_version.load(Ordering::Relaxed);
-        (v > 0).then_some(v)
-    }
-
-    /// Why the clock is not trusted, or `None`.
-    pub fn clock_untrusted(&self) -> Option<String> {
-        self.clock_untrusted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn set_clock_untrusted(&self, why: Option<String>) {
-        *self
-            .clock_untrusted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = why;
-    }
-
-    pub fn certificate(&self) -> CertStatus {
-        self.certificate
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn update_certificate(&self, f: impl FnOnce(&mut CertStatus)) {
-        f(&mut self.certificate.lock().unwrap_or_else(|e| e.into_inner()));
-    }
-
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-
-    /// Sets the state and returns the previous one.
-    pub fn set_connected(&self, up: bool) -> bool {
-        self.connected.swap(up, Ordering::Relaxed)
-    }
-
-    /// Central was heard from at `at_ms` (never moves back).
-    pub fn heard(&self, at_ms: i64) {
-        self.last_heard_ms.fetch_max(at_ms, Ordering::Relaxed);
-    }
-
-    pub fn last_heard_ms(&self) -> Option<i64> {
-        let v = self.last_heard_ms.load(Ordering::Relaxed);
-        (v > 0).then_some(v)
-    }
-
-    /// Whole seconds since central was last heard from: 0 while connected, `None` if never.
-    pub fn stale_secs(&self, now_ms: i64) -> Option<u64> {
-        if self.is_connected() {
-            return Some(0);
-        }
-        let last = self.last_heard_ms()?;
-        Some(u64::try_from(now_ms.saturating_sub(last) / 1000).unwrap_or(0))
-    }
 }
 
 /// Allowance requests sent to central and not yet answered, by request id: where to answer and
@@ -625,7 +525,7 @@ impl SyncClient {
         }
         *welcomed = true;
         self.link.heard(now_ms());
-        self.link.protocol_version.store(version, Ordering::Relaxed);
+        self.link.set_protocol_version(version);
 
         // Central's store may have been replaced (restored from a backup) since the last
         // Welcome: it may not know the grants this site holds. Settled before any Master frame of

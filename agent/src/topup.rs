@@ -10,7 +10,7 @@ use outpost_protocol::Pool;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout_at};
 
-use crate::sync::LinkState;
+use crate::link::LinkState;
 
 /// Depth of the queue of allowance requests from the API to the sync task. When it is full the
 /// order does not wait for a place: it is captured with what the site holds (pending beyond it).

@@ -35,6 +35,8 @@ pub use orders::{IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_LEN};
 pub use views::event_json;
 
 use crate::config::{ApiClient, Role};
+pub use crate::timefmt::rfc3339_ms;
+use crate::timefmt::MAX_RFC3339_MS;
 use crate::registry::Registry;
 use crate::store::{ReadError, Store, StoreUnavailable, UpsertMasterError};
 
@@ -577,18 +579,6 @@ async fn get_events(
     let next = events.last().map(|e| e.cursor).unwrap_or(after);
     let events: Vec<Value> = events.iter().map(event_json).collect();
     Ok(Json(json!({"events": events, "next": next})))
-}
-
-/// Largest timestamp rendered (9999-12-31T23:59:59.999Z); remote clocks are not trusted to stay
-/// inside what RFC 3339 can express.
-const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
-
-/// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds), clamped to the range
-/// RFC 3339 can express.
-pub fn rfc3339_ms(ms: i64) -> String {
-    let ms = ms.clamp(0, MAX_RFC3339_MS) as u64;
-    let t = UNIX_EPOCH + Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 fn rfc3339(t: SystemTime) -> String {

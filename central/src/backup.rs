@@ -12,7 +12,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::Response;
 
-use crate::api::{ApiError, ApiState, rfc3339_ms};
+use crate::api::{ApiError, ApiState};
+use crate::timefmt::rfc3339_ms;
 use crate::cli::{CliError, Remote};
 use crate::store::{BackupError, BackupInfo, RestoreError, RestoredStore, restore_store};
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::dev::{FLEET_FILE, Fleet};
-use crate::run::READY_FILE;
+use crate::paths::READY_FILE;
 
 pub mod drill;
 pub mod fleet;

@@ -957,7 +957,7 @@ impl CentralConfig {
     }
 
     pub fn ready_path(&self) -> PathBuf {
-        self.data_dir.join(crate::run::READY_FILE)
+        self.data_dir.join(crate::paths::READY_FILE)
     }
 }
 

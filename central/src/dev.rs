@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::certs::{self, CertError, DEFAULT_CENTRAL_NAME};
-use crate::run::READY_FILE;
+use crate::paths::READY_FILE;
 
 pub const DEFAULT_SITES: usize = 3;
 pub const DEFAULT_BASE_PORT: u16 = 7600;

@@ -551,7 +551,7 @@ pub struct Report {
 }
 
 fn rfc(ms: i64) -> String {
-    crate::api::rfc3339_ms(ms)
+    crate::timefmt::rfc3339_ms(ms)
 }
 
 /// Consecutive runs of `seqs` (sorted) as inclusive ranges.

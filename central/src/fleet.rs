@@ -287,7 +287,7 @@ pub fn alert_json(a: &Alert) -> serde_json::Value {
         "from": a.from,
         "to": a.to,
         "reasons": a.reasons,
-        "at": crate::api::rfc3339_ms(a.at_ms),
+        "at": crate::timefmt::rfc3339_ms(a.at_ms),
         "at_ms": a.at_ms,
         "drill_id": a.drill_id,
     })

@@ -15,12 +15,15 @@ pub mod drill;
 pub mod fleet;
 pub mod health;
 pub mod ledger;
+pub mod memory;
 pub mod metrics;
+pub mod paths;
 pub mod quic;
 pub mod registry;
 pub mod renewal;
 pub mod run;
 pub mod store;
+pub mod timefmt;
 pub mod traffic;
 
 /// Version of this build, sent to agents in `Welcome`.

@@ -129,7 +129,7 @@ impl Snapshot {
             certs_renewed: crate::renewal::RENEWED.load(Ordering::Relaxed),
             cert_renewals_refused: crate::renewal::REFUSED.load(Ordering::Relaxed),
             start_time_secs: unix_secs(started),
-            resident_memory_bytes: crate::quic::resident_memory_bytes(),
+            resident_memory_bytes: crate::memory::resident_memory_bytes(),
         })
     }
 }

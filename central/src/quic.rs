@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,14 +29,13 @@ use tracing::Instrument;
 
 use crate::certs::{CertError, load_certs, load_key};
 use crate::config::QuicConfig;
+use crate::memory::{MemoryGauge, run_memory_sampler};
 use crate::registry::{EndSignal, Registry};
 use crate::store::{AllowanceAnswer, HelloMarks, IngestBatchError, Store};
 
 // The connection, handshake, stream, window and memory limits are config (`[quic]`, see
 // `config.rs` for their defaults and why).
 
-/// How often central samples its own resident memory for `quic.memory_limit_mib`.
-pub const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
 /// At most one warning per this interval while connections are refused for memory or per-address
 /// limits; the rest are counted into the next warning.
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
@@ -153,83 +152,6 @@ impl AcceptLimits {
             max_connections: cfg.max_connections,
             max_handshakes_per_ip: cfg.max_handshakes_per_ip,
             memory_limit_bytes: cfg.memory_limit_mib.saturating_mul(1024 * 1024),
-        }
-    }
-}
-
-/// Central's own resident memory, sampled every `MEMORY_SAMPLE_INTERVAL` by `run_memory_sampler`.
-#[derive(Debug, Default)]
-pub struct MemoryGauge {
-    rss_bytes: AtomicU64,
-    over_limit: AtomicBool,
-}
-
-impl MemoryGauge {
-    pub fn rss_bytes(&self) -> u64 {
-        self.rss_bytes.load(Ordering::Relaxed)
-    }
-    pub fn over_limit(&self) -> bool {
-        self.over_limit.load(Ordering::Relaxed)
-    }
-    fn record(&self, rss: u64, limit: u64) {
-        self.rss_bytes.store(rss, Ordering::Relaxed);
-        self.over_limit.store(rss > limit, Ordering::Relaxed);
-    }
-}
-
-/// This process's resident set size (reads `/proc/self/statm` on Linux: microseconds, fine on
-/// the executor). Shared by the memory limit and `/metrics`.
-pub fn resident_memory_bytes() -> Option<u64> {
-    use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System};
-    let pid = sysinfo::get_current_pid().ok()?;
-    let mut sys = System::new();
-    sys.refresh_processes_specifics(
-        ProcessesToUpdate::Some(&[pid]),
-        false,
-        ProcessRefreshKind::nothing().with_memory(),
-    );
-    sys.process(pid).map(|p| p.memory())
-}
-
-/// Samples this process's resident set size until `stop` turns true. A failed sample leaves the
-/// previous figure (a gauge that cannot read memory never refuses connections by itself).
-pub async fn run_memory_sampler(
-    gauge: Arc<MemoryGauge>,
-    limit_bytes: u64,
-    mut stop: watch::Receiver<bool>,
-) {
-    if sysinfo::get_current_pid().is_err() {
-        tracing::warn!("cannot find central's own pid; quic.memory_limit_mib is not enforced");
-        return;
-    }
-    let mut tick = tokio::time::interval(MEMORY_SAMPLE_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut was_over = false;
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = tick.tick() => {}
-        }
-        let Some(rss) = resident_memory_bytes() else {
-            continue;
-        };
-        gauge.record(rss, limit_bytes);
-        let over = gauge.over_limit();
-        if over != was_over {
-            if over {
-                tracing::warn!(
-                    rss_mib = rss >> 20,
-                    limit_mib = limit_bytes >> 20,
-                    "memory above quic.memory_limit_mib: refusing new connections (live sessions continue)"
-                );
-            } else {
-                tracing::info!(
-                    rss_mib = rss >> 20,
-                    limit_mib = limit_bytes >> 20,
-                    "memory back under quic.memory_limit_mib: accepting connections"
-                );
-            }
-            was_over = over;
         }
     }
 }
@@ -1030,7 +952,7 @@ impl Session {
                     RefuseCode::Revoked,
                     format!(
                         "this site was revoked by an operator at central at {}: {}",
-                        crate::api::rfc3339_ms(r.at_ms),
+                        crate::timefmt::rfc3339_ms(r.at_ms),
                         r.reason
                     ),
                 ))

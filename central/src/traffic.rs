@@ -15,7 +15,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::dev::{FLEET_FILE, Fleet, FleetSite};
-use crate::run::READY_FILE;
+use crate::paths::READY_FILE;
 
 pub mod plan;
 pub mod report;
