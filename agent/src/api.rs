@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::{ApiClient, Role};
+use crate::link::LinkState;
 use crate::store::{
     MilestoneRecord, NewLine, NewMilestone, NewOrder, OrderRecord, ReadError, Store, WriteError,
     now_ms, rfc3339_millis,
 };
-use crate::link::LinkState;
 use crate::topup::TopUp;
 
 pub use outpost_protocol::{IDEMPOTENCY_KEY_HEADER as IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_LEN};

@@ -18,7 +18,6 @@ pub struct CertStatus {
     pub last_error: Option<String>,
 }
 
-
 /// Whether the agent is connected to central and when it last heard from it. Written by the sync
 /// task, read by the API.
 #[derive(Debug, Default)]
@@ -109,4 +108,3 @@ impl LinkState {
         Some(u64::try_from(now_ms.saturating_sub(last) / 1000).unwrap_or(0))
     }
 }
-

@@ -283,8 +283,8 @@ mod tests {
     use super::*;
     use crate::api::{Boundary, Clients, router_with};
     use crate::config::{ApiClient, Role};
-    use crate::store::{NewLine, NewOrder, Store};
     use crate::link::LinkState;
+    use crate::store::{NewLine, NewOrder, Store};
     use crate::testutil::{catalogue, grants};
     use axum::body::Body;
     use axum::http::Request;

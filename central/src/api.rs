@@ -35,10 +35,10 @@ pub use orders::{IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_LEN};
 pub use views::event_json;
 
 use crate::config::{ApiClient, Role};
-pub use crate::timefmt::rfc3339_ms;
-use crate::timefmt::MAX_RFC3339_MS;
 use crate::registry::Registry;
 use crate::store::{ReadError, Store, StoreUnavailable, UpsertMasterError};
+use crate::timefmt::MAX_RFC3339_MS;
+pub use crate::timefmt::rfc3339_ms;
 
 /// Most items in one master-data upsert: one request, one transaction; larger loads are split by
 /// the caller so that a single commit stays short.

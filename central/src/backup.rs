@@ -13,9 +13,9 @@ use axum::http::{StatusCode, header};
 use axum::response::Response;
 
 use crate::api::{ApiError, ApiState};
-use crate::timefmt::rfc3339_ms;
 use crate::cli::{CliError, Remote};
 use crate::store::{BackupError, BackupInfo, RestoreError, RestoredStore, restore_store};
+use crate::timefmt::rfc3339_ms;
 
 /// Route of the online backup (admin role only).
 pub const BACKUP_ROUTE: &str = "/v1/backup";

@@ -16,7 +16,6 @@ use crate::quic::{SyncContext, TlsSetupError};
 use crate::registry::Registry;
 use crate::store::{OpenStoreError, Store};
 
-use crate::paths::READY_FILE;
 /// How long in-flight HTTP requests may take to finish after shutdown starts.
 pub const HTTP_DRAIN: Duration = Duration::from_secs(5);
 /// How long the QUIC side may take to say goodbye to every session and close.

@@ -1,7 +1,12 @@
-//! The pure state machines of a sync session: what the agent may send next given what central has
-//! acknowledged (`Uploader`), and what central applies from an uploaded batch given its durable
-//! per-site high-water mark (`plan_ingest`). No I/O: the shells in the agent and central persist
-//! and transmit, then report back.
+//! The pure state machines of a sync session: the agent's session (`agent::AgentSession`) and
+//! central's (`central::CentralSession`), and the rules they share: what the agent may send next
+//! given what central has acknowledged (`Uploader`), whether a Hello matches the certificate
+//! (`check_hello`), and what central applies from an uploaded batch given its durable per-site
+//! high-water mark (`plan_ingest`). No I/O: the drivers in the agent and central (and the
+//! simulation) persist and transmit, then report back.
+
+pub mod agent;
+pub mod central;
 
 use std::ops::RangeInclusive;
 
@@ -9,7 +14,7 @@ use crate::messages::{EventEnvelope, Hello, MAX_EVENTS_PER_BATCH, Refuse, Refuse
 use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// A protocol violation by the peer: the session is closed with this reason.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {
     #[error("central acknowledged seq {acked} but only {sent} has been sent")]
     AckBeyondSent { acked: u64, sent: u64 },
@@ -146,7 +151,7 @@ pub struct IngestPlan {
     pub new_hwm: u64,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum IngestError {
     #[error("event seq {seq} claims site {claimed:?}, but the connection is site {site:?}")]
     ForeignSite {
