@@ -251,6 +251,11 @@ impl CentralSession {
         matches!(self.phase, Phase::Live)
     }
 
+    /// Whether requests are waiting to be polled.
+    pub fn has_requests(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
     /// Whether the driver may hand over another message now.
     pub fn wants_input(&self) -> bool {
         !self.is_ended() && self.input.len() < MAX_QUEUED_INPUT
@@ -312,6 +317,13 @@ impl CentralSession {
         } else {
             self.finish(CentralEnd::Gone(format!("read failed: {e}")));
         }
+    }
+
+    /// A frame could not be written to the agent (it does not read, or the connection is gone).
+    pub fn handle_write_failed(&mut self, error: String) {
+        self.finish(CentralEnd::Gone(format!(
+            "cannot send to the agent: {error}"
+        )));
     }
 
     /// The agent closed its stream.
@@ -644,6 +656,48 @@ impl CentralSession {
         if !self.is_ended() {
             self.phase = Phase::Ended;
             self.end = Some(end);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_reasons_are_bounded_and_codes_follow_the_error() {
+        let long = "é".repeat(400);
+        let r = refuse(RefuseCode::ProtocolViolation, long);
+        assert!(r.reason.len() <= MAX_TEXT_LEN);
+        let foreign = IngestError::ForeignSite {
+            seq: 1,
+            claimed: "plant-2".into(),
+            site: "plant-1".into(),
+        };
+        assert_eq!(refuse_for_ingest(&foreign).code, RefuseCode::WrongSite);
+        let gap = IngestError::Gap {
+            expected: 2,
+            got: 5,
+        };
+        assert_eq!(refuse_for_ingest(&gap).code, RefuseCode::ProtocolViolation);
+    }
+
+    #[test]
+    fn refuse_codes_keep_their_wire_encoding() {
+        // Guards against inserting a code in the middle: older agents decode by index.
+        for (code, index) in [
+            (RefuseCode::IncompatibleVersion, 0u8),
+            (RefuseCode::WrongSite, 1),
+            (RefuseCode::ProtocolViolation, 2),
+            (RefuseCode::Superseded, 3),
+            (RefuseCode::Unavailable, 4),
+            (RefuseCode::Revoked, 5),
+        ] {
+            assert_eq!(
+                postcard::to_allocvec(&code).unwrap(),
+                vec![index],
+                "{code:?}"
+            );
         }
     }
 }
