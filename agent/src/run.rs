@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, watch};
 use crate::api::{self, ApiState, Boundary, Clients, ServeLimits};
 use crate::config::Settings;
 use crate::health::HealthProbe;
-use crate::store::{self, OpenStoreError, Store};
 use crate::link::LinkState;
+use crate::store::{self, OpenStoreError, Store};
 use crate::sync::SyncClient;
 use crate::tls::TlsError;
 use crate::topup::{ASK_QUEUE_DEPTH, TopUp};
@@ -111,7 +111,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         addr: settings.api.listen,
         source,
     })?;
-    let app = api::router_with(
+    let app = crate::router::router_with(
         ApiState {
             store: store.clone(),
             site: settings.site_id.clone(),
