@@ -29,7 +29,7 @@ mod writer;
 mod tests;
 
 pub use acks::{MAX_PRUNE_PER_STEP, PRUNE_INTERVAL, run_pruner};
-pub use error::{OpenStoreError, ReadError, WriteError};
+pub use error::{OpenStoreError, ReadError, ReadMetaError, WriteError};
 pub use master::return_event_id;
 pub use milestone::validate_new_milestone;
 pub use order::validate_new_order;
@@ -114,7 +114,7 @@ impl Store {
         opener: Opener,
     ) -> Result<(Store, StoreWriter), OpenStoreError> {
         let db = opener()?;
-        let rev = read_meta(&db, K_MASTER_REV).map_err(|e| OpenStoreError::Read(e.to_string()))?;
+        let rev = read_meta(&db, K_MASTER_REV).map_err(OpenStoreError::ReadMeta)?;
         let shared = Arc::new(Shared {
             opener,
             site: site.to_string(),

@@ -756,7 +756,7 @@ impl SyncClient {
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot make a certificate signing request");
                 self.link
-                    .update_certificate(|c| c.last_error = Some(e.clone()));
+                    .update_certificate(|c| c.last_error = Some(e.to_string()));
                 None
             }
             Err(e) => {
@@ -781,7 +781,8 @@ impl SyncClient {
             self.site.clone(),
         );
         let installed = tokio::task::spawn_blocking(move || {
-            let info = tls::check_renewed(&ca, &site, &request, &chain_pem, now_ms() / 1000)?;
+            let info = tls::check_renewed(&ca, &site, &request, &chain_pem, now_ms() / 1000)
+                .map_err(|e| e.to_string())?;
             tls::install_renewed(&cert, &key, &chain_pem, &request.key_pem)
                 .map_err(|e| format!("cannot write the renewed certificate: {e}"))?;
             Ok::<_, String>(info)

@@ -53,6 +53,18 @@ pub enum ReadError {
     Corrupt(String),
 }
 
+/// Why a meta value could not be read while the store opened (`read_meta`). Each variant shows
+/// redb's own message, as the store has always reported it.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadMetaError {
+    #[error(transparent)]
+    Begin(#[from] redb::TransactionError),
+    #[error(transparent)]
+    Table(#[from] redb::TableError),
+    #[error(transparent)]
+    Get(#[from] redb::StorageError),
+}
+
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenStoreError {
@@ -69,8 +81,12 @@ pub enum OpenStoreError {
     SchemaVersion { path: PathBuf, found: u64 },
     #[error("cannot start the store writer thread: {0}")]
     Thread(std::io::Error),
+    /// The applied master revision, read while opening.
     #[error("cannot read the store: {0}")]
-    Read(String),
+    ReadMeta(#[source] ReadMetaError),
+    /// A read right after opening (the agent reads when the last master batch was applied).
+    #[error("cannot read the store: {0}")]
+    Read(#[source] ReadError),
 }
 
 /// Failure of one operation inside a group: a refusal (nothing written, the rest of the group

@@ -9,7 +9,7 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
 };
 
-use super::error::{Fail, OpenStoreError, ReadError, WriteError, storage};
+use super::error::{Fail, OpenStoreError, ReadError, ReadMetaError, WriteError, storage};
 use super::types::{MAX_OUTBOX_EVENTS, PriceValue};
 
 /// Version of the table layout below. Bumped on any incompatible change; an agent refuses to open
@@ -229,12 +229,9 @@ pub(super) fn read_meta_in(txn: &redb::ReadTransaction, k: &str) -> Result<u64, 
         .unwrap_or(0))
 }
 
-pub(super) fn read_meta(db: &Database, k: &str) -> Result<u64, String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let meta = txn.open_table(META).map_err(|e| e.to_string())?;
-    Ok(meta
-        .get(k)
-        .map_err(|e| e.to_string())?
-        .map(|g| g.value())
-        .unwrap_or(0))
+/// One meta value (0 when absent), read in a transaction of its own while the store opens.
+pub(super) fn read_meta(db: &Database, k: &str) -> Result<u64, ReadMetaError> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    Ok(meta.get(k)?.map(|g| g.value()).unwrap_or(0))
 }
