@@ -516,12 +516,19 @@ fn set_str(t: &mut dyn toml_edit::TableLike, key: &str, v: &str) {
     }
 }
 
+/// Why an existing config could not be updated for the bundle (`updated_config`).
+#[derive(Debug, thiserror::Error)]
+enum UpdateConfigError {
+    #[error("sync is not a table")]
+    SyncNotATable,
+}
+
 /// `doc` with `site_id` and the `[sync]` keys set, everything else as it was.
 fn updated_config(
     doc: &toml_edit::DocumentMut,
     site: &str,
     sync: &SyncKeys,
-) -> Result<String, String> {
+) -> Result<String, UpdateConfigError> {
     let mut doc = doc.clone();
     set_str(doc.as_table_mut(), "site_id", site);
     if !doc.contains_key("sync") {
@@ -529,7 +536,7 @@ fn updated_config(
     }
     let t = doc["sync"]
         .as_table_like_mut()
-        .ok_or("sync is not a table")?;
+        .ok_or(UpdateConfigError::SyncNotATable)?;
     set_str(t, "central_addr", sync.central_addr);
     set_str(t, "central_name", sync.central_name);
     set_str(t, "ca_cert", &path_text(sync.ca_cert));
@@ -799,7 +806,7 @@ pub fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
             key,
         };
         match &doc {
-            Some(d) => updated_config(d, &b.site_id, &sync).map_err(config_err),
+            Some(d) => updated_config(d, &b.site_id, &sync).map_err(|e| config_err(e.to_string())),
             None => Ok(new_config(&b.site_id, &data_dir, &hashes, &sync)),
         }
     };

@@ -10,21 +10,8 @@ use std::time::Instant;
 use outpost_protocol::Heartbeat;
 use sysinfo::{Disks, Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
-use crate::api::ApiCounters;
+use crate::counters::ApiCounters;
 use crate::store::{Store, now_ms};
-
-/// This process's resident set size, read on its own (for `/metrics`; the heartbeat samples it
-/// with the rest of its figures).
-pub fn resident_memory_bytes() -> Option<u64> {
-    let pid = sysinfo::get_current_pid().ok()?;
-    let mut sys = System::new();
-    sys.refresh_processes_specifics(
-        ProcessesToUpdate::Some(&[pid]),
-        false,
-        ProcessRefreshKind::nothing().with_memory(),
-    );
-    sys.process(pid).map(|p| p.memory())
-}
 
 /// What a heartbeat needs to read, kept between beats: CPU figures are the usage since the
 /// previous refresh, so the same `System` must be refreshed each time.

@@ -4,10 +4,13 @@
 pub mod api;
 pub mod capture;
 pub mod config;
+pub mod counters;
 pub mod enroll;
 pub mod health;
 pub mod link;
+pub mod memory;
 pub mod metrics;
+pub mod router;
 pub mod run;
 pub mod store;
 pub mod sync;

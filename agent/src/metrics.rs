@@ -13,7 +13,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::api::{ApiCounters, ApiState};
+use crate::api::ApiState;
+use crate::counters::ApiCounters;
 use crate::store::{ReadError, now_ms};
 
 /// The content type of the exposition: OpenMetrics text, which Prometheus negotiates and parses.
@@ -92,7 +93,7 @@ impl Snapshot {
             start_time_secs: started
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
-            resident_memory_bytes: crate::health::resident_memory_bytes(),
+            resident_memory_bytes: crate::memory::resident_memory_bytes(),
         })
     }
 }
@@ -281,9 +282,10 @@ pub async fn handler(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Boundary, Clients, router_with};
+    use crate::api::{Boundary, Clients};
     use crate::config::{ApiClient, Role};
     use crate::link::LinkState;
+    use crate::router::router_with;
     use crate::store::{NewLine, NewOrder, Store};
     use crate::testutil::{catalogue, grants};
     use axum::body::Body;

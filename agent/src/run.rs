@@ -76,9 +76,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         settings.retention,
     )?;
     // Until central is heard from again, the freshest sign of it is the last master batch.
-    let as_of = store
-        .as_of_ms()
-        .map_err(|e| OpenStoreError::Read(e.to_string()))?;
+    let as_of = store.as_of_ms().map_err(OpenStoreError::Read)?;
     let link = Arc::new(LinkState::new(as_of));
     let (ask_tx, ask_rx) = mpsc::channel(ASK_QUEUE_DEPTH);
     let topup = TopUp::new(
@@ -111,7 +109,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         addr: settings.api.listen,
         source,
     })?;
-    let app = api::router_with(
+    let app = crate::router::router_with(
         ApiState {
             store: store.clone(),
             site: settings.site_id.clone(),

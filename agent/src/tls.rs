@@ -105,25 +105,40 @@ pub struct CertInfo {
 /// Reads the validity and site id of the first certificate in `path`.
 pub fn cert_info(path: &Path) -> Result<CertInfo, TlsError> {
     let der = read_certs(path)?.swap_remove(0);
-    cert_info_der(&der).map_err(|detail| TlsError::Pem {
+    cert_info_der(&der).map_err(|e| TlsError::Pem {
         path: path.to_path_buf(),
-        detail,
+        detail: e.to_string(),
     })
 }
 
+/// Why a DER certificate's validity could not be read (`cert_validity`).
+#[derive(Debug, thiserror::Error)]
+pub enum CertValidityError {
+    #[error("not an X.509 certificate: {0}")]
+    NotX509(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+}
+
 /// The validity period of a DER certificate, in seconds since the Unix epoch.
-pub fn cert_validity(der: &[u8]) -> Result<(i64, i64), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+pub fn cert_validity(der: &[u8]) -> Result<(i64, i64), CertValidityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(CertValidityError::NotX509)?;
     Ok((
         cert.validity().not_before.timestamp(),
         cert.validity().not_after.timestamp(),
     ))
 }
 
-fn cert_info_der(der: &[u8]) -> Result<CertInfo, String> {
+/// Why a DER certificate's validity and site id could not be read (`cert_info_der`).
+#[derive(Debug, thiserror::Error)]
+pub enum CertInfoError {
+    #[error(transparent)]
+    Validity(#[from] CertValidityError),
+    #[error(transparent)]
+    SiteId(#[from] outpost_protocol::identity::SiteIdError),
+}
+
+fn cert_info_der(der: &[u8]) -> Result<CertInfo, CertInfoError> {
     let (not_before, not_after) = cert_validity(der)?;
-    let site = outpost_protocol::identity::site_id_from_cert_der(der).map_err(|e| e.to_string())?;
+    let site = outpost_protocol::identity::site_id_from_cert_der(der)?;
     Ok(CertInfo {
         not_before,
         not_after,
@@ -197,24 +212,67 @@ pub struct RenewalRequest {
     pub csr_der: Vec<u8>,
 }
 
+/// Why a renewal's key and signing request could not be made (`new_renewal_request`).
+#[derive(Debug, thiserror::Error)]
+pub enum NewRenewalRequestError {
+    #[error("cannot generate a key: {0}")]
+    Key(#[source] rcgen::Error),
+    #[error("cannot build a signing request: {0}")]
+    Request(#[source] rcgen::Error),
+    #[error("site uri: {0}")]
+    SiteUri(#[source] rcgen::Error),
+}
+
 /// Generates a new key (ECDSA P-256) and a signing request naming `site`. Central decides what
 /// the certificate says; the request only proves possession of the key.
-pub fn new_renewal_request(site: &str) -> Result<RenewalRequest, String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
+pub fn new_renewal_request(site: &str) -> Result<RenewalRequest, NewRenewalRequestError> {
+    let key = rcgen::KeyPair::generate().map_err(NewRenewalRequestError::Key)?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
-        .map_err(|e| format!("cannot build a signing request: {e}"))?;
+        .map_err(NewRenewalRequestError::Request)?;
     params.subject_alt_names = vec![rcgen::SanType::URI(
         outpost_protocol::identity::site_uri(site)
             .try_into()
-            .map_err(|e| format!("site uri: {e}"))?,
+            .map_err(NewRenewalRequestError::SiteUri)?,
     )];
     let csr = params
         .serialize_request(&key)
-        .map_err(|e| format!("cannot build a signing request: {e}"))?;
+        .map_err(NewRenewalRequestError::Request)?;
     Ok(RenewalRequest {
         key_pem: key.serialize_pem(),
         csr_der: csr.der().to_vec(),
     })
+}
+
+/// Why a certificate central signed was refused (`check_renewed`). Nothing is installed then;
+/// the old certificate stays in use.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckRenewedError {
+    #[error("not a PEM certificate: {0}")]
+    NotPem(#[source] rustls::pki_types::pem::Error),
+    #[error("no certificate in the answer")]
+    NoCertificate,
+    #[error(transparent)]
+    Unreadable(#[from] CertInfoError),
+    #[error("the certificate names site {found:?}, this agent is {site:?}")]
+    OtherSite { found: String, site: String },
+    #[error("the new key: {0}")]
+    Key(#[source] rustls::pki_types::pem::Error),
+    #[error("the certificate does not certify the key this agent generated")]
+    OtherKey,
+    #[error("the certificate is not valid now (valid {not_before}..{not_after}, now {now})")]
+    NotValidNow {
+        not_before: i64,
+        not_after: i64,
+        now: i64,
+    },
+    #[error(transparent)]
+    Ca(#[from] TlsError),
+    #[error(transparent)]
+    CaRoot(#[from] rustls::Error),
+    #[error(transparent)]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("the certificate does not chain to the fleet CA: {0}")]
+    NotChained(#[source] rustls::Error),
 }
 
 /// Checks a certificate central signed for `request`: it names this site, certifies the new
@@ -225,44 +283,44 @@ pub fn check_renewed(
     request: &RenewalRequest,
     chain_pem: &str,
     now_unix: i64,
-) -> Result<CertInfo, String> {
+) -> Result<CertInfo, CheckRenewedError> {
     let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not a PEM certificate: {e}"))?;
-    let leaf = chain.first().ok_or("no certificate in the answer")?;
+        .map_err(CheckRenewedError::NotPem)?;
+    let leaf = chain.first().ok_or(CheckRenewedError::NoCertificate)?;
     let info = cert_info_der(leaf)?;
     if info.site != site {
-        return Err(format!(
-            "the certificate names site {:?}, this agent is {site:?}",
-            info.site
-        ));
+        return Err(CheckRenewedError::OtherSite {
+            found: info.site,
+            site: site.to_string(),
+        });
     }
     let key = PrivateKeyDer::from_pem_slice(request.key_pem.as_bytes())
-        .map_err(|e| format!("the new key: {e}"))?;
+        .map_err(CheckRenewedError::Key)?;
     if !key_matches(leaf, &key) {
-        return Err("the certificate does not certify the key this agent generated".into());
+        return Err(CheckRenewedError::OtherKey);
     }
     if !(info.not_before..info.not_after).contains(&now_unix) {
-        return Err(format!(
-            "the certificate is not valid now (valid {}..{}, now {now_unix})",
-            info.not_before, info.not_after
-        ));
+        return Err(CheckRenewedError::NotValidNow {
+            not_before: info.not_before,
+            not_after: info.not_after,
+            now: now_unix,
+        });
     }
     let mut roots = rustls::RootCertStore::empty();
-    for c in read_certs(ca_cert).map_err(|e| e.to_string())? {
-        roots.add(c).map_err(|e| e.to_string())?;
+    for c in read_certs(ca_cert)? {
+        roots.add(c)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .map_err(|e| e.to_string())?;
+            .build()?;
     let now = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
         u64::try_from(now_unix).unwrap_or(0),
     ));
     verifier
         .verify_client_cert(leaf, &chain[1..], now)
-        .map_err(|e| format!("the certificate does not chain to the fleet CA: {e}"))?;
+        .map_err(CheckRenewedError::NotChained)?;
     Ok(info)
 }
 
@@ -336,17 +394,25 @@ mod tests {
         let req = new_renewal_request("plant-1").unwrap();
         // Wrong site, wrong key, another CA, not valid now: each refused, nothing written.
         let other_site = pki.sign_request("plant-2", &req.csr_der, 30);
-        let e = check_renewed(&ca, "plant-1", &req, &other_site, now()).unwrap_err();
+        let e = check_renewed(&ca, "plant-1", &req, &other_site, now())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("plant-2"), "{e}");
         let other_req = new_renewal_request("plant-1").unwrap();
         let other_key = pki.sign_request("plant-1", &other_req.csr_der, 30);
-        let e = check_renewed(&ca, "plant-1", &req, &other_key, now()).unwrap_err();
+        let e = check_renewed(&ca, "plant-1", &req, &other_key, now())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not certify the key"), "{e}");
         let foreign = Pki::new().sign_request("plant-1", &req.csr_der, 30);
-        let e = check_renewed(&ca, "plant-1", &req, &foreign, now()).unwrap_err();
+        let e = check_renewed(&ca, "plant-1", &req, &foreign, now())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fleet CA"), "{e}");
         let good = pki.sign_request("plant-1", &req.csr_der, 30);
-        let e = check_renewed(&ca, "plant-1", &req, &good, now() + 40 * 86_400).unwrap_err();
+        let e = check_renewed(&ca, "plant-1", &req, &good, now() + 40 * 86_400)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not valid now"), "{e}");
         assert_eq!(std::fs::read(&key).unwrap(), old_key);
 

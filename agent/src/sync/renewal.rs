@@ -64,7 +64,8 @@ impl SyncClient {
             self.site.clone(),
         );
         let installed = tokio::task::spawn_blocking(move || {
-            let info = tls::check_renewed(&ca, &site, &request, &chain_pem, now_ms() / 1000)?;
+            let info = tls::check_renewed(&ca, &site, &request, &chain_pem, now_ms() / 1000)
+                .map_err(|e| e.to_string())?;
             tls::install_renewed(&cert, &key, &chain_pem, &request.key_pem)
                 .map_err(|e| format!("cannot write the renewed certificate: {e}"))?;
             Ok::<_, String>(info)

@@ -666,7 +666,7 @@ impl TopUpRig {
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(client.run(stop_rx));
         let topup = TopUp::new(ask_tx, deadline, store.master_rev_watch(), link.clone());
-        let app = crate::api::router_with(
+        let app = crate::router::router_with(
             crate::api::ApiState {
                 store: store.clone(),
                 site: "plant-1".into(),
