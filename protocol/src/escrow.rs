@@ -310,6 +310,8 @@ mod tests {
         Reclaim,
         /// Site `s`'s link goes down or up.
         Toggle(usize),
+        /// The ERP lowers its figure by `q` (stock written off), so reclaims fall due.
+        ErpLower(i64),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -320,15 +322,16 @@ mod tests {
             (1i64..20).prop_map(Step::CentralSale),
             Just(Step::Reclaim),
             (0usize..3).prop_map(Step::Toggle),
+            (1i64..30).prop_map(Step::ErpLower),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
 
-        /// Simulation of three sites and central's channel against one pool with a fixed ATP,
-        /// links going up and down: whatever the order of events, the units confirmed anywhere
-        /// never exceed ATP, no upload ever overruns, a site refuses only an order that does not
+        /// Simulation of three sites and central's channel against one pool whose ATP the ERP
+        /// only lowers, links going up and down: whatever the order of events, the units
+        /// confirmed anywhere never exceed the first ATP, no upload ever overruns, a site refuses only an order that does not
         /// fit, and every unit is accounted for, from both sides: each unit granted to a site is
         /// confirmed there, returned or still held, and central's outstanding for the site is
         /// exactly what it holds plus what it has not yet reported.
@@ -337,6 +340,7 @@ mod tests {
             let sites = ["a", "b", "c"];
             let mut central = CentralPool::default();
             central.handle_erp_push(atp);
+            let mut erp = atp;
             let mut local = [SitePool::default(); 3];
             let mut unuploaded = [0i64; 3];
             let mut returned_unuploaded = [0i64; 3];
@@ -390,6 +394,10 @@ mod tests {
                         }
                     }
                     Step::Toggle(s) => up[s] = !up[s],
+                    Step::ErpLower(q) => {
+                        erp = (erp - q).max(0);
+                        central.handle_erp_push(erp);
+                    }
                 }
                 prop_assert!(confirmed <= atp, "oversold: {confirmed} > {atp}");
                 for s in 0..3 {
