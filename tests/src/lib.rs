@@ -764,7 +764,14 @@ pub fn target_dir() -> PathBuf {
 /// `SKIPS_FILE` under `target_dir()`, which `.ci/test` prints at the end of the run.
 pub fn skip(what: &str, why: &str) {
     use std::io::Write;
-    let line = format!("SKIPPED: {what}: {why}. Nothing of it was tested.");
+    // libtest names each test's thread after the test (the main thread runs it under
+    // --test-threads=1), which tells apart the skips of tests sharing one `what`.
+    let test = std::thread::current()
+        .name()
+        .filter(|n| *n != "main")
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
+    let line = format!("SKIPPED: {what}{test}: {why}. Nothing of it was tested.");
     if under_ci() {
         panic!("{line} Under CI=true a missing tool or privilege fails the test.");
     }
