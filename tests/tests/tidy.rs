@@ -777,8 +777,9 @@ fn the_cycle_finder_finds_planted_cycles_and_only_those() {
 /// Goal: the graph is built from production paths only, in every spelling, and the binary's tree
 /// is its own. Method: an in-memory crate whose lib declares `a`, `b`, `c`, `d` and `t`, and whose
 /// `main.rs` declares `cli`: `a` reaches `b` through `crate::{b, ..}` in a submodule and
-/// `super::super::`; `b` reaches `a` only from a comment, a string, a `#[cfg(test)]` module and a
-/// `*_tests.rs` file, so there is no cycle; `c` and `d` form one through `crate::d` and `super::c`;
+/// `super::super::`; `b` reaches `a` only from a comment, a string, a `#[cfg(test)]` module, a
+/// `*_tests.rs` file and an inline module's `super::a` (its parent's `fn a`), so there is no
+/// cycle, while the inline module's `super::super::c` is an edge; `c` and `d` form one through `crate::d` and `super::c`;
 /// `cli` names `crate::a` but `a` is not in the binary's tree.
 #[test]
 fn the_graph_reads_production_paths_only() {
@@ -799,7 +800,9 @@ fn the_graph_reads_production_paths_only() {
             "// crate::a::f()\n/* crate::a */ const S: &str = \"crate::a::x\";\n\
              const R: &str = r#\"super::a\"#;\nconst C: char = '{';\n\
              #[cfg(test)]\nmod tests {\n    use crate::a;\n}\n#[cfg(test)]\nmod more_tests;\n\
-             fn g<'x>(s: &'x str) -> &'x str { s }\n",
+             fn g<'x>(s: &'x str) -> &'x str { s }\nfn a() {}\n\
+             mod inner { fn f() { super::a() } }\n\
+             mod deep { fn g() { super::super::c::x() } }\n",
         ),
         ("src/b/more_tests.rs", "use crate::a;\n"),
         ("src/c.rs", "use crate::d::Thing;\n"),
@@ -826,6 +829,7 @@ fn the_graph_reads_production_paths_only() {
         edges,
         [
             ("a".into(), "b".into(), "src/a/inner.rs:1".into()),
+            ("b".into(), "c".into(), "src/b.rs:14".into()),
             ("c".into(), "d".into(), "src/c.rs:1".into()),
             ("d".into(), "c".into(), "src/d.rs:1".into()),
         ]
