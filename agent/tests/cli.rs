@@ -199,6 +199,7 @@ fn runs_without_central_and_stops_cleanly_on_sigterm() {
         }
         assert!(child.try_wait().unwrap().is_none(), "agent exited early");
         assert!(Instant::now() < deadline, "no ready file");
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!api.ends_with(":0"), "the real port is published: {api}");
@@ -223,6 +224,7 @@ fn runs_without_central_and_stops_cleanly_on_sigterm() {
             let _ = child.kill();
             panic!("agent did not exit within 15 s of SIGTERM");
         }
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut log = String::new();

@@ -85,6 +85,7 @@ async fn until_welcomed_is(dir: &Path, quic: std::net::SocketAddr, want: bool) {
         if welcomed(dir, quic, "plant-2").await == want {
             return;
         }
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         tokio::time::sleep(POLL).await;
     }
     panic!(
@@ -147,6 +148,7 @@ async fn over_the_memory_limit_new_connections_are_refused_and_live_sessions_go_
             {
                 return v;
             }
+            // Poll interval of the bounded wait around it, not a wait for a condition by itself.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })

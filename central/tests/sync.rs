@@ -124,6 +124,7 @@ async fn start_central() -> Central {
             {
                 return v;
             }
+            // Poll interval of the bounded wait around it, not a wait for a condition by itself.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -569,6 +570,9 @@ async fn a_new_session_supersedes_the_old_and_shutdown_refuses_live_sessions() {
     new.send(AgentMsg::Events(vec![milestone("plant-2", 1)]))
         .await;
     assert_eq!(new.recv().await, CentralMsg::Ack { through_seq: 1 });
+    // A window for the superseded session's teardown, which runs in the background, to wrongly
+    // mark the site offline: the check below is of something that must NOT happen, so there is
+    // no condition to wait on.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let sites = central.get("/v1/sites").await;
     assert_eq!(sites[0]["connected"], true, "{sites}");

@@ -310,6 +310,8 @@ mod tests {
         Reclaim,
         /// Site `s`'s link goes down or up.
         Toggle(usize),
+        /// The ERP lowers its figure by `q` (stock written off), so reclaims fall due.
+        ErpLower(i64),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -320,33 +322,46 @@ mod tests {
             (1i64..20).prop_map(Step::CentralSale),
             Just(Step::Reclaim),
             (0usize..3).prop_map(Step::Toggle),
+            (1i64..30).prop_map(Step::ErpLower),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
 
-        /// Simulation of three sites and central's channel against one pool with a fixed ATP,
-        /// links going up and down: whatever the order of events, the units confirmed anywhere
-        /// never exceed ATP, no upload ever overruns, and every unit is accounted for.
+        /// Simulation of three sites and central's channel against one pool whose ATP the ERP
+        /// only lowers, links going up and down: whatever the order of events, the units
+        /// confirmed anywhere never exceed the first ATP, no upload ever overruns, a site refuses only an order that does not
+        /// fit, and every unit is accounted for, from both sides: each unit granted to a site is
+        /// confirmed there, returned or still held, and central's outstanding for the site is
+        /// exactly what it holds plus what it has not yet reported.
         #[test]
         fn confirmed_never_exceeds_atp(atp in 0i64..200, steps in proptest::collection::vec(step(), 1..400)) {
             let sites = ["a", "b", "c"];
             let mut central = CentralPool::default();
             central.handle_erp_push(atp);
+            let mut erp = atp;
             let mut local = [SitePool::default(); 3];
             let mut unuploaded = [0i64; 3];
             let mut returned_unuploaded = [0i64; 3];
             let mut up = [true; 3];
+            let mut granted = [0i64; 3];
+            let mut site_confirmed = [0i64; 3];
+            let mut returned = [0i64; 3];
             let mut confirmed = 0i64;
+            let mut ordered_at_sites = 0i64;
             let mut pending = 0i64;
             for st in steps {
                 match st {
                     Step::SiteOrder(s, q) => {
+                        ordered_at_sites += q;
+                        let held = local[s].remaining;
                         if local[s].try_consume(q) {
                             confirmed += q;
+                            site_confirmed[s] += q;
                             unuploaded[s] += q;
                         } else {
+                            prop_assert!(q > held, "site {s} refused {q} units while holding {held}");
                             pending += q;
                         }
                     }
@@ -361,6 +376,7 @@ mod tests {
                     // Central's view is stale while consumption is not uploaded: still safe.
                     Step::TopUp(s, t) => if up[s] {
                         let g = central.top_up(sites[s], t);
+                        granted[s] += g;
                         local[s].handle_grant(g);
                     },
                     Step::CentralSale(q) => if central.sell(q).is_ok() {
@@ -370,19 +386,41 @@ mod tests {
                         for (site, ask) in central.reclaims_due() {
                             let s = sites.iter().position(|x| *x == site).expect("known site");
                             if up[s] {
-                                returned_unuploaded[s] += local[s].handle_reclaim(ask);
+                                let r = local[s].handle_reclaim(ask);
+                                prop_assert!((0..=ask).contains(&r), "returned {r} of {ask} asked");
+                                returned[s] += r;
+                                returned_unuploaded[s] += r;
                             }
                         }
                     }
                     Step::Toggle(s) => up[s] = !up[s],
+                    Step::ErpLower(q) => {
+                        erp = (erp - q).max(0);
+                        central.handle_erp_push(erp);
+                    }
                 }
                 prop_assert!(confirmed <= atp, "oversold: {confirmed} > {atp}");
                 for s in 0..3 {
                     // The site never holds more than central believes it holds.
                     prop_assert!(local[s].remaining <= central.outstanding(sites[s]));
+                    // Every unit granted is accounted for at the site...
+                    prop_assert_eq!(
+                        granted[s],
+                        site_confirmed[s] + returned[s] + local[s].remaining,
+                        "site {}: granted = confirmed + returned + held", s
+                    );
+                    // ...and central's outstanding is the same units seen from its side.
+                    prop_assert_eq!(
+                        central.outstanding(sites[s]),
+                        local[s].remaining + unuploaded[s] + returned_unuploaded[s],
+                        "site {}: outstanding = held + consumed and returned not yet reported", s
+                    );
                 }
+                // In transit at central: every confirmed unit central has heard of.
+                prop_assert_eq!(central.in_transit, confirmed - unuploaded.iter().sum::<i64>());
             }
-            prop_assert!(pending >= 0);
+            // Every order a site took is either confirmed there or pending.
+            prop_assert_eq!(ordered_at_sites, site_confirmed.iter().sum::<i64>() + pending);
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod secret;
 pub mod session;
 pub mod trace;
 pub mod v3;
+pub mod validation;
 
 pub use escrow::{CentralPool, EscrowError, Pool, SitePool};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_BYTES, decode_body, decode_len, encode};

@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::escrow::Pool;
 use crate::money::Money;
+// Re-exported so `outpost_protocol::ValidationError` and `messages::ValidationError` keep
+// naming the same type; it lives in a leaf module so `trace` can use it without a cycle.
+pub use crate::validation::{MAX_IDEMPOTENCY_KEY_LEN, ValidationError};
 
 /// Longest identifier (SKU, customer, order, event, shipment, scanner id) accepted anywhere.
 /// Long enough for any ERP key or UUID, short enough to keep index rows small.
@@ -440,25 +443,6 @@ pub struct Milestone {
     pub at: String,
 }
 
-/// A field of a message or record that breaks a documented limit.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum ValidationError {
-    #[error("{field} must be 1..={max} characters of [A-Za-z0-9._:-], got {len}")]
-    BadId {
-        field: &'static str,
-        len: usize,
-        max: usize,
-    },
-    #[error("Idempotency-Key must be 1..={MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters")]
-    BadIdempotencyKey,
-    #[error("{field} is longer than {max} characters")]
-    TooLong { field: &'static str, max: usize },
-    #[error("{field} is out of range: {detail}")]
-    OutOfRange { field: &'static str, detail: String },
-}
-
-/// Longest accepted `Idempotency-Key`: room for a UUID, a ULID or a client's own composite key.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 /// HTTP header carrying a client's idempotency key on `POST /v1/orders` (agent and central).
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 

@@ -3,7 +3,7 @@
 
 use sha2::Digest;
 
-use crate::messages::ValidationError;
+use crate::validation::ValidationError;
 
 /// Length of a W3C trace-id in lower-case hex characters (16 bytes).
 pub const TRACE_ID_LEN: usize = 32;

@@ -268,6 +268,7 @@ impl Proc {
                     p.log_tail()
                 );
             }
+            // Poll interval of the bounded wait around it, not a wait for a condition by itself.
             std::thread::sleep(POLL_INTERVAL);
         }
     }
@@ -313,6 +314,7 @@ impl Proc {
                 self.child.wait()?;
                 bail!("{} did not exit within 15 s of SIGTERM", self.name);
             }
+            // Poll interval of the bounded wait around it, not a wait for a condition by itself.
             std::thread::sleep(POLL_INTERVAL);
         }
     }
@@ -416,6 +418,7 @@ where
         if Instant::now() > deadline {
             bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
         }
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
@@ -698,6 +701,7 @@ pub fn run_cli_env(
             let _ = child.wait();
             bail!("{name} {args:?} did not finish within {timeout:?}");
         }
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         std::thread::sleep(POLL_INTERVAL);
     };
     Ok(CliOutput {
@@ -710,8 +714,8 @@ pub fn run_cli_env(
 /// Where Debian's `faketime` package puts the preload library.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
-/// The libfaketime preload library (`OUTPOST_LIBFAKETIME` or Debian's path), or `None` after a
-/// loud message naming `what` was not tested.
+/// The libfaketime preload library (`OUTPOST_LIBFAKETIME` or Debian's path), or `None` after
+/// `skip` reported that `what` was not tested (under CI, `skip` fails the test instead).
 pub fn libfaketime(what: &str) -> Option<PathBuf> {
     let p = std::env::var_os("OUTPOST_LIBFAKETIME")
         .map(PathBuf::from)
@@ -719,10 +723,72 @@ pub fn libfaketime(what: &str) -> Option<PathBuf> {
     if p.exists() {
         return Some(p);
     }
-    eprintln!(
-        "\n!!! SKIPPED: {what} needs libfaketime at {} (Debian package `faketime`: `apt-get \
-         install -y faketime`, as .ci/run does). Nothing was tested. !!!\n",
-        p.display()
+    skip(
+        what,
+        &format!(
+            "needs libfaketime at {} (Debian package `faketime`; `bash .ci/test` installs it)",
+            p.display()
+        ),
     );
     None
+}
+
+/// File under the workspace's target directory collecting the skip lines of a run outside CI:
+/// the test harness captures what a passing test prints, so `.ci/test` deletes this file before
+/// the tests and prints it after them.
+pub const SKIPS_FILE: &str = "test-skips.txt";
+
+/// Whether this is a CI run (`CI=true`, as GitHub Actions, GitLab CI and most others set it).
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// The workspace's target directory: `CARGO_TARGET_DIR` (a relative one taken from the workspace
+/// root, where `.ci/test` runs cargo), else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace root")
+        .to_path_buf();
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root.join(d),
+        _ => root.join("target"),
+    }
+}
+
+/// Reports that `what` was not tested because `why` (a missing tool or privilege; `why` says
+/// how to get it). The one way a test in this crate skips. Under CI (`under_ci`) it panics
+/// instead: `.ci/test` installs every prerequisite and CI runs as root, so a skip there is a broken
+/// setup and must not pass. Elsewhere it writes the line to the process's stderr directly (the
+/// harness captures `println!` and `eprintln!` of a passing test, not this) and appends it to
+/// `SKIPS_FILE` under `target_dir()`, which `.ci/test` prints at the end of the run.
+pub fn skip(what: &str, why: &str) {
+    use std::io::Write;
+    // libtest names each test's thread after the test (the main thread runs it under
+    // --test-threads=1), which tells apart the skips of tests sharing one `what`.
+    let test = std::thread::current()
+        .name()
+        .filter(|n| *n != "main")
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
+    let line = format!("SKIPPED: {what}{test}: {why}. Nothing of it was tested.");
+    if under_ci() {
+        panic!("{line} Under CI=true a missing tool or privilege fails the test.");
+    }
+    let _ = writeln!(std::io::stderr(), "\n!!! {line} !!!");
+    let dir = target_dir();
+    let appended = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(SKIPS_FILE))?
+            .write_all(format!("{line}\n").as_bytes())
+    });
+    if let Err(e) = appended {
+        let _ = writeln!(
+            std::io::stderr(),
+            "(could not record the skip in {}: {e})",
+            dir.join(SKIPS_FILE).display()
+        );
+    }
 }

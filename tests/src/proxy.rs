@@ -143,6 +143,7 @@ async fn forward(
         let (ctl, sock, data) = (ctl.clone(), sock.clone(), data.to_vec());
         // Each waiting datagram is one short task; their number is capped above.
         tokio::spawn(async move {
+            // The injected delay itself (the fault), not a wait for a condition.
             tokio::time::sleep(delay).await;
             let _ = sock.send_to(&data, to).await;
             ctl.queued.fetch_sub(1, Ordering::SeqCst);
@@ -288,6 +289,7 @@ async fn run(listener: Arc<UdpSocket>, upstream: SocketAddr, ctl: Arc<Control>) 
         let (n, from) = match listener.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(_) => {
+                // A pause after a socket error, so a persistent one does not spin the loop.
                 tokio::time::sleep(ERROR_PAUSE).await;
                 continue;
             }
@@ -346,6 +348,7 @@ async fn back(
         let (n, from) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(_) => {
+                // A pause after a socket error, so a persistent one does not spin the loop.
                 tokio::time::sleep(ERROR_PAUSE).await;
                 continue;
             }
@@ -519,6 +522,7 @@ mod tests {
         proxy.set_flapping(100);
         for i in 0..100u32 {
             client.send_to(&i.to_be_bytes(), proxy.addr()).await?;
+            // The sending pace (the stimulus): one datagram per 10 ms against the flapping.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let s = proxy.stats();
@@ -530,6 +534,7 @@ mod tests {
         let before = proxy.stats().forwarded;
         for i in 0..20u32 {
             client.send_to(&i.to_be_bytes(), proxy.addr()).await?;
+            // The sending pace (the stimulus): one datagram per 10 ms against the flapping.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The forwarding task counts as it goes: poll (bounded) until all 20 are counted.

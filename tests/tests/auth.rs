@@ -7,7 +7,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use outpost_tests::*;
 use serde_json::{Value, json};
 
@@ -480,18 +480,15 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() -> Result<()> {
     );
     drop(idle);
     let reader = client(&agent, &reader_token);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let h = loop {
-        match reader.get("/v1/health").await {
-            Ok(r) if r.status == 200 => break r.body,
-            other => {
-                if Instant::now() > deadline {
-                    bail!("no request served after the idle connections went: {other:?}");
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let h = eventually(
+        "a request served after the idle connections went",
+        Duration::from_secs(10),
+        || async {
+            let r = reader.get("/v1/health").await?;
+            Ok((r.status == 200).then_some(r.body))
+        },
+    )
+    .await?;
     assert!(h["api"]["connections_refused"].as_u64() >= Some(1), "{h}");
     let log = std::fs::read_to_string(&agent.log)?;
     assert!(

@@ -571,6 +571,7 @@ async fn run_fault(rig: &mut Rig, w: &Workload, f: &Fault, t: &mut Totals) -> Re
                 format!(", hit {} instead", rig.sites[i].id)
             };
             if let Some(d) = down_ms {
+                // The agent's drawn downtime: the fault itself, not a wait for a condition.
                 tokio::time::sleep(Duration::from_millis(*d)).await;
                 rig.start_agent(i)?;
                 t.agent_restarts += 1;
@@ -633,6 +634,7 @@ async fn run_fault(rig: &mut Rig, w: &Workload, f: &Fault, t: &mut Totals) -> Re
             if started && at_kill.is_some_and(|d| d > 0) {
                 t.central_kills_mid_drain += 1;
             }
+            // Central's drawn downtime: the fault itself, not a wait for a condition.
             tokio::time::sleep(Duration::from_millis(*down_ms)).await;
             // What the agent knows central acknowledged; central is dead, so this is final.
             let acked = match &probe {
@@ -798,6 +800,7 @@ async fn client(
         if w.stop.load(Ordering::SeqCst) {
             break;
         }
+        // A client's drawn pause between requests: workload pacing, not a wait for a condition.
         tokio::time::sleep(Duration::from_millis(rng.random_range(CLIENT_PAUSE_MS))).await;
         if slot.read().expect("slot lock").is_none() {
             continue;
@@ -895,6 +898,7 @@ async fn client(
             tries += 1;
             w.retries.fetch_add(1, Ordering::Relaxed);
             if req.outcome == Outcome::Unknown {
+                // A real client's pause before retrying an unknown outcome: part of the workload.
                 tokio::time::sleep(Duration::from_millis(rng.random_range(20..=150))).await;
             }
             let again = send(&w, site, &slot, &req.write).await;
@@ -1443,6 +1447,7 @@ async fn chaos_run(seed: u64, secs: Option<u64>) -> Result<()> {
                 )));
             }
         }
+        // The workload runs alone for a drawn moment before the first fault (schedule pacing).
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..=200))).await;
         let mut lines = Vec::new();
         let mut killed_agents: HashSet<usize> = HashSet::new();
@@ -1471,6 +1476,7 @@ async fn chaos_run(seed: u64, secs: Option<u64>) -> Result<()> {
                 }
             }
         }
+        // A last stretch of workload after the faults, before the clients stop (pacing).
         tokio::time::sleep(Duration::from_millis(100)).await;
         work.stop.store(true, Ordering::SeqCst);
         let mut written = 0;

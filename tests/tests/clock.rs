@@ -1,9 +1,9 @@
 //! Clock faults over real processes: agents run under libfaketime (`LD_PRELOAD`) with their wall
 //! clock hours ahead of or behind central's, and jump back across a restart. Ordering and
 //! deduplication must not depend on wall clocks (ARCHITECTURE.md, "Time"); central must report
-//! each site's clock offset. Needs the Debian package `faketime` (CI installs it in `.ci/run`;
-//! `OUTPOST_LIBFAKETIME` points at another copy of the library); without it the tests say so
-//! loudly and skip.
+//! each site's clock offset. Needs the Debian package `faketime` (`.ci/test` installs it;
+//! `OUTPOST_LIBFAKETIME` points at another copy of the library); without it the tests skip
+//! through `outpost_tests::skip`, which fails them under `CI=true`.
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +20,7 @@ const SKEW_MS: i64 = 3 * 3_600_000;
 const TOLERANCE_MS: i64 = 2 * 60_000;
 const MILESTONES: [&str; 5] = ["picked", "packed", "loaded", "departed", "delivered"];
 
-/// The preload library, or `None` (after a loud message) when it is not installed.
+/// The preload library, or `None` after `outpost_tests::skip` (which fails the test under CI).
 fn libfaketime() -> Option<PathBuf> {
     outpost_tests::libfaketime("the clock-fault tests")
 }

@@ -1,8 +1,8 @@
 //! The fleet dashboard in a real browser: central serves the page at `/`, headless Chromium
 //! renders it against a running fleet (the page's own script fetches the JSON API with the token
 //! from the URL fragment), and the test reads the rendered DOM. A screenshot of the page is left
-//! in `target/test-artifacts/dashboard.png`. Without a Chromium binary the test says SKIPPED,
-//! loudly, and passes: `.ci/run` installs Debian's `chromium`, so CI always runs it. Every wait
+//! in `target/test-artifacts/dashboard.png`. Without a Chromium binary the test skips through
+//! `outpost_tests::skip` (a failure under `CI=true`): `.ci/test` installs Debian's `chromium`. Every wait
 //! is bounded, and a Chromium that overruns its timeout is killed.
 
 use std::io::Read;
@@ -106,6 +106,7 @@ fn chromium(bin: &Path, url: &str, extra: &[String]) -> Result<String> {
             let stderr = err_t.join().unwrap_or_default();
             bail!("chromium did not finish within {CHROMIUM_TIMEOUT:?}; killed. stderr:\n{stderr}");
         }
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         std::thread::sleep(Duration::from_millis(100));
     };
     let stdout = out_t.join().unwrap_or_default();
@@ -146,6 +147,7 @@ async fn wait_rendered(bin: &Path, url: &str, want: &[(&str, &str)]) -> Result<S
         if Instant::now() > deadline {
             bail!("the page did not show {want:?} within {PAGE_TIMEOUT:?}; last DOM:\n{dom}");
         }
+        // Poll interval of the bounded wait (each poll runs a browser, hence not tighter).
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -202,11 +204,10 @@ async fn wait_state(c: &Api, site: &str, state: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_sites_and_a_site_going_offline() -> Result<()> {
     let Some(bin) = find_chromium() else {
-        eprintln!(
-            "\n==================================================================\n\
-             SKIPPED dashboard browser test: no chromium binary on PATH\n\
-             (apt-get install chromium, as .ci/run does, or set CHROMIUM=path)\n\
-             ==================================================================\n"
+        outpost_tests::skip(
+            "the dashboard browser test (tests/tests/dashboard.rs)",
+            "no chromium binary on PATH (apt-get install chromium, as `bash .ci/test` does, or set \
+             CHROMIUM=path)",
         );
         return Ok(());
     };

@@ -79,6 +79,7 @@ impl Traffic {
             if Instant::now() > deadline {
                 bail!("traffic simulator still running after {within:?}");
             }
+            // Poll interval of the bounded wait around it, not a wait for a condition by itself.
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(serde_json::from_slice(&std::fs::read(&self.record)?)?)

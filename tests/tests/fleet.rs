@@ -68,6 +68,7 @@ async fn dev_up_runs_a_fleet_until_ctrl_c() -> Result<()> {
         if Instant::now() > deadline {
             bail!("fleet not up in time");
         }
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let ids: Vec<&str> = fleet["sites"]
@@ -199,6 +200,7 @@ async fn dev_up_runs_a_fleet_until_ctrl_c() -> Result<()> {
         if Instant::now() > deadline {
             bail!("dev up did not exit within 30 s of SIGINT");
         }
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "dev up exits 0 on Ctrl-C: {status}");
@@ -206,6 +208,7 @@ async fn dev_up_runs_a_fleet_until_ctrl_c() -> Result<()> {
     for pid in pids {
         let gone = Instant::now() + Duration::from_secs(10);
         while alive(pid) && Instant::now() < gone {
+            // Poll interval of the bounded wait around it, not a wait for a condition by itself.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(!alive(pid), "child {pid} still running after dev up exited");

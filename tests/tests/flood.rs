@@ -143,6 +143,7 @@ fn junk_flood(addr: SocketAddr, until: Instant) -> Result<u64> {
                 sent += 1;
             }
         }
+        // The flood's pacing (the stimulus), not a wait for a condition.
         std::thread::sleep(JUNK_INTERVAL);
     }
     Ok(sent)
@@ -196,6 +197,7 @@ async fn a_quic_flood_from_one_address_does_not_starve_sites_or_grow_memory() ->
                     peak.fetch_max(r, Ordering::Relaxed);
                     samples += 1;
                 }
+                // The sampling interval of the RSS probe, which runs until told to stop.
                 tokio::time::sleep(RSS_SAMPLE).await;
             }
             samples

@@ -3,12 +3,12 @@
 //! config, the maintainer scripts and the control fields. Nothing is installed.
 //!
 //! Needs `cargo deb` (`cargo install cargo-deb --locked`) and `dpkg-deb`; without them the test
-//! prints a SKIP line and passes (`.ci/run` installs cargo-deb).
+//! skips through `outpost_tests::skip` (a failure under `CI=true`; `.ci/test` installs cargo-deb).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use outpost_tests::{bin_dir, hermetic};
+use outpost_tests::{bin_dir, hermetic, skip};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -36,14 +36,17 @@ fn ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Whether `cmd --version` runs; prints why not.
+/// Whether `cmd --version` runs; reports the skip (or fails, under CI) when it does not.
 fn available(cmd: &mut Command, what: &str) -> bool {
     match cmd.arg("--version").output() {
         Ok(o) if o.status.success() => true,
         _ => {
-            eprintln!(
-                "SKIP tests/tests/packages.rs: {what} is not installed, the .deb packages are NOT checked \
-                 (install it: `cargo install cargo-deb --locked`; dpkg-deb comes with dpkg)"
+            skip(
+                "the .deb package checks (tests/tests/packages.rs)",
+                &format!(
+                    "{what} is not installed (`cargo install cargo-deb --locked`, as `bash \
+                     .ci/test` does; dpkg-deb comes with dpkg)"
+                ),
             );
             false
         }

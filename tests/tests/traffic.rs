@@ -191,6 +191,7 @@ fn terminate(child: &mut std::process::Child) -> Result<std::process::ExitStatus
             let _ = child.wait();
             bail!("dev traffic did not exit within {TERM_TIMEOUT:?} of SIGTERM");
         }
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         std::thread::sleep(Duration::from_millis(50));
     }
 }

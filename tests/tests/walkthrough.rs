@@ -10,7 +10,8 @@
 //! `$ROOT/usr/bin`, so every `outpost-*` command it runs is the unpacked package's. The processes
 //! listen on ephemeral loopback ports through the `OUTPOST_*` overrides a systemd drop-in would
 //! set. Nothing here needs root, systemd or the network. Needs `cargo deb` and `dpkg-deb`; without
-//! them the test prints a SKIP line and passes (`.ci/run` installs cargo-deb).
+//! them the test skips through `outpost_tests::skip` (a failure under `CI=true`; `.ci/test`
+//! installs cargo-deb).
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -79,15 +80,17 @@ fn walkthrough_block(readme: &str) -> Result<String> {
     bail!("deploy/README.md: the walkthrough block after `{MARKER}` is never closed")
 }
 
-/// Whether `cmd --version` runs; prints a loud SKIP naming `what` when it does not.
+/// Whether `cmd --version` runs; reports the skip (or fails, under CI) when it does not.
 fn available(cmd: &mut Command, what: &str) -> bool {
     match cmd.arg("--version").stdout(Stdio::null()).output() {
         Ok(o) if o.status.success() => true,
         _ => {
-            eprintln!(
-                "\n!!! SKIPPED tests/tests/walkthrough.rs: {what} is not installed, the README's \
-                 fresh install on Debian was NOT run (`cargo install cargo-deb --locked`; \
-                 dpkg-deb comes with dpkg). !!!\n"
+            outpost_tests::skip(
+                "the operator guide's fresh install on Debian (tests/tests/walkthrough.rs)",
+                &format!(
+                    "{what} is not installed (`cargo install cargo-deb --locked`, as `bash \
+                     .ci/test` does; dpkg-deb comes with dpkg)"
+                ),
             );
             false
         }
@@ -128,6 +131,7 @@ fn run_bounded(cmd: &mut Command, log: &Path, timeout: Duration) -> Result<bool>
                 tail(log)
             );
         }
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -216,6 +216,7 @@ async fn run_load(
                             if consecutive_errors > 100 {
                                 break;
                             }
+                            // A pause between reconnects (at most 100 in a row), not a wait for a condition.
                             tokio::time::sleep(Duration::from_millis(10)).await;
                             continue;
                         }

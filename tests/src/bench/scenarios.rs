@@ -204,6 +204,7 @@ where
         if Instant::now() > deadline {
             bail!("timed out after {limit:?} waiting for {what}");
         }
+        // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         tokio::time::sleep(POLL).await;
     }
 }
