@@ -818,9 +818,11 @@ impl Session {
     async fn renew(&self, csr_der: Vec<u8>) -> CentralMsg {
         let signer = self.ctx.signer.clone();
         let site = self.site.clone();
-        let signed = tokio::task::spawn_blocking(move || signer.sign(&site, &csr_der))
-            .await
-            .unwrap_or_else(|e| Err(format!("signing task failed: {e}")));
+        let signed = tokio::task::spawn_blocking(move || {
+            signer.sign(&site, &csr_der).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("signing task failed: {e}")));
         match signed {
             Ok(chain_pem) => {
                 crate::renewal::RENEWED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
