@@ -1,7 +1,8 @@
 //! Operator CLI client of central's HTTP API (`outpost-central exceptions ...`,
 //! `outpost-central reconciliations SITE`, `outpost-central sites ...`, `fleet ...` in `fleet.rs`, `drill ...` in `drill.rs`): finds central (flags or
 //! the dev fleet's files), calls the API and renders answers as tables; and `hash-token`, which
-//! turns a bearer token into the SHA-256 that `[[api.tokens]]` holds. I/O shell (files, HTTP).
+//! turns a bearer token into the SHA-256 that `[[api.tokens]]` holds. I/O shell (files, HTTP), in
+//! the binary: a client of the server library, never used by it.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Development fleet tooling: `dev init` writes a CA, certificates, configs, tokens and
 //! `fleet.json` for one central and N sites; `dev up` starts them as child processes, seeds a
 //! demo catalogue through central's HTTP API and stops them on Ctrl-C. I/O shell (files,
-//! processes, HTTP).
+//! processes, HTTP), in the binary: a client of the server library, never used by it.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

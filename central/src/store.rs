@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use outpost_protocol::session::IngestError;
 use outpost_protocol::{CentralPool, EventEnvelope, MasterChange, Pool, ValidationError};
-use redb::{Database, ReadableDatabase, WriteTransaction};
+use redb::{Database, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -64,6 +64,7 @@ use master::apply_master;
 use reads::decode;
 pub use reads::{ExceptionFilter, LedgerFilter};
 pub use schema::SCHEMA_VERSION;
+// Every operation module names the tables, meta keys and write helpers as `super::X`.
 use schema::*;
 use txn::*;
 use writer::{ApplyError, Op, Opener, Outcome, Shared, TxJob, run_writer};

@@ -5,7 +5,12 @@
 use outpost_protocol::{MasterChange, ValidationError};
 use redb::WriteTransaction;
 
-use super::*;
+use super::txn::{append_change, get_pool, meta_get, put_pool};
+use super::{
+    ATP, CUSTOMERS, LEDGER_SITES, META_REVISION, MasterApplied, Outcome, PRICES, StoreOptions,
+    UpsertMasterError, allowance, encode,
+};
+use crate::ledger::LedgerKey;
 
 /// Applies the ERP's items, then the reclaims and top-ups their new figures call for.
 pub(super) fn apply_master(

@@ -4,10 +4,20 @@
 
 use std::ops::Bound;
 
-use redb::{ReadTransaction, ReadableTable};
+use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 use serde::de::DeserializeOwned;
 
-use super::*;
+use std::collections::BTreeMap;
+
+use outpost_protocol::{CentralPool, MasterChange};
+
+use super::{
+    ATP, CHANGES, CUSTOMERS, DEAD_LETTERS, DeadLetter, EVENTS, EXCEPTIONS, ExceptionRecord,
+    LEDGER_ATP, LEDGER_CREDIT, LOST_RANGES, LedgerEntry, LostRange, META, META_REVISION,
+    OPEN_RECLAIMS, ORDERS, OpenReclaim, OrderRecord, PRICES, REPORTS, ReadError, ReconReport,
+    SITE_HWM, SITES, SiteRecord, Store, StoredEvent, StoredSite, corrupt, records,
+};
+use crate::ledger::LedgerKey;
 
 impl Store {
     /// A read transaction on the current database handle.

@@ -6,7 +6,14 @@ use redb::{ReadableTable, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::*;
+use outpost_protocol::{CentralPool, EventEnvelope, MasterChange};
+
+use super::{
+    ApplyError, CHANGES, CUSTOMERS, Channel, EVENTS, LEDGER_ATP, LEDGER_CREDIT, META,
+    META_NEXT_CURSOR, META_REVISION, ORDERS, OrderRecord, PRICES, SITES, SiteRecord, encode,
+    records,
+};
+use crate::ledger::LedgerKey;
 
 pub(super) fn meta_get(txn: &WriteTransaction, key: &str) -> Result<u64, ApplyError> {
     let meta = txn.open_table(META)?;
