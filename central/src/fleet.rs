@@ -191,9 +191,11 @@ pub async fn publish(
     }
     for (change, health) in changes {
         let site = change.site.clone();
-        tracing::warn!(site.id = %site, from = %change.from, to = %change.to, reasons = ?change.reasons, "site health changed");
         match alerts.store_alert(change).await {
             Ok(alert) => {
+                // Logged once the alert is stored, so a change retried over several ticks is
+                // logged once.
+                tracing::warn!(site.id = %site, alert.id = alert.id, from = %alert.from, to = %alert.to, reasons = ?alert.reasons, "site health changed");
                 states.insert(site, health);
                 fleet.enqueue(alert);
             }
