@@ -83,13 +83,20 @@ pub async fn run_monitor(
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        let stored: HashMap<String, Option<i64>> = match store.sites() {
-            Ok(sites) => sites
+        // A redb read blocks: it runs on the blocking pool, not on the async workers.
+        let reader = store.clone();
+        let read = tokio::task::spawn_blocking(move || reader.sites()).await;
+        let stored: HashMap<String, Option<i64>> = match read {
+            Ok(Ok(sites)) => sites
                 .into_iter()
                 .map(|s| (s.site, s.record.map(|r| r.last_seen_ms)))
                 .collect(),
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "health monitor cannot read the sites; using live sessions only");
+                HashMap::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "health monitor's read of the sites failed; using live sessions only");
                 HashMap::new()
             }
         };
