@@ -4,30 +4,25 @@
 //! and the session registry; every error is the JSON shape `{"error": {"code", "message"}}` with
 //! a stable code (some errors add fields beside those two).
 
-mod drills;
-mod fleet;
-#[cfg(test)]
-mod lifecycle_tests;
-mod ops;
-mod orders;
-#[cfg(test)]
-mod roles_tests;
+// The handlers, by family; `crate::router` mounts them.
+pub(crate) mod drills;
+pub(crate) mod feed;
+pub(crate) mod fleet;
+pub(crate) mod master;
+pub(crate) mod ops;
+pub(crate) mod orders;
+pub(crate) mod status;
 pub mod views;
 
 pub use outpost_protocol::secret::constant_time_eq;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
-use outpost_protocol::{AtpRecord, CustomerRecord, MasterChange, Money, PriceRecord};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
@@ -36,8 +31,7 @@ pub use views::event_json;
 
 use crate::config::{ApiClient, Role};
 use crate::registry::Registry;
-use crate::store::{ReadError, Store, StoreUnavailable, UpsertMasterError};
-use crate::timefmt::MAX_RFC3339_MS;
+use crate::store::{ReadError, Store, StoreUnavailable};
 pub use crate::timefmt::rfc3339_ms;
 
 /// Most items in one master-data upsert: one request, one transaction; larger loads are split by
@@ -61,6 +55,30 @@ pub struct ApiState {
     pub clients: Arc<Clients>,
     /// Central's data directory (backups are written under it).
     pub data_dir: std::path::PathBuf,
+}
+
+impl ApiState {
+    /// Runs a store read on tokio's blocking pool and maps its error: redb reads block (a page
+    /// cache miss waits for the disk, a list scans up to a page of rows), so handlers never run
+    /// them on the async workers that serve every other request and the sync sessions.
+    pub async fn read<T, E, F>(&self, read: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        E: Into<ApiError> + Send + 'static,
+        F: FnOnce(&Store) -> Result<T, E> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(&store))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("the read task failed: {e}"),
+                )
+            })?
+            .map_err(Into::into)
+    }
 }
 
 /// Who made a request: the client's configured name and role (never its token). The
@@ -164,14 +182,14 @@ impl ApiError {
     fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
-    fn unauthorized() -> Self {
+    pub(crate) fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing or invalid bearer token",
         )
     }
-    fn forbidden(caller: &Caller, needed: Role) -> Self {
+    pub(crate) fn forbidden(caller: &Caller, needed: Role) -> Self {
         Self::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -262,398 +280,11 @@ where
     }
 }
 
-/// Checks the bearer token before anything else runs, so that an unauthenticated body is never
-/// read, and records who is calling (`Caller`) for the role checks and the handlers.
-async fn require_token(State(st): State<ApiState>, mut req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let caller = presented.and_then(|t| st.clients.authenticate(t)).cloned();
-    match caller {
-        Some(c) => {
-            tracing::debug!(client = %c.name, role = c.role.as_str(), method = %req.method(), path = %req.uri().path(), "request");
-            req.extensions_mut().insert(c);
-            next.run(req).await
-        }
-        None => ApiError::unauthorized().into_response(),
-    }
-}
-
-/// Refuses (403, before the body is read) callers whose role does not allow admin routes. Runs
-/// as a route layer, so only on matched admin routes and after `require_token`.
-async fn require_admin(req: Request, next: Next) -> Response {
-    match req.extensions().get::<Caller>() {
-        Some(c) if c.role.allows(Role::Admin) => next.run(req).await,
-        Some(c) => {
-            tracing::info!(client = %c.name, role = c.role.as_str(), method = %req.method(), path = %req.uri().path(), "forbidden: the route needs the admin role");
-            ApiError::forbidden(c, Role::Admin).into_response()
-        }
-        // require_token runs first on every route; without a caller nothing is allowed.
-        None => ApiError::unauthorized().into_response(),
-    }
-}
-
-/// `require_admin` for writes only: on a route that any role may read but only admin may
-/// change (drills).
-async fn require_admin_for_post(req: Request, next: Next) -> Response {
-    if req.method() == axum::http::Method::POST {
-        require_admin(req, next).await
-    } else {
-        next.run(req).await
-    }
-}
-
-/// Gives responses that some layer produced without a body (timeouts, axum's own rejections)
-/// the JSON error shape.
-async fn json_errors(req: Request, next: Next) -> Response {
-    let resp = next.run(req).await;
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if (status.is_client_error() || status.is_server_error()) && !is_json {
-        let code = match status {
-            StatusCode::NOT_FOUND => "not_found",
-            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-            StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-            StatusCode::REQUEST_TIMEOUT => "timeout",
-            StatusCode::UNAUTHORIZED => "unauthorized",
-            StatusCode::FORBIDDEN => "forbidden",
-            s if s.is_server_error() => "internal",
-            _ => "bad_request",
-        };
-        let mut out = ApiError::new(
-            status,
-            code,
-            status.canonical_reason().unwrap_or("error").to_string(),
-        )
-        .into_response();
-        if let Some(allow) = resp.headers().get(header::ALLOW) {
-            out.headers_mut().insert(header::ALLOW, allow.clone());
-        }
-        return out;
-    }
-    resp
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this route does not accept that method",
-    )
-}
-
-/// The API router with its layers: JSON errors outermost, then the request timeout, then
-/// authentication (for every route but the dashboard's static files), then the body limit that
-/// the extractors enforce. Routes are split by the role they need: the ERP's (which admin may use
-/// too) and admin's only, whose role check runs before any body is read.
-pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
-    let started = SystemTime::now();
-    let admin_only = Router::new()
-        .route("/v1/exceptions/{id}/resolve", post(ops::resolve_exception))
-        .route("/v1/exceptions/{id}/replay", post(ops::replay_exception))
-        .route("/v1/dead-letters", get(ops::list_dead_letters))
-        .route("/v1/ledger", get(ops::get_ledger))
-        .route(
-            "/v1/sites/{site}/revoke",
-            post(ops::revoke_site).delete(ops::reinstate_site),
-        )
-        .route("/v1/drills/{id}/abort", post(drills::abort_drill))
-        .route(
-            crate::backup::BACKUP_ROUTE,
-            post(crate::backup::post_backup),
-        )
-        .route_layer(middleware::from_fn(require_admin));
-    Router::new()
-        .route("/v1/master/prices", put(put_prices))
-        .route("/v1/master/atp", put(put_atp))
-        .route("/v1/master/customers", put(put_customers))
-        .route("/v1/master/revision", get(get_revision))
-        .route("/v1/events", get(get_events))
-        .route("/v1/sites", get(get_sites))
-        .route("/v1/health", get(get_health))
-        .route("/v1/fleet", get(fleet::get_fleet))
-        .route("/v1/fleet/{site}", get(fleet::get_fleet_site))
-        .route("/v1/alerts", get(fleet::list_alerts))
-        // Starting a drill needs admin: the role check runs in the handler's route layer below.
-        .route(
-            "/v1/drills",
-            get(drills::list_drills)
-                .post(drills::start_drill)
-                .route_layer(middleware::from_fn(require_admin_for_post)),
-        )
-        .route("/v1/drills/{id}", get(drills::get_drill))
-        .route("/v1/drills/{id}/report", get(drills::get_report))
-        // Any role may scrape, like the other reads.
-        .route(
-            METRICS_ROUTE,
-            get(move |s: State<ApiState>| crate::metrics::handler(s, started)),
-        )
-        .route("/v1/orders", post(orders::post_order))
-        .route("/v1/orders/{order_id}", get(orders::get_order))
-        .route("/v1/orders/{order_id}/status", post(orders::post_status))
-        .route("/v1/exceptions", get(ops::list_exceptions))
-        .route("/v1/exceptions/{id}", get(ops::get_exception))
-        .route(
-            "/v1/sites/{site}/reconciliations",
-            get(ops::list_reconciliations),
-        )
-        .merge(admin_only)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
-        // The dashboard's static files hold no data: merged outside the token check (its
-        // script sends the token with each API call).
-        .merge(crate::dashboard::router())
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
-        ))
-        .layer(middleware::from_fn(json_errors))
-        .with_state(state)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PriceIn {
-    sku: String,
-    #[serde(default)]
-    customer: Option<String>,
-    unit_price: Money,
-    currency: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AtpIn {
-    sku: String,
-    site: String,
-    available: i64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CustomerIn {
-    id: String,
-    name: String,
-    credit_limit: Money,
-    on_hold: bool,
-}
-
-async fn put_prices(
-    State(st): State<ApiState>,
-    ApiJson(items): ApiJson<Vec<PriceIn>>,
-) -> Result<Json<Value>, ApiError> {
-    let changes = items
-        .into_iter()
-        .map(|p| {
-            MasterChange::Price(PriceRecord {
-                sku: p.sku,
-                customer: p.customer,
-                unit_price: p.unit_price,
-                currency: p.currency,
-            })
-        })
-        .collect();
-    upsert(&st, changes).await
-}
-
-async fn put_atp(
-    State(st): State<ApiState>,
-    ApiJson(items): ApiJson<Vec<AtpIn>>,
-) -> Result<Json<Value>, ApiError> {
-    let changes = items
-        .into_iter()
-        .map(|a| {
-            MasterChange::Atp(AtpRecord {
-                sku: a.sku,
-                site: a.site,
-                available: a.available,
-            })
-        })
-        .collect();
-    upsert(&st, changes).await
-}
-
-async fn put_customers(
-    State(st): State<ApiState>,
-    ApiJson(items): ApiJson<Vec<CustomerIn>>,
-) -> Result<Json<Value>, ApiError> {
-    let changes = items
-        .into_iter()
-        .map(|c| {
-            MasterChange::Customer(CustomerRecord {
-                id: c.id,
-                name: c.name,
-                credit_limit: c.credit_limit,
-                on_hold: c.on_hold,
-            })
-        })
-        .collect();
-    upsert(&st, changes).await
-}
-
-fn describe_problems(problems: &[(usize, String)]) -> String {
-    let mut parts: Vec<String> = problems
-        .iter()
-        .take(MAX_REPORTED_PROBLEMS)
-        .map(|(i, p)| format!("[{i}]: {p}"))
-        .collect();
-    if problems.len() > MAX_REPORTED_PROBLEMS {
-        parts.push(format!(
-            "and {} more",
-            problems.len() - MAX_REPORTED_PROBLEMS
-        ));
-    }
-    parts.join("; ")
-}
-
-async fn upsert(st: &ApiState, changes: Vec<MasterChange>) -> Result<Json<Value>, ApiError> {
-    if changes.is_empty() || changes.len() > MAX_MASTER_ITEMS {
-        return Err(ApiError::validation(format!(
-            "the body must be a JSON array of 1..={MAX_MASTER_ITEMS} items, got {}",
-            changes.len()
-        )));
-    }
-    let problems: Vec<(usize, String)> = changes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| c.validate().err().map(|e| (i, e.to_string())))
-        .collect();
-    if !problems.is_empty() {
-        return Err(ApiError::validation(describe_problems(&problems)));
-    }
-    match st.store.upsert_master(changes).await {
-        Ok(applied) => Ok(Json(json!({
-            "revision": applied.revision,
-            "changes": applied.changes,
-            "grants": applied.grants,
-            "reclaims": applied.reclaims,
-        }))),
-        Err(UpsertMasterError::Invalid(v)) => {
-            let problems: Vec<_> = v.into_iter().map(|(i, e)| (i, e.to_string())).collect();
-            Err(ApiError::validation(describe_problems(&problems)))
-        }
-        Err(UpsertMasterError::Unavailable(u)) => Err(u.into()),
-    }
-}
-
-async fn get_revision(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({"revision": st.store.revision()?})))
-}
-
-#[derive(Debug, Deserialize)]
-struct EventsQuery {
-    after: Option<u64>,
-    limit: Option<u64>,
-}
-
-async fn get_events(
-    State(st): State<ApiState>,
-    query: Result<Query<EventsQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(q) = query.map_err(|e| {
-        ApiError::validation(format!(
-            "after and limit must be non-negative integers: {}",
-            e.body_text()
-        ))
-    })?;
-    let after = q.after.unwrap_or(0);
-    let limit = q.limit.unwrap_or(DEFAULT_EVENTS_LIMIT);
-    if !(1..=MAX_EVENTS_LIMIT).contains(&limit) {
-        return Err(ApiError::validation(format!(
-            "limit must be 1..={MAX_EVENTS_LIMIT}, got {limit}"
-        )));
-    }
-    let events = st.store.events_after(after, limit as usize)?;
-    let next = events.last().map(|e| e.cursor).unwrap_or(after);
-    let events: Vec<Value> = events.iter().map(event_json).collect();
-    Ok(Json(json!({"events": events, "next": next})))
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    let ms = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis().min(MAX_RFC3339_MS as u128) as i64)
-        .unwrap_or(0);
-    rfc3339_ms(ms)
-}
-
-/// One row of `GET /v1/sites` while it is being assembled.
-#[derive(Default)]
-struct SiteRow {
-    connected: bool,
-    seen: Option<SystemTime>,
-    hwm: u64,
-    clock_offset_ms: Option<i64>,
-    revoked: Option<crate::store::RevokedSite>,
-}
-
-async fn get_sites(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let stored = st.store.sites()?;
-    let revoked = st.store.revoked_sites()?;
-    let live = st.registry.snapshot();
-    let mut rows = std::collections::BTreeMap::<String, SiteRow>::new();
-    for s in stored {
-        let seen = s
-            .record
-            .map(|r| UNIX_EPOCH + Duration::from_millis(r.last_seen_ms.max(0) as u64));
-        let row = rows.entry(s.site).or_default();
-        row.seen = seen;
-        row.hwm = s.hwm;
-    }
-    for (site, r) in revoked {
-        rows.entry(site).or_default().revoked = Some(r);
-    }
-    let now = SystemTime::now();
-    for (site, l) in live {
-        let row = rows.entry(site).or_default();
-        row.connected = l.connected;
-        row.clock_offset_ms = l.clock_offset_ms;
-        // A connected site is being heard from now (QUIC keep-alives prove it); otherwise the
-        // later of the durable and the in-memory last contact.
-        let seen = if l.connected { Some(now) } else { l.last_seen };
-        row.seen = row.seen.max(seen);
-    }
-    let out: Vec<Value> = rows
-        .into_iter()
-        .map(|(site, r)| {
-            json!({
-                "site": site,
-                "connected": r.connected,
-                "last_seen": r.seen.map(rfc3339),
-                "acked_seq": r.hwm,
-                "clock_offset_ms": r.clock_offset_ms,
-                "revoked": r.revoked.is_some(),
-                "revoked_reason": r.revoked.as_ref().map(|x| x.reason.clone()),
-                "revoked_at": r.revoked.as_ref().map(|x| rfc3339_ms(x.at_ms)),
-            })
-        })
-        .collect();
-    Ok(Json(Value::Array(out)))
-}
-
-async fn get_health(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({
-        "status": "ok",
-        "revision": st.store.revision()?,
-        "sites_connected": st.registry.connected_count(),
-    })))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::router;
+    use outpost_protocol::Money;
     use outpost_protocol::{EventBody, EventEnvelope, Milestone, MilestoneKind};
     use tokio::net::TcpListener;
 

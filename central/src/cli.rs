@@ -1,7 +1,8 @@
 //! Operator CLI client of central's HTTP API (`outpost-central exceptions ...`,
 //! `outpost-central reconciliations SITE`, `outpost-central sites ...`, `fleet ...` in `fleet.rs`, `drill ...` in `drill.rs`): finds central (flags or
 //! the dev fleet's files), calls the API and renders answers as tables; and `hash-token`, which
-//! turns a bearer token into the SHA-256 that `[[api.tokens]]` holds. I/O shell (files, HTTP).
+//! turns a bearer token into the SHA-256 that `[[api.tokens]]` holds. I/O shell (files, HTTP), in
+//! the binary: a client of the server library, never used by it.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -9,9 +10,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::dev::{FLEET_FILE, Fleet};
-use crate::paths::READY_FILE;
+use crate::fleet_file::{FLEET_FILE, Fleet};
+use outpost_central::paths::READY_FILE;
 
+pub mod backup;
 pub mod drill;
 pub mod fleet;
 pub mod sites;
@@ -276,38 +278,50 @@ pub fn sites_table(list: &Value) -> String {
     )
 }
 
+/// Why `hash-token` refuses the token it read; printed after `error: `.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadTokenError {
+    #[error("cannot read the token from stdin: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the token must be {min}..={max} characters, got {got}")]
+    Length { min: usize, max: usize, got: usize },
+    #[error("the token must be printable ASCII without spaces")]
+    NotPrintable,
+}
+
 /// Reads a bearer token from `input` for `hash-token`: the first line, without its line end.
 /// Refuses tokens central would not accept as a shared secret.
-pub fn read_token(mut input: impl std::io::Read) -> Result<String, String> {
+pub fn read_token(mut input: impl std::io::Read) -> Result<String, ReadTokenError> {
     use std::io::Read as _;
     let mut buf = String::new();
     input
         .by_ref()
-        .take(crate::config::MAX_TOKEN_LEN as u64 + 2)
+        .take(outpost_central::config::MAX_TOKEN_LEN as u64 + 2)
         .read_to_string(&mut buf)
-        .map_err(|e| format!("cannot read the token from stdin: {e}"))?;
+        .map_err(ReadTokenError::Read)?;
     let token = buf.lines().next().unwrap_or("");
-    let min = crate::config::MIN_TOKEN_LEN;
-    let max = crate::config::MAX_TOKEN_LEN;
+    let min = outpost_central::config::MIN_TOKEN_LEN;
+    let max = outpost_central::config::MAX_TOKEN_LEN;
     if !(min..=max).contains(&token.len()) {
-        return Err(format!(
-            "the token must be {min}..={max} characters, got {}",
-            token.len()
-        ));
+        return Err(ReadTokenError::Length {
+            min,
+            max,
+            got: token.len(),
+        });
     }
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("the token must be printable ASCII without spaces".into());
+        return Err(ReadTokenError::NotPrintable);
     }
     Ok(token.to_string())
 }
 
 /// The `[[api.tokens]]` entry for a client.
-pub fn client_toml(name: &str, role: crate::config::Role, token: &str) -> String {
+pub fn client_toml(name: &str, role: outpost_central::config::Role, token: &str) -> String {
     format!(
         "[[api.tokens]]\nname = {}\nrole = \"{}\"\nsha256 = \"{}\"\n",
         toml::Value::String(name.to_string()),
         role.as_str(),
-        crate::config::sha256_hex(token)
+        outpost_central::config::sha256_hex(token)
     )
 }
 
@@ -450,7 +464,7 @@ mod tests {
         assert!(read_token("short\n".as_bytes()).is_err());
         assert!(read_token("has a space in it ok\n".as_bytes()).is_err());
         assert!(read_token("x".repeat(1000).as_bytes()).is_err());
-        let snippet = client_toml("erp", crate::config::Role::Erp, "test");
+        let snippet = client_toml("erp", outpost_central::config::Role::Erp, "test");
         assert!(snippet.contains("role = \"erp\""), "{snippet}");
         assert!(
             snippet.contains("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"),

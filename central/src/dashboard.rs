@@ -46,7 +46,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     resp
 }
 
-/// The dashboard's routes. `api::router` merges them outside its authentication layer.
+/// The dashboard's routes. `router::router` merges them outside its authentication layer.
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route(
@@ -66,9 +66,10 @@ pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ApiState, Clients, router as api_router};
+    use crate::api::{ApiState, Clients};
     use crate::config::Role;
     use crate::registry::Registry;
+    use crate::router::router as api_router;
     use crate::store::Store;
     use std::sync::Arc;
 

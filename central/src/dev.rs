@@ -1,18 +1,18 @@
 //! Development fleet tooling: `dev init` writes a CA, certificates, configs, tokens and
 //! `fleet.json` for one central and N sites; `dev up` starts them as child processes, seeds a
 //! demo catalogue through central's HTTP API and stops them on Ctrl-C. I/O shell (files,
-//! processes, HTTP).
+//! processes, HTTP), in the binary: a client of the server library, never used by it.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use crate::fleet_file::{FLEET_FILE, Fleet, FleetCentral, FleetSite};
 use serde_json::{Value, json};
 
-use crate::certs::{self, CertError, DEFAULT_CENTRAL_NAME};
-use crate::paths::READY_FILE;
+use outpost_central::certs::{self, CertError, DEFAULT_CENTRAL_NAME};
+use outpost_central::paths::READY_FILE;
 
 pub const DEFAULT_SITES: usize = 3;
 pub const DEFAULT_BASE_PORT: u16 = 7600;
@@ -30,45 +30,6 @@ pub const SEED_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Lines of a failed child's log shown in the error.
 const LOG_TAIL_LINES: usize = 20;
-
-pub const FLEET_FILE: &str = "fleet.json";
-
-/// `fleet.json`: everything a test or a person needs to drive the dev fleet.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fleet {
-    pub central: FleetCentral,
-    pub sites: Vec<FleetSite>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FleetCentral {
-    /// `http://127.0.0.1:PORT` (port 0 when initialised with `--base-port 0`: the real port is
-    /// in `data_dir/ready.json`).
-    pub api: String,
-    /// The `admin` client's bearer token (the CLI and most tests use it).
-    pub token: String,
-    /// The `erp` client's bearer token (master data, feed, orders; no operator routes).
-    #[serde(default)]
-    pub erp_token: String,
-    /// `127.0.0.1:PORT` of the QUIC listener (same caveat for port 0).
-    pub quic: String,
-    pub command: Vec<String>,
-    pub data_dir: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FleetSite {
-    pub id: String,
-    pub api: String,
-    /// The site's admin token (same as `tokens["admin"]`).
-    pub token: String,
-    /// One token per role of the agent's local API (`reader`, `scanner`, `order-entry`,
-    /// `admin`), role → token. The site's config holds only their SHA-256 hashes.
-    #[serde(default)]
-    pub tokens: std::collections::BTreeMap<String, String>,
-    pub command: Vec<String>,
-    pub data_dir: String,
-}
 
 #[derive(Debug, Clone)]
 pub struct InitOptions {
@@ -235,15 +196,15 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
          ca_dir = {ca_dir}\n",
         data = toml_str(&path_str(&central_data)),
         api = toml_str(&format!("127.0.0.1:{api_port}")),
-        erp_hash = toml_str(&crate::config::sha256_hex(&erp_token)),
-        admin_hash = toml_str(&crate::config::sha256_hex(&central_token)),
+        erp_hash = toml_str(&outpost_central::config::sha256_hex(&erp_token)),
+        admin_hash = toml_str(&outpost_central::config::sha256_hex(&central_token)),
         quic = toml_str(&format!("127.0.0.1:{quic_port}")),
         ca = toml_str(&path_str(&ca_pem)),
         cert = toml_str(&path_str(&central_files.cert)),
         key = toml_str(&path_str(&central_files.key)),
-        atp_target = crate::store::DEFAULT_ATP_TARGET,
-        credit_fraction = crate::store::DEFAULT_CREDIT_TARGET_FRACTION,
-        silent = crate::store::DEFAULT_RECLAIM_SILENT_SECS,
+        atp_target = outpost_central::store::DEFAULT_ATP_TARGET,
+        credit_fraction = outpost_central::store::DEFAULT_CREDIT_TARGET_FRACTION,
+        silent = outpost_central::store::DEFAULT_RECLAIM_SILENT_SECS,
         ca_dir = toml_str(&path_str(&certs_dir)),
     );
     write_secret(&central_toml, &central_cfg)?;
@@ -265,7 +226,7 @@ pub fn init(opts: &InitOptions) -> Result<Fleet, DevError> {
         let clients: String = tokens
             .iter()
             .map(|(role, t)| {
-                let hash = crate::config::sha256_hex(t);
+                let hash = outpost_central::config::sha256_hex(t);
                 // The dev fleet's tests and load drills drive each site through its admin
                 // client, so that one is not held to the default rate limit; the other roles are.
                 let rate = if role == "admin" {
@@ -976,23 +937,29 @@ mod tests {
             ]
         );
         assert_eq!(fleet.sites[0].command[0], "/bin/true");
-        let cfg = crate::config::CentralConfig::load_with_env(
+        let cfg = outpost_central::config::CentralConfig::load_with_env(
             &dir.path().join("central.toml"),
             Some(Default::default()),
         )
         .unwrap();
         assert_eq!(cfg.api.token, None);
-        let clients = crate::api::Clients::from_config(&cfg.api.tokens);
+        let clients = outpost_central::api::Clients::from_config(&cfg.api.tokens);
         let admin = clients.authenticate(&fleet.central.token).unwrap();
         assert_eq!(
             (&*admin.name, admin.role),
-            ("admin", crate::config::Role::Admin)
+            ("admin", outpost_central::config::Role::Admin)
         );
         let erp = clients.authenticate(&fleet.central.erp_token).unwrap();
-        assert_eq!((&*erp.name, erp.role), ("erp", crate::config::Role::Erp));
+        assert_eq!(
+            (&*erp.name, erp.role),
+            ("erp", outpost_central::config::Role::Erp)
+        );
         let text = std::fs::read_to_string(dir.path().join("central.toml")).unwrap();
         assert!(!text.contains(&fleet.central.token) && !text.contains(&fleet.central.erp_token));
-        assert_eq!(cfg.allowance, crate::config::AllowanceConfig::default());
+        assert_eq!(
+            cfg.allowance,
+            outpost_central::config::AllowanceConfig::default()
+        );
         assert_eq!(load_fleet(dir.path()).unwrap(), fleet);
         let agent_cfg: toml::Table = std::fs::read_to_string(dir.path().join("warehouse-1.toml"))
             .unwrap()

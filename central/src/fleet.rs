@@ -3,88 +3,25 @@
 //! the states for the API, records an alert in the store on each change and hands it to the
 //! webhook sender. Async shell (store, clock, HTTP client).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
+use crate::fleet_health::{FleetHealth, SiteHealth};
 use crate::health::{self, Inputs, Reason, State, Thresholds};
 use crate::registry::Registry;
-use crate::store::{Alert, NewAlert, Store};
+use crate::store::{Alert, NewAlert, Store, StoreUnavailable};
 
 /// How often states are derived: an offline site is noticed within this after its threshold.
 pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
-/// Alerts waiting for the webhook sender; past it the oldest is dropped (with a warning and
-/// `webhook_dropped`): alerts stay in the store and `GET /v1/alerts` regardless.
-pub const WEBHOOK_QUEUE: usize = 256;
 /// Longest one webhook POST may take.
 pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts per alert and URL; the delay doubles from `WEBHOOK_BACKOFF` between them (with
 /// full jitter).
 pub const WEBHOOK_ATTEMPTS: u32 = 4;
 pub const WEBHOOK_BACKOFF: Duration = Duration::from_millis(500);
-
-/// A site's derived state, as the API shows it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SiteHealth {
-    pub state: State,
-    pub reasons: Vec<Reason>,
-    /// When the site entered this state (central's clock, ms); for a state first seen at
-    /// central's start, that start.
-    pub since_ms: i64,
-}
-
-/// The monitor's results and the webhook sender's queue and counters, shared with the API.
-#[derive(Debug, Default)]
-pub struct FleetHealth {
-    states: Mutex<HashMap<String, SiteHealth>>,
-    queue: Mutex<VecDeque<Alert>>,
-    queued: Notify,
-    /// Webhook deliveries that succeeded, that failed after every attempt, and alerts dropped
-    /// from a full queue.
-    pub webhook_sent: AtomicU64,
-    pub webhook_failed: AtomicU64,
-    pub webhook_dropped: AtomicU64,
-}
-
-impl FleetHealth {
-    pub fn states(&self) -> HashMap<String, SiteHealth> {
-        self.states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn state(&self, site: &str) -> Option<SiteHealth> {
-        self.states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(site)
-            .cloned()
-    }
-
-    fn enqueue(&self, alert: Alert) {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() >= WEBHOOK_QUEUE
-            && let Some(old) = q.pop_front()
-        {
-            self.webhook_dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(alert.id = old.id, site.id = %old.site, "webhook queue full; dropping the oldest alert");
-        }
-        q.push_back(alert);
-        drop(q);
-        self.queued.notify_one();
-    }
-
-    fn dequeue(&self) -> Option<Alert> {
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
-    }
-}
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -146,13 +83,20 @@ pub async fn run_monitor(
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        let stored: HashMap<String, Option<i64>> = match store.sites() {
-            Ok(sites) => sites
+        // A redb read blocks: it runs on the blocking pool, not on the async workers.
+        let reader = store.clone();
+        let read = tokio::task::spawn_blocking(move || reader.sites()).await;
+        let stored: HashMap<String, Option<i64>> = match read {
+            Ok(Ok(sites)) => sites
                 .into_iter()
                 .map(|s| (s.site, s.record.map(|r| r.last_seen_ms)))
                 .collect(),
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "health monitor cannot read the sites; using live sessions only");
+                HashMap::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "health monitor's read of the sites failed; using live sessions only");
                 HashMap::new()
             }
         };
@@ -168,57 +112,106 @@ pub async fn run_monitor(
                 last_drill.insert(site.clone(), id);
             }
         }
-        let fleet = registry.fleet_health();
-        // The monitor is the only writer of the states: read them, record the alerts, then
-        // publish, so an API reader never sees a new state before its alert is in the store.
-        let mut states = fleet.states();
-        let mut changes = Vec::new();
-        for (site, (state, reasons)) in derived {
-            match states.get_mut(&site) {
-                // The first state seen for a site (central just started, or a new site) is the
-                // baseline: nothing changed.
-                None => {
-                    states.insert(
-                        site,
-                        SiteHealth {
-                            state,
-                            reasons,
-                            since_ms: now,
-                        },
-                    );
-                }
-                Some(h) => {
-                    if h.state.as_str() != state.as_str() {
-                        // Into a drill, or out of one: part of the drill.
-                        let drill_id = in_drill.get(&site).copied().or_else(|| {
-                            (h.state == State::Drill)
-                                .then(|| last_drill.get(&site).copied())
-                                .flatten()
-                        });
-                        changes.push(NewAlert {
-                            site: site.clone(),
-                            from: h.state.as_str().to_string(),
-                            to: state.as_str().to_string(),
-                            reasons: reasons.iter().map(|r| r.as_str().to_string()).collect(),
-                            at_ms: now,
-                            drill_id,
-                        });
-                        h.since_ms = now;
-                    }
-                    h.state = state;
-                    h.reasons = reasons;
-                }
-            }
-        }
-        for change in changes {
-            tracing::warn!(site.id = %change.site, from = %change.from, to = %change.to, reasons = ?change.reasons, "site health changed");
-            match store.record_alert(change).await {
-                Ok(alert) => fleet.enqueue(alert),
-                Err(e) => tracing::warn!(error = %e, "cannot record a health alert"),
-            }
-        }
-        *fleet.states.lock().unwrap_or_else(|p| p.into_inner()) = states;
+        publish(
+            registry.fleet_health(),
+            &store,
+            derived,
+            &in_drill,
+            &last_drill,
+            now,
+        )
+        .await;
     }
+}
+
+/// Where the monitor records its alerts: the store in production, a scripted sink in tests.
+pub trait AlertSink {
+    fn store_alert(
+        &self,
+        alert: NewAlert,
+    ) -> impl std::future::Future<Output = Result<Alert, StoreUnavailable>> + Send;
+}
+
+impl AlertSink for Store {
+    async fn store_alert(&self, alert: NewAlert) -> Result<Alert, StoreUnavailable> {
+        self.record_alert(alert).await
+    }
+}
+
+/// One tick's publication of the derived states. The monitor is the only writer of the
+/// published states: it reads them, stores an alert for each site whose state changed, and only
+/// then publishes, so an API reader or a webhook never sees a new state whose alert is not in the
+/// store. A site whose alert cannot be stored keeps its previous published state, so the next
+/// tick finds the same change and stores the alert again (a retry every `MONITOR_INTERVAL` until
+/// the store takes it) instead of losing it.
+pub async fn publish(
+    fleet: &FleetHealth,
+    alerts: &impl AlertSink,
+    derived: HashMap<String, (State, Vec<Reason>)>,
+    in_drill: &HashMap<String, u64>,
+    last_drill: &HashMap<String, u64>,
+    now: i64,
+) {
+    let mut states = fleet.states();
+    let mut changes = Vec::new();
+    for (site, (state, reasons)) in derived {
+        match states.get_mut(&site) {
+            // The first state seen for a site (central just started, or a new site) is the
+            // baseline: nothing changed.
+            None => {
+                states.insert(
+                    site,
+                    SiteHealth {
+                        state,
+                        reasons,
+                        since_ms: now,
+                    },
+                );
+            }
+            Some(h) if h.state.as_str() != state.as_str() => {
+                // Into a drill, or out of one: part of the drill.
+                let drill_id = in_drill.get(&site).copied().or_else(|| {
+                    (h.state == State::Drill)
+                        .then(|| last_drill.get(&site).copied())
+                        .flatten()
+                });
+                let alert = NewAlert {
+                    site: site.clone(),
+                    from: h.state.as_str().to_string(),
+                    to: state.as_str().to_string(),
+                    reasons: reasons.iter().map(|r| r.as_str().to_string()).collect(),
+                    at_ms: now,
+                    drill_id,
+                };
+                let health = SiteHealth {
+                    state,
+                    reasons,
+                    since_ms: now,
+                };
+                changes.push((alert, health));
+            }
+            Some(h) => {
+                h.state = state;
+                h.reasons = reasons;
+            }
+        }
+    }
+    for (change, health) in changes {
+        let site = change.site.clone();
+        match alerts.store_alert(change).await {
+            Ok(alert) => {
+                // Logged once the alert is stored, so a change retried over several ticks is
+                // logged once.
+                tracing::warn!(site.id = %site, alert.id = alert.id, from = %alert.from, to = %alert.to, reasons = ?alert.reasons, "site health changed");
+                states.insert(site, health);
+                fleet.enqueue(alert);
+            }
+            Err(e) => {
+                tracing::warn!(site.id = %site, error = %e, "cannot record a health alert; the site keeps its published state and the change is retried at the next tick");
+            }
+        }
+    }
+    fleet.publish(states);
 }
 
 /// The webhook sender: POSTs each queued alert as JSON to every URL, with a timeout per POST
@@ -243,7 +236,7 @@ pub async fn run_webhooks(
             }
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                _ = fleet.queued.notified() => {}
+                _ = fleet.queued() => {}
             }
         };
         let body = alert_json(&alert);
@@ -296,7 +289,7 @@ pub fn alert_json(a: &Alert) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn alert(id: u64) -> Alert {
@@ -311,15 +304,100 @@ mod tests {
         }
     }
 
-    /// Goal: a full webhook queue drops the oldest alert and counts it.
-    #[test]
-    fn a_full_queue_drops_the_oldest() {
-        let fleet = FleetHealth::default();
-        for id in 1..=WEBHOOK_QUEUE as u64 + 1 {
-            fleet.enqueue(alert(id));
+    /// A sink that refuses its first `failures` alerts and records, for each alert it is given,
+    /// the state an API reader saw for the site at that moment.
+    struct ScriptedSink {
+        fleet: Arc<FleetHealth>,
+        failures: Mutex<u32>,
+        stored: Mutex<Vec<Alert>>,
+        published_while_storing: Mutex<Vec<Option<&'static str>>>,
+    }
+
+    impl AlertSink for ScriptedSink {
+        async fn store_alert(&self, a: NewAlert) -> Result<Alert, StoreUnavailable> {
+            let seen = self.fleet.state(&a.site).map(|h| h.state.as_str());
+            self.published_while_storing.lock().unwrap().push(seen);
+            let mut failures = self.failures.lock().unwrap();
+            if *failures > 0 {
+                *failures -= 1;
+                return Err(StoreUnavailable("write failed: disk full".into()));
+            }
+            let mut stored = self.stored.lock().unwrap();
+            let alert = Alert {
+                id: stored.len() as u64 + 1,
+                site: a.site,
+                from: a.from,
+                to: a.to,
+                reasons: a.reasons,
+                at_ms: a.at_ms,
+                drill_id: a.drill_id,
+            };
+            stored.push(alert.clone());
+            Ok(alert)
         }
-        assert_eq!(fleet.webhook_dropped.load(Ordering::Relaxed), 1);
-        assert_eq!(fleet.dequeue().map(|a| a.id), Some(2));
+    }
+
+    /// Goal: a site's new state is published only after its alert is stored, and an alert the
+    /// store refuses is not lost but stored at a later tick. Guards against publishing first
+    /// (an API reader would see a change the alert list lacks) and against dropping the alert
+    /// on a failed write (the change would never be alerted).
+    /// Method: drive `publish` tick by tick over a scripted sink that fails its first write and
+    /// records what was published at each write.
+    #[tokio::test]
+    async fn a_state_is_published_only_after_its_alert_is_stored_and_a_failed_alert_is_retried() {
+        let fleet = Arc::new(FleetHealth::default());
+        let sink = ScriptedSink {
+            fleet: fleet.clone(),
+            failures: Mutex::new(1),
+            stored: Mutex::new(Vec::new()),
+            published_while_storing: Mutex::new(Vec::new()),
+        };
+        let none = HashMap::new();
+        let tick = |state: State, reasons: Vec<Reason>| {
+            HashMap::from([("plant-1".to_string(), (state, reasons))])
+        };
+        let offline = || State::Offline { since_ms: Some(0) };
+
+        // Baseline: no alert.
+        publish(
+            &fleet,
+            &sink,
+            tick(State::Healthy, vec![]),
+            &none,
+            &none,
+            1_000,
+        )
+        .await;
+        assert_eq!(fleet.state("plant-1").unwrap().state, State::Healthy);
+
+        // The change's alert fails: the old state stays published, nothing is queued.
+        let down = vec![Reason::NotHeardFrom];
+        publish(
+            &fleet,
+            &sink,
+            tick(offline(), down.clone()),
+            &none,
+            &none,
+            2_000,
+        )
+        .await;
+        assert_eq!(fleet.state("plant-1").unwrap().state, State::Healthy);
+        assert!(sink.stored.lock().unwrap().is_empty());
+        assert_eq!(fleet.dequeue(), None);
+
+        // The next tick stores the alert, then publishes the state.
+        publish(&fleet, &sink, tick(offline(), down), &none, &none, 3_000).await;
+        let stored = sink.stored.lock().unwrap().clone();
+        assert_eq!(stored.len(), 1, "{stored:?}");
+        assert_eq!((&*stored[0].from, &*stored[0].to), ("healthy", "offline"));
+        let h = fleet.state("plant-1").unwrap();
+        assert_eq!((h.state.as_str(), h.since_ms), ("offline", 3_000));
+        assert_eq!(fleet.dequeue().map(|a| a.id), Some(1));
+        assert_eq!(
+            *sink.published_while_storing.lock().unwrap(),
+            vec![Some("healthy"), Some("healthy")],
+            "the new state was visible before its alert was stored"
+        );
     }
 
     /// Goal: a webhook that fails is retried with backoff and the alert's JSON is delivered.

@@ -1,4 +1,5 @@
-//! `outpost-central` command line: parses flags, sets up tracing and calls into the library.
+//! `outpost-central` command line: parses flags, sets up tracing and calls into the library (the
+//! server) or into the client tools declared here (operator CLI, dev fleet, traffic simulator).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,10 +7,17 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost_central::certs::{self, DEFAULT_CENTRAL_NAME};
-use outpost_central::cli::{self, CliError, Remote};
 use outpost_central::config::{CentralConfig, LoadConfigError};
-use outpost_central::dev::{self, DEFAULT_BASE_PORT, DEFAULT_SITES, InitOptions, UpOptions};
-use outpost_central::traffic::{self, TrafficOptions};
+
+use cli::{CliError, Remote};
+use dev::{DEFAULT_BASE_PORT, DEFAULT_SITES, InitOptions, UpOptions};
+use traffic::TrafficOptions;
+
+// The clients of the server: they use the library (`outpost_central`) and it never uses them.
+mod cli;
+mod dev;
+mod fleet_file;
+mod traffic;
 
 #[derive(Parser)]
 #[command(
@@ -606,7 +614,7 @@ async fn drill(remote_args: RemoteArgs, command: cli::drill::DrillCmd) -> ExitCo
 /// `backup --out FILE`: exit 2 when central cannot be reached or refuses, 1 when the file cannot
 /// be written.
 async fn backup(remote_args: RemoteArgs, out: &std::path::Path) -> ExitCode {
-    use outpost_central::backup::{DownloadError, download, download_summary};
+    use cli::backup::{DownloadError, download, download_summary};
     let r = match remote(&remote_args) {
         Ok(r) => r,
         Err(e) => {
@@ -678,7 +686,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             config,
             data_dir,
         } => {
-            use outpost_central::backup::{STORE_FILE, restore, restore_summary};
+            use cli::backup::{restore, restore_summary};
+            use outpost_central::backup::STORE_FILE;
             let store_path = match (config, data_dir) {
                 (Some(c), _) => match load_config(&c) {
                     Ok(cfg) => cfg.store_path(),
@@ -780,7 +789,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 let dir = std::path::absolute(&opts.dir)?;
                 println!(
                     "wrote {} (central + {} sites: {})",
-                    dir.join(dev::FLEET_FILE).display(),
+                    dir.join(fleet_file::FLEET_FILE).display(),
                     fleet.sites.len(),
                     fleet
                         .sites

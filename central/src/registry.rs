@@ -94,7 +94,7 @@ pub struct Registry {
     /// API already share.
     refusals: AcceptRefusals,
     /// The health monitor's derived states and webhook queue, here for the same reason.
-    fleet: crate::fleet::FleetHealth,
+    fleet: crate::fleet_health::FleetHealth,
     /// The disaster-recovery drill in progress, for the same reason.
     drills: crate::drill::Drills,
 }
@@ -238,7 +238,7 @@ pub struct SiteSignals {
 }
 
 impl Registry {
-    pub fn fleet_health(&self) -> &crate::fleet::FleetHealth {
+    pub fn fleet_health(&self) -> &crate::fleet_health::FleetHealth {
         &self.fleet
     }
 

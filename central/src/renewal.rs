@@ -24,6 +24,32 @@ pub static REFUSED: AtomicU64 = AtomicU64::new(0);
 /// any fleet, and it bounds the map whatever sites send.
 const MAX_REMEMBERED: usize = 100_000;
 
+/// Why a renewal request was refused; the text is what the agent is told (`CertificateRefused`)
+/// and keeps in its health.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error(
+        "central cannot sign certificates: no CA key is configured ([renewal] ca_dir); re-enrol \
+         the site before its certificate expires"
+    )]
+    NoCa,
+    #[error("signing request of {0} bytes is larger than {MAX_CSR_BYTES}")]
+    TooLarge(usize),
+    #[error(
+        "a certificate was signed for this site {ago_secs}s ago; the least interval is \
+         {min_secs}s ([renewal] min_interval_secs)"
+    )]
+    TooSoon { ago_secs: u64, min_secs: u64 },
+    #[error("not a valid signing request: {0}")]
+    InvalidRequest(#[source] rcgen::Error),
+    #[error("{0}")]
+    Params(#[source] certs::CertError),
+    #[error("central cannot load its CA: {0}")]
+    LoadCa(#[source] certs::CertError),
+    #[error("signing failed: {0}")]
+    Signing(#[source] rcgen::Error),
+}
+
 /// Signs renewed site certificates; shared by every session.
 #[derive(Debug)]
 pub struct Signer {
@@ -48,29 +74,22 @@ impl Signer {
     /// Signs `csr_der` for `site` (the session's certificate identity): returns the new
     /// certificate as PEM, or why not (sent to the agent as `CertificateRefused`). Blocking:
     /// reads the CA key and signs; call it off the async workers.
-    pub fn sign(&self, site: &str, csr_der: &[u8]) -> Result<String, String> {
+    pub fn sign(&self, site: &str, csr_der: &[u8]) -> Result<String, SignError> {
         let Some(ca_dir) = &self.ca_dir else {
-            return Err("central cannot sign certificates: no CA key is configured \
-                        ([renewal] ca_dir); re-enrol the site before its certificate expires"
-                .into());
+            return Err(SignError::NoCa);
         };
         if csr_der.len() > MAX_CSR_BYTES {
-            return Err(format!(
-                "signing request of {} bytes is larger than {MAX_CSR_BYTES}",
-                csr_der.len()
-            ));
+            return Err(SignError::TooLarge(csr_der.len()));
         }
         {
             let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(at) = last.get(site)
                 && at.elapsed() < self.min_interval
             {
-                return Err(format!(
-                    "a certificate was signed for this site {}s ago; the least interval is {}s \
-                     ([renewal] min_interval_secs)",
-                    at.elapsed().as_secs(),
-                    self.min_interval.as_secs()
-                ));
+                return Err(SignError::TooSoon {
+                    ago_secs: at.elapsed().as_secs(),
+                    min_secs: self.min_interval.as_secs(),
+                });
             }
             if last.len() >= MAX_REMEMBERED
                 && let Some(oldest) = last
@@ -98,21 +117,19 @@ impl Signer {
         ca_dir: &std::path::Path,
         site: &str,
         csr_der: &[u8],
-    ) -> Result<String, String> {
+    ) -> Result<String, SignError> {
         // Parses the request and checks its signature: the agent holds the key it names.
         let mut csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
-                .map_err(|e| format!("not a valid signing request: {e}"))?;
+                .map_err(SignError::InvalidRequest)?;
         // Whatever the request asks for, the certificate says what a site certificate says,
         // for the site of this session.
-        csr.params = certs::site_params(site, self.validity_days).map_err(|e| e.to_string())?;
+        csr.params = certs::site_params(site, self.validity_days).map_err(SignError::Params)?;
         let issuer = certs::load_issuer(ca_dir).map_err(|e| {
             tracing::error!(error = %e, "cannot load the fleet CA to sign a renewal");
-            format!("central cannot load its CA: {e}")
+            SignError::LoadCa(e)
         })?;
-        let cert = csr
-            .signed_by(&issuer)
-            .map_err(|e| format!("signing failed: {e}"))?;
+        let cert = csr.signed_by(&issuer).map_err(SignError::Signing)?;
         Ok(cert.pem())
     }
 }
@@ -161,14 +178,21 @@ mod tests {
             / 86_400;
         assert!((398..=400).contains(&days), "{days}");
         // A second request within the interval is refused; garbage is refused and not counted.
-        let again = signer.sign("plant-1", &csr(&key, "plant-1")).unwrap_err();
+        let again = signer
+            .sign("plant-1", &csr(&key, "plant-1"))
+            .unwrap_err()
+            .to_string();
         assert!(again.contains("least interval"), "{again}");
-        let bad = signer.sign("plant-3", b"not a csr").unwrap_err();
+        let bad = signer
+            .sign("plant-3", b"not a csr")
+            .unwrap_err()
+            .to_string();
         assert!(bad.contains("not a valid signing request"), "{bad}");
         assert!(signer.sign("plant-3", &csr(&key, "plant-3")).is_ok());
         let big = signer
             .sign("plant-4", &vec![0u8; MAX_CSR_BYTES + 1])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(big.contains("larger than"), "{big}");
     }
 
@@ -176,7 +200,10 @@ mod tests {
     fn without_a_ca_key_requests_are_refused_with_the_reason() {
         let signer = Signer::new(None, 365, Duration::from_secs(1));
         let key = KeyPair::generate().unwrap();
-        let why = signer.sign("plant-1", &csr(&key, "plant-1")).unwrap_err();
+        let why = signer
+            .sign("plant-1", &csr(&key, "plant-1"))
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("[renewal] ca_dir"), "{why}");
     }
 }

@@ -10,10 +10,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::api::{ApiState, Clients, router};
+use crate::api::{ApiState, Clients};
 use crate::config::CentralConfig;
 use crate::quic::{SyncContext, TlsSetupError};
 use crate::registry::Registry;
+use crate::router::router;
 use crate::store::{OpenStoreError, Store};
 
 /// How long in-flight HTTP requests may take to finish after shutdown starts.
@@ -111,7 +112,7 @@ pub async fn serve(
     let registry = Arc::new(Registry::new());
     // A drill that was running when central stopped goes on; a restore drill whose backup this
     // store came from ends its cut now.
-    crate::drill::driver::resume(&store, &registry).await;
+    crate::drill_driver::resume(&store, &registry).await;
 
     let api_addr = cfg.api_addr()?;
     let quic_addr = cfg.quic_addr()?;
@@ -198,7 +199,7 @@ pub async fn serve(
         )),
     };
     let limits = crate::quic::AcceptLimits::from_config(&cfg.quic);
-    let drills = tokio::spawn(crate::drill::driver::run_driver(
+    let drills = tokio::spawn(crate::drill_driver::run_driver(
         store.clone(),
         ctx.registry.clone(),
         stop_rx.clone(),

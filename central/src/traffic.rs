@@ -14,8 +14,8 @@ use serde_json::Value;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::dev::{FLEET_FILE, Fleet, FleetSite};
-use crate::paths::READY_FILE;
+use crate::fleet_file::{FLEET_FILE, Fleet, FleetSite};
+use outpost_central::paths::READY_FILE;
 
 pub mod plan;
 pub mod report;
@@ -291,6 +291,9 @@ impl StopReason {
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
+// No caller reads it yet: `run` prints the summary and writes the record itself, and the report
+// stays the value a run returns for callers that want the figures (it lived in the library).
+#[allow(dead_code)]
 pub struct TrafficReport {
     pub seed: u64,
     pub run: String,

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, ApiState, Caller, rfc3339_ms};
-use crate::drill::driver::{self, DrillError};
 use crate::drill::{Drill, DrillRequest, render_text, report};
+use crate::drill_driver::{self as driver, DrillError};
 use crate::store::now_ms;
 
 /// Default and largest number of drills in one `GET /v1/drills` answer.
@@ -21,7 +21,9 @@ pub const MAX_DRILL_LIMIT: usize = 200;
 impl From<DrillError> for ApiError {
     fn from(e: DrillError) -> Self {
         let (status, code) = match &e {
-            DrillError::Invalid(_) => (StatusCode::BAD_REQUEST, "validation"),
+            DrillError::Invalid(_) | DrillError::UnknownSite(_) => {
+                (StatusCode::BAD_REQUEST, "validation")
+            }
             DrillError::InProgress(_) => (StatusCode::CONFLICT, "drill_in_progress"),
             DrillError::NoSites(_) => (StatusCode::CONFLICT, "no_connected_sites"),
             DrillError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -73,7 +75,7 @@ fn id_param(p: Result<Path<u64>, PathRejection>) -> Result<u64, ApiError> {
 }
 
 /// `POST /v1/drills` (admin): starts a drill; 201 with the drill.
-pub(super) async fn start_drill(
+pub(crate) async fn start_drill(
     State(st): State<ApiState>,
     Extension(caller): Extension<Caller>,
     body: Result<ApiJson<DrillRequest>, ApiError>,
@@ -86,12 +88,12 @@ pub(super) async fn start_drill(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ListQuery {
+pub(crate) struct ListQuery {
     limit: Option<usize>,
 }
 
 /// `GET /v1/drills`: the newest drills first.
-pub(super) async fn list_drills(
+pub(crate) async fn list_drills(
     State(st): State<ApiState>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -104,8 +106,8 @@ pub(super) async fn list_drills(
     }
     let active = st.registry.drills().active();
     let drills: Vec<Value> = st
-        .store
-        .drills(limit)?
+        .read(move |s| s.drills(limit))
+        .await?
         .into_iter()
         .map(|d| match &active {
             Some(a) if a.id == d.id => drill_json(a),
@@ -119,7 +121,7 @@ pub(super) async fn list_drills(
 }
 
 /// `GET /v1/drills/{id}`.
-pub(super) async fn get_drill(
+pub(crate) async fn get_drill(
     State(st): State<ApiState>,
     id: Result<Path<u64>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -129,12 +131,12 @@ pub(super) async fn get_drill(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ReportQuery {
+pub(crate) struct ReportQuery {
     format: Option<String>,
 }
 
 /// `GET /v1/drills/{id}/report[?format=text]`: the report alone, as JSON or as text.
-pub(super) async fn get_report(
+pub(crate) async fn get_report(
     State(st): State<ApiState>,
     id: Result<Path<u64>, PathRejection>,
     q: Result<Query<ReportQuery>, QueryRejection>,
@@ -160,7 +162,7 @@ pub(super) async fn get_report(
 }
 
 /// `POST /v1/drills/{id}/abort` (admin): ends the cut now; the drill reports what happened.
-pub(super) async fn abort_drill(
+pub(crate) async fn abort_drill(
     State(st): State<ApiState>,
     Extension(caller): Extension<Caller>,
     id: Result<Path<u64>, PathRejection>,

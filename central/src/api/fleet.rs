@@ -14,13 +14,14 @@ use serde_json::{Value, json};
 
 use super::ops::{DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, limit, query};
 use super::{ApiError, ApiState, rfc3339_ms};
-use crate::fleet::{SiteHealth, alert_json};
+use crate::fleet::alert_json;
+use crate::fleet_health::SiteHealth;
 use crate::health::{Beat, State as HealthState};
 use crate::registry::SiteSignals;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct AlertsQuery {
+pub(crate) struct AlertsQuery {
     after: Option<u64>,
     limit: Option<usize>,
 }
@@ -126,18 +127,17 @@ fn site_json(
     })
 }
 
-fn durable_last_seen(st: &ApiState) -> Result<BTreeMap<String, Option<i64>>, ApiError> {
-    Ok(st
-        .store
-        .sites()?
+async fn durable_last_seen(st: &ApiState) -> Result<BTreeMap<String, Option<i64>>, ApiError> {
+    let sites = st.read(|s| s.sites()).await?;
+    Ok(sites
         .into_iter()
         .map(|s| (s.site, s.record.map(|r| r.last_seen_ms)))
         .collect())
 }
 
 /// `GET /v1/fleet`: every known site, sorted by id.
-pub(super) async fn get_fleet(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let mut durable = durable_last_seen(&st)?;
+pub(crate) async fn get_fleet(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let mut durable = durable_last_seen(&st).await?;
     let live = st.registry.latest_signals();
     let states = st.registry.fleet_health().states();
     for site in live.keys().chain(states.keys()) {
@@ -152,7 +152,7 @@ pub(super) async fn get_fleet(State(st): State<ApiState>) -> Result<Json<Value>,
 }
 
 /// `GET /v1/fleet/{site}`: one site with its heartbeat history (oldest first).
-pub(super) async fn get_fleet_site(
+pub(crate) async fn get_fleet_site(
     State(st): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -160,7 +160,7 @@ pub(super) async fn get_fleet_site(
         Ok(Path(s)) if validate_site_id(&s).is_ok() => s,
         _ => return Err(ApiError::not_found("no such site")),
     };
-    let durable = durable_last_seen(&st)?;
+    let durable = durable_last_seen(&st).await?;
     let signals = st.registry.site_signals(&site);
     let health = st.registry.fleet_health().state(&site);
     if signals.is_none() && health.is_none() && !durable.contains_key(&site) {
@@ -185,12 +185,13 @@ pub(super) async fn get_fleet_site(
 }
 
 /// `GET /v1/alerts?after=ID&limit=N`: health state changes, oldest first.
-pub(super) async fn list_alerts(
+pub(crate) async fn list_alerts(
     State(st): State<ApiState>,
     q: Result<Query<AlertsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
     let limit = limit(q.limit, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?;
-    let list = st.store.alerts(q.after.unwrap_or(0), limit)?;
+    let after = q.after.unwrap_or(0);
+    let list = st.read(move |s| s.alerts(after, limit)).await?;
     Ok(Json(Value::Array(list.iter().map(alert_json).collect())))
 }

@@ -27,7 +27,7 @@ pub const DEFAULT_LEDGER_LIMIT: usize = 1_000;
 pub const MAX_LEDGER_LIMIT: usize = 10_000;
 
 #[derive(Debug, Deserialize)]
-pub(super) struct ListQuery {
+pub(crate) struct ListQuery {
     status: Option<String>,
     after: Option<u64>,
     limit: Option<usize>,
@@ -35,14 +35,14 @@ pub(super) struct ListQuery {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ResolveIn {
+pub(crate) struct ResolveIn {
     action: String,
     #[serde(default)]
     reason: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-pub(super) struct LedgerQuery {
+pub(crate) struct LedgerQuery {
     pool: Option<String>,
     site: Option<String>,
     limit: Option<usize>,
@@ -94,7 +94,7 @@ fn exception_error(e: ExceptionOpError) -> ApiError {
 }
 
 /// `GET /v1/exceptions?status=open|resolved|all&after=ID&limit=N` (default open), oldest first.
-pub(super) async fn list_exceptions(
+pub(crate) async fn list_exceptions(
     State(st): State<ApiState>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -111,14 +111,15 @@ pub(super) async fn list_exceptions(
         }
     };
     let limit = limit(q.limit, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?;
-    let list = st.store.exceptions(filter, q.after.unwrap_or(0), limit)?;
+    let after = q.after.unwrap_or(0);
+    let list = st.read(move |s| s.exceptions(filter, after, limit)).await?;
     Ok(Json(Value::Array(
         list.iter().map(exception_json).collect(),
     )))
 }
 
 /// `GET /v1/exceptions/{id}`
-pub(super) async fn get_exception(
+pub(crate) async fn get_exception(
     State(st): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -131,7 +132,7 @@ pub(super) async fn get_exception(
 
 /// `POST /v1/exceptions/{id}/resolve` `{"action":"accept"|"reject","reason"}`; a rejection
 /// needs a reason (the site's floor screen shows it).
-pub(super) async fn resolve_exception(
+pub(crate) async fn resolve_exception(
     State(st): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
     body: Result<ApiJson<ResolveIn>, ApiError>,
@@ -165,7 +166,7 @@ pub(super) async fn resolve_exception(
 
 /// `POST /v1/exceptions/{id}/replay`: 200 with the resolved exception when the order now passes;
 /// 409 `still_failing` (with the new reasons) when it does not.
-pub(super) async fn replay_exception(
+pub(crate) async fn replay_exception(
     State(st): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -180,20 +181,21 @@ pub(super) async fn replay_exception(
 }
 
 /// `GET /v1/dead-letters?after=ID&limit=N`, oldest first.
-pub(super) async fn list_dead_letters(
+pub(crate) async fn list_dead_letters(
     State(st): State<ApiState>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
     let limit = limit(q.limit, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?;
-    let list = st.store.dead_letters(q.after.unwrap_or(0), limit)?;
+    let after = q.after.unwrap_or(0);
+    let list = st.read(move |s| s.dead_letters(after, limit)).await?;
     Ok(Json(Value::Array(
         list.iter().map(dead_letter_json).collect(),
     )))
 }
 
 /// `GET /v1/sites/{site}/reconciliations?limit=N`, newest first.
-pub(super) async fn list_reconciliations(
+pub(crate) async fn list_reconciliations(
     State(st): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
     q: Result<Query<ListQuery>, QueryRejection>,
@@ -204,13 +206,13 @@ pub(super) async fn list_reconciliations(
     };
     let q = query(q)?;
     let limit = limit(q.limit, MAX_REPORTS_PER_SITE, MAX_REPORTS_PER_SITE)?;
-    let list = st.store.reports(&site, limit)?;
+    let list = st.read(move |s| s.reports(&site, limit)).await?;
     Ok(Json(Value::Array(list.iter().map(report_json).collect())))
 }
 
 /// `GET /v1/ledger?pool=atp:SKU@site|credit:CUSTOMER` (one pool), `?pool=atp:SKU&site=S`,
 /// `?site=S` (that site's ATP pools and every credit pool), or everything (bounded by `limit`).
-pub(super) async fn get_ledger(
+pub(crate) async fn get_ledger(
     State(st): State<ApiState>,
     q: Result<Query<LedgerQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -239,7 +241,7 @@ pub(super) async fn get_ledger(
         site: if key.is_some() { None } else { q.site },
         key,
     };
-    let entries = st.store.ledger(&filter, limit)?;
+    let entries = st.read(move |s| s.ledger(&filter, limit)).await?;
     Ok(Json(Value::Array(
         entries.iter().map(ledger_json).collect(),
     )))
@@ -247,7 +249,7 @@ pub(super) async fn get_ledger(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RevokeIn {
+pub(crate) struct RevokeIn {
     #[serde(default)]
     reason: Option<String>,
 }
@@ -264,7 +266,7 @@ fn site_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiEr
 /// `POST /v1/sites/{site}/revoke` `{"reason": "..."}` (admin): puts the site on the deny list,
 /// durably, then closes its live connection; it is refused at every Hello until reinstated. Its
 /// agent keeps its outbox and retries. Revoking a revoked site changes nothing.
-pub(super) async fn revoke_site(
+pub(crate) async fn revoke_site(
     State(st): State<ApiState>,
     Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
@@ -290,7 +292,7 @@ pub(super) async fn revoke_site(
 
 /// `DELETE /v1/sites/{site}/revoke` (admin): takes the site off the deny list; its agent is
 /// admitted at its next reconnect attempt.
-pub(super) async fn reinstate_site(
+pub(crate) async fn reinstate_site(
     State(st): State<ApiState>,
     Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,

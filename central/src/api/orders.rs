@@ -22,7 +22,7 @@ pub use outpost_protocol::{IDEMPOTENCY_KEY_HEADER as IDEMPOTENCY_KEY, MAX_IDEMPO
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct CentralOrderIn {
+pub(crate) struct CentralOrderIn {
     customer_id: String,
     site: String,
     lines: Vec<LineIn>,
@@ -37,7 +37,7 @@ struct LineIn {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct DecisionIn {
+pub(crate) struct DecisionIn {
     status: String,
     #[serde(default)]
     reason: Option<String>,
@@ -129,7 +129,7 @@ fn order_error(e: CentralOrderError) -> ApiError {
 }
 
 /// `POST /v1/orders`: central's own channel. The key is checked before the body is parsed.
-pub(super) async fn post_order(
+pub(crate) async fn post_order(
     State(st): State<ApiState>,
     headers: HeaderMap,
     body: Result<ApiJson<CentralOrderIn>, ApiError>,
@@ -161,7 +161,7 @@ fn order_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiErro
 }
 
 /// `GET /v1/orders/{order_id}`
-pub(super) async fn get_order(
+pub(crate) async fn get_order(
     State(st): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -174,7 +174,7 @@ pub(super) async fn get_order(
 
 /// `POST /v1/orders/{order_id}/status`: the ERP accepts, rejects or flags an order. A site's
 /// order gets the decision pushed down to the site.
-pub(super) async fn post_status(
+pub(crate) async fn post_status(
     State(st): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
     body: Result<ApiJson<DecisionIn>, ApiError>,

@@ -58,11 +58,20 @@ impl KindArg {
     }
 }
 
+/// Why a `--duration`/`--recovery-timeout` value is refused (clap prints it).
+#[derive(Debug, thiserror::Error)]
+pub enum ParseSecsError {
+    #[error("{0}")]
+    Duration(#[from] humantime::DurationError),
+    #[error("give whole seconds (e.g. 90s, 2m)")]
+    Fraction,
+}
+
 /// `--duration 60s`: a humantime duration of whole seconds.
-pub fn parse_secs(s: &str) -> Result<u64, String> {
-    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+pub fn parse_secs(s: &str) -> Result<u64, ParseSecsError> {
+    let d = humantime::parse_duration(s)?;
     if d.subsec_nanos() != 0 {
-        return Err("give whole seconds (e.g. 90s, 2m)".into());
+        return Err(ParseSecsError::Fraction);
     }
     Ok(d.as_secs())
 }
@@ -655,8 +664,8 @@ mod tests {
     #[test]
     fn kinds_map_to_the_api_and_durations_are_whole_seconds() {
         assert_eq!(KindArg::CentralOutage.api_name(), "central_outage");
-        assert_eq!(parse_secs("60s"), Ok(60));
-        assert_eq!(parse_secs("2m"), Ok(120));
+        assert_eq!(parse_secs("60s").ok(), Some(60));
+        assert_eq!(parse_secs("2m").ok(), Some(120));
         assert!(parse_secs("1500ms").is_err());
         assert!(parse_secs("soon").is_err());
         let a = StartArgs {

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use outpost_protocol::identity::{SiteIdError, validate_site_id};
 
-use crate::certs::{self, CA_VALIDITY_DAYS, CertError};
+use outpost_central::certs::{self, CA_VALIDITY_DAYS, CertError};
 
 /// Version of the bundle format written here (`format_version`); `outpost-agent enroll` refuses
 /// any other.

@@ -5,7 +5,7 @@
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::{Broken, ReadError, Store, StoreUnavailable, decode, encode};
+use super::{ApplyError, ReadError, Store, StoreUnavailable, decode, encode};
 
 /// alert id -> postcard Alert; ids increase by one from 1.
 pub(super) const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
@@ -63,7 +63,7 @@ impl Store {
 }
 
 /// Inserts `a` and deletes the oldest alerts beyond `max`.
-pub(super) fn insert(txn: &WriteTransaction, a: NewAlert, max: u64) -> Result<Alert, Broken> {
+pub(super) fn insert(txn: &WriteTransaction, a: NewAlert, max: u64) -> Result<Alert, ApplyError> {
     let mut t = txn.open_table(ALERTS)?;
     let id = t.last()?.map_or(0, |(k, _)| k.value()) + 1;
     let alert = Alert {

@@ -11,10 +11,10 @@ use redb::{ReadableTable, WriteTransaction};
 use super::alerts::{self, NewAlert};
 use super::records::{LostRange, OpenReclaim, ReconReport};
 use super::{
-    Broken, LEDGER_ATP, LEDGER_CREDIT, LEDGER_SITES, LOST_RANGES, MAX_ALERTS, MAX_REPORTS_PER_SITE,
-    META_INCARNATION, META_LAST_RECLAIM, META_REVISION, OPEN_RECLAIMS, Outcome, REPORTS, SITE_HWM,
-    SITES, SiteRecord, StoreOptions, StoreUnavailable, append_change, decode_w, encode,
-    get_customer, get_pool, meta_get, next_id, put_pool, touch,
+    ApplyError, LEDGER_ATP, LEDGER_CREDIT, LEDGER_SITES, LOST_RANGES, MAX_ALERTS,
+    MAX_REPORTS_PER_SITE, META_INCARNATION, META_LAST_RECLAIM, META_REVISION, OPEN_RECLAIMS,
+    Outcome, REPORTS, SITE_HWM, SITES, SiteRecord, StoreOptions, StoreUnavailable, append_change,
+    decode_w, encode, get_customer, get_pool, meta_get, next_id, put_pool, touch,
 };
 use crate::ledger::{LedgerKey, plan_reclaims, plan_top_ups};
 
@@ -107,7 +107,7 @@ pub struct AllowanceAnswer {
     pub reason: String,
 }
 
-fn site_records(txn: &WriteTransaction) -> Result<BTreeMap<String, SiteRecord>, Broken> {
+fn site_records(txn: &WriteTransaction) -> Result<BTreeMap<String, SiteRecord>, ApplyError> {
     let t = txn.open_table(SITES)?;
     let mut out = BTreeMap::new();
     for row in t.iter()? {
@@ -124,7 +124,7 @@ pub(crate) fn silent_sites(
     opts: &StoreOptions,
     now_ms: i64,
     connected: &BTreeSet<String>,
-) -> Result<BTreeSet<String>, Broken> {
+) -> Result<BTreeSet<String>, ApplyError> {
     let limit_ms = i64::try_from(opts.reclaim_silent_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     let cutoff = now_ms.saturating_sub(limit_ms);
     Ok(site_records(txn)?
@@ -139,7 +139,7 @@ pub(crate) fn eligible_sites(
     txn: &WriteTransaction,
     opts: &StoreOptions,
     now_ms: i64,
-) -> Result<BTreeSet<String>, Broken> {
+) -> Result<BTreeSet<String>, ApplyError> {
     let silent = silent_sites(txn, opts, now_ms, &BTreeSet::new())?;
     let mut sites: BTreeSet<String> = site_records(txn)?.into_keys().collect();
     let t = txn.open_table(LEDGER_SITES)?;
@@ -152,7 +152,7 @@ pub(crate) fn eligible_sites(
 fn load_pools(
     txn: &WriteTransaction,
     scope: &Scope,
-) -> Result<BTreeMap<LedgerKey, CentralPool>, Broken> {
+) -> Result<BTreeMap<LedgerKey, CentralPool>, ApplyError> {
     let mut out = BTreeMap::new();
     match scope {
         Scope::Pools(keys) => {
@@ -194,7 +194,7 @@ fn load_pools(
 fn open_reclaims(
     txn: &WriteTransaction,
     keys: impl Iterator<Item = LedgerKey>,
-) -> Result<BTreeMap<(String, LedgerKey), i64>, Broken> {
+) -> Result<BTreeMap<(String, LedgerKey), i64>, ApplyError> {
     let t = txn.open_table(OPEN_RECLAIMS)?;
     let mut out = BTreeMap::new();
     for key in keys {
@@ -221,7 +221,7 @@ pub(crate) fn run_policy(
     sites: &BTreeSet<String>,
     silent: &BTreeSet<String>,
     now_ms: i64,
-) -> Result<PolicyOutcome, Broken> {
+) -> Result<PolicyOutcome, ApplyError> {
     let mut ledger = load_pools(txn, &scope)?;
     if ledger.is_empty() {
         return Ok(PolicyOutcome::default());
@@ -286,7 +286,7 @@ pub(crate) fn run_policy(
 pub(crate) fn current_report(
     txn: &WriteTransaction,
     site: &str,
-) -> Result<Option<ReconReport>, Broken> {
+) -> Result<Option<ReconReport>, ApplyError> {
     let t = txn.open_table(REPORTS)?;
     let last = t.range((site, 0u64)..=(site, u64::MAX))?.next_back();
     match last {
@@ -295,7 +295,7 @@ pub(crate) fn current_report(
     }
 }
 
-pub(crate) fn put_report(txn: &WriteTransaction, r: &ReconReport) -> Result<(), Broken> {
+pub(crate) fn put_report(txn: &WriteTransaction, r: &ReconReport) -> Result<(), ApplyError> {
     let mut t = txn.open_table(REPORTS)?;
     t.insert((r.site.as_str(), r.session), encode(r).as_slice())?;
     Ok(())
@@ -415,7 +415,7 @@ fn record_lost(
     first: u64,
     last: u64,
     now_ms: i64,
-) -> Result<(), Broken> {
+) -> Result<(), ApplyError> {
     let range = LostRange {
         site: site.to_string(),
         first_seq: first,
@@ -451,7 +451,7 @@ fn record_lost(
 
 /// Removes `site` from every pool's outstanding (its ATP pools and every credit pool) and
 /// closes its open reclaims.
-fn zero_site_allowances(txn: &WriteTransaction, site: &str) -> Result<(), Broken> {
+fn zero_site_allowances(txn: &WriteTransaction, site: &str) -> Result<(), ApplyError> {
     let mut pools = Vec::new();
     {
         let atp = txn.open_table(LEDGER_ATP)?;

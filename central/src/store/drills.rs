@@ -11,7 +11,7 @@ use super::{
     DEAD_LETTERS, EVENTS, EXCEPTIONS, META_LAST_DEAD_LETTER, META_LAST_EXCEPTION, META_NEXT_CURSOR,
     ReadError, SITE_HWM, Store, StoreUnavailable, decode, records,
 };
-use crate::drill::Drill;
+use crate::drill::{Drill, DrillMarks, HeldSeqs};
 
 /// drill id -> JSON `Drill`. JSON rather than postcard: a drill record is written a few times
 /// per drill, read by operators for years, and gains fields as drills do.
@@ -19,32 +19,6 @@ pub(super) const DRILLS: TableDefinition<u64, &[u8]> = TableDefinition::new("dri
 
 /// Drills kept: the oldest are deleted beyond this.
 pub const MAX_DRILLS: u64 = 1_000;
-
-/// Where central's records stood when a drill started.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DrillMarks {
-    /// Feed rows with a cursor above this arrived during the drill.
-    pub feed_cursor: u64,
-    pub last_exception: u64,
-    pub last_dead_letter: u64,
-    /// Each known site's durable high-water mark.
-    pub hwms: BTreeMap<String, u64>,
-}
-
-/// What central holds of one site's events in a seq range, read back from the feed, the
-/// exception queue and the dead letters (the drill report's discrepancy check).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HeldSeqs {
-    /// seq -> how many feed rows carry it (more than one is a duplicate applied).
-    pub feed: BTreeMap<u64, u32>,
-    /// seqs in the exception queue or among the dead letters.
-    pub other: BTreeMap<u64, u32>,
-    /// Exception classes (primary reason) of the site's exceptions created after the mark.
-    pub exception_classes: BTreeMap<String, u64>,
-    pub dead_letters: u64,
-    /// The scan stopped at its row bound before reaching the end.
-    pub truncated: bool,
-}
 
 /// Most rows one discrepancy scan reads per table.
 pub const MAX_SCAN_ROWS: usize = 5_000_000;

@@ -14,7 +14,7 @@ use super::records::{
     OrderState, SiteData,
 };
 use super::{
-    Broken, DEAD_LETTERS, EXCEPTIONS, IngestBatchError, IngestOutcome, META_LAST_DEAD_LETTER,
+    ApplyError, DEAD_LETTERS, EXCEPTIONS, IngestBatchError, IngestOutcome, META_LAST_DEAD_LETTER,
     META_LAST_EXCEPTION, META_REVISION, OPEN_RECLAIMS, Outcome, SITE_HWM, StoreOptions,
     append_feed, append_feed_run, decode_w, effective_price, encode, get_customer, get_order,
     get_pool, meta_get, next_id, put_order, put_pool, touch,
@@ -237,7 +237,7 @@ fn dead_letter(
     env: &EventEnvelope,
     reason: String,
     now_ms: i64,
-) -> Result<(), Broken> {
+) -> Result<(), ApplyError> {
     let id = next_id(txn, META_LAST_DEAD_LETTER)?;
     tracing::warn!(site.id = %site, seq = env.seq, dead_letter = id, reason = %reason, "event dead-lettered");
     let d = DeadLetter {
@@ -262,7 +262,7 @@ fn apply_return(
     seq: u64,
     r: &AllowanceReturn,
     touched: &mut BTreeSet<LedgerKey>,
-) -> Result<(), Broken> {
+) -> Result<(), ApplyError> {
     let key = LedgerKey::for_site(site, &r.pool);
     if let Some(mut pool) = get_pool(txn, &key)? {
         pool.handle_returned(site, r.qty);
@@ -292,7 +292,7 @@ fn apply_return(
 pub(super) fn check_against_master(
     txn: &WriteTransaction,
     order: &Order,
-) -> Result<(crate::checks::Checked, Option<bool>), Broken> {
+) -> Result<(crate::checks::Checked, Option<bool>), ApplyError> {
     let mut prices = BTreeMap::new();
     for l in &order.lines {
         if !prices.contains_key(&l.sku) {
@@ -323,7 +323,7 @@ fn ingest_order(
     order: &Order,
     ctx: &OrderContext,
     touched: &mut BTreeSet<LedgerKey>,
-) -> Result<OrderFate, Broken> {
+) -> Result<OrderFate, ApplyError> {
     let (revision, now_ms) = (ctx.revision, ctx.now_ms);
     if let Some(existing) = get_order(txn, &order.order_id)? {
         return Ok(OrderFate::DeadLetter(format!(

@@ -16,9 +16,9 @@ use super::records::{
     OrderState, Resolution, ResolutionAction,
 };
 use super::{
-    ATP, Broken, CENTRAL_IDEM, EXCEPTIONS, META_LAST_CENTRAL_ORDER, META_REVISION, Outcome, PRICES,
-    StoreOptions, StoreUnavailable, append_change, append_feed, decode_w, effective_price, encode,
-    get_customer, get_order, get_pool, meta_get, next_id, put_order, put_pool,
+    ATP, ApplyError, CENTRAL_IDEM, EXCEPTIONS, META_LAST_CENTRAL_ORDER, META_REVISION, Outcome,
+    PRICES, StoreOptions, StoreUnavailable, append_change, append_feed, decode_w, effective_price,
+    encode, get_customer, get_order, get_pool, meta_get, next_id, put_order, put_pool,
 };
 use crate::checks::Reason;
 use crate::ledger::LedgerKey;
@@ -99,7 +99,7 @@ pub enum ExceptionOpError {
 
 /// Whether central knows `sku` at all (any price, or ATP at `site`), to tell an unknown SKU from
 /// one without a price for this customer.
-fn sku_known(txn: &WriteTransaction, sku: &str, site: &str) -> Result<bool, Broken> {
+fn sku_known(txn: &WriteTransaction, sku: &str, site: &str) -> Result<bool, ApplyError> {
     if txn.open_table(ATP)?.get((sku, site))?.is_some() {
         return Ok(true);
     }
@@ -264,7 +264,7 @@ fn settle(
     txn: &WriteTransaction,
     order: &OrderRecord,
     accepted: bool,
-) -> Result<BTreeSet<LedgerKey>, Broken> {
+) -> Result<BTreeSet<LedgerKey>, ApplyError> {
     let mut released = BTreeSet::new();
     for (key, qty) in &order.consumed {
         if let Some(mut pool) = get_pool(txn, key)? {
@@ -284,7 +284,7 @@ fn notify_site(
     txn: &WriteTransaction,
     order: &OrderRecord,
     status: ErpStatus,
-) -> Result<(), Broken> {
+) -> Result<(), ApplyError> {
     if order.channel == Channel::Site {
         append_change(
             txn,
@@ -304,7 +304,7 @@ fn top_up_released(
     opts: &StoreOptions,
     released: BTreeSet<LedgerKey>,
     now_ms: i64,
-) -> Result<(), Broken> {
+) -> Result<(), ApplyError> {
     if released.is_empty() {
         return Ok(());
     }
@@ -357,13 +357,13 @@ pub(super) fn decide(
     Ok(Ok(order))
 }
 
-fn get_exception(txn: &WriteTransaction, id: u64) -> Result<Option<ExceptionRecord>, Broken> {
+fn get_exception(txn: &WriteTransaction, id: u64) -> Result<Option<ExceptionRecord>, ApplyError> {
     let t = txn.open_table(EXCEPTIONS)?;
     let v = t.get(id)?;
     v.map(|v| decode_w("exception", v.value())).transpose()
 }
 
-fn put_exception(txn: &WriteTransaction, e: &ExceptionRecord) -> Result<(), Broken> {
+fn put_exception(txn: &WriteTransaction, e: &ExceptionRecord) -> Result<(), ApplyError> {
     txn.open_table(EXCEPTIONS)?
         .insert(e.id, encode(e).as_slice())?;
     Ok(())
@@ -373,18 +373,16 @@ fn put_exception(txn: &WriteTransaction, e: &ExceptionRecord) -> Result<(), Brok
 fn open_exception(
     txn: &WriteTransaction,
     id: u64,
-) -> Result<Result<(ExceptionRecord, OrderRecord), ExceptionOpError>, Broken> {
+) -> Result<Result<(ExceptionRecord, OrderRecord), ExceptionOpError>, ApplyError> {
     let Some(exc) = get_exception(txn, id)? else {
         return Ok(Err(ExceptionOpError::NotFound));
     };
     if let Some(r) = &exc.resolution {
         return Ok(Err(ExceptionOpError::AlreadyResolved(r.clone())));
     }
-    let order = get_order(txn, &exc.order.order_id)?.ok_or_else(|| {
-        Broken(format!(
-            "exception {id} refers to order {} which is not stored",
-            exc.order.order_id
-        ))
+    let order = get_order(txn, &exc.order.order_id)?.ok_or_else(|| ApplyError::MissingOrder {
+        id,
+        order_id: exc.order.order_id.clone(),
     })?;
     Ok(Ok((exc, order)))
 }

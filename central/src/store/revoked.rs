@@ -6,7 +6,7 @@
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::{Broken, ReadError, Store, StoreUnavailable, decode, encode, now_ms};
+use super::{ApplyError, ReadError, Store, StoreUnavailable, decode, encode, now_ms};
 
 /// site -> postcard RevokedSite
 pub(super) const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_sites");
@@ -69,7 +69,7 @@ fn revoke(
     site: &str,
     reason: String,
     now_ms: i64,
-) -> Result<RevokedSite, Broken> {
+) -> Result<RevokedSite, ApplyError> {
     let mut t = txn.open_table(REVOKED)?;
     if let Some(v) = t.get(site)?
         && let Ok(existing) = postcard::from_bytes::<RevokedSite>(v.value())
@@ -84,7 +84,7 @@ fn revoke(
     Ok(entry)
 }
 
-fn reinstate(txn: &WriteTransaction, site: &str) -> Result<Option<RevokedSite>, Broken> {
+fn reinstate(txn: &WriteTransaction, site: &str) -> Result<Option<RevokedSite>, ApplyError> {
     let mut t = txn.open_table(REVOKED)?;
     let old = t.remove(site)?;
     // An unreadable entry is removed all the same: reinstating must always work.

@@ -452,6 +452,7 @@ impl Histogram {
         self.total += 1;
     }
 
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.total
     }
@@ -535,20 +536,12 @@ impl Ledger {
         }
     }
 
-    pub fn sites(&self) -> &[String] {
-        &self.sites
-    }
-
     pub fn entries(&self) -> &[Ack] {
         &self.entries
     }
 
     pub fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     pub fn is_full(&self) -> bool {

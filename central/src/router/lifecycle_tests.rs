@@ -9,7 +9,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::{ApiState, router};
+use super::router;
+use crate::api::ApiState;
 use crate::registry::Registry;
 use crate::store::Store;
 
@@ -29,7 +30,7 @@ async fn start() -> Harness {
         store: store.clone(),
         data_dir: std::env::temp_dir(),
         registry: Arc::new(Registry::new()),
-        clients: Arc::new(super::Clients::from_tokens([(
+        clients: Arc::new(crate::api::Clients::from_tokens([(
             "admin",
             crate::config::Role::Admin,
             TOKEN,

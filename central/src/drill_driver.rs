@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{Drill, DrillBackup, DrillKind, DrillRequest, Phase, SiteFindings, report};
+use crate::drill::{
+    Drill, DrillBackup, DrillKind, DrillMarks, DrillRequest, Phase, SiteFindings,
+    ValidateDrillError, report,
+};
 use crate::ledger::LedgerKey;
 use crate::registry::Registry;
 use crate::store::{LedgerFilter, Store, now_ms};
@@ -23,8 +26,10 @@ const PERSIST_EVERY: Duration = Duration::from_secs(2);
 /// Why a drill could not be started or changed (the API maps these to HTTP errors).
 #[derive(Debug, thiserror::Error)]
 pub enum DrillError {
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Invalid(#[from] ValidateDrillError),
+    #[error("central has never heard of site {0:?}")]
+    UnknownSite(String),
     #[error("drill {0} is in progress; abort it or wait for it to end")]
     InProgress(u64),
     #[error("no site is connected: a {0} drill needs at least one")]
@@ -48,7 +53,7 @@ pub async fn start(
     data_dir: &Path,
     req: DrillRequest,
 ) -> Result<Drill, DrillError> {
-    req.validate().map_err(DrillError::Invalid)?;
+    req.validate()?;
     let drills = registry.drills();
     if let Some(a) = drills.active() {
         return Err(DrillError::InProgress(a.id));
@@ -63,9 +68,7 @@ pub async fn start(
                 .chain(registry.snapshot().into_keys())
                 .collect();
             if let Some(unknown) = req.sites.iter().find(|s| !known.contains(*s)) {
-                return Err(DrillError::Invalid(format!(
-                    "central has never heard of site {unknown:?}"
-                )));
+                return Err(DrillError::UnknownSite(unknown.clone()));
             }
             req.sites.clone()
         }
@@ -226,7 +229,7 @@ pub async fn resume(store: &Store, registry: &Registry) {
 
 /// Reads back from central's records what the final report checks, for every site of `d`.
 fn findings(store: &Store, d: &Drill) -> Result<BTreeMap<String, SiteFindings>, String> {
-    let marks = crate::store::DrillMarks {
+    let marks = DrillMarks {
         feed_cursor: d.feed_cursor_at_start,
         last_exception: d.last_exception_at_start,
         last_dead_letter: d.last_dead_letter_at_start,

@@ -11,7 +11,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::{ApiState, Clients, router};
+use super::router;
+use crate::api::{ApiState, Clients};
 use crate::config::Role;
 use crate::registry::{EndSignal, Registry};
 use crate::store::Store;
