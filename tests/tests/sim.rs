@@ -14,6 +14,7 @@
 mod sim {
     pub mod check;
     pub mod disk;
+    pub mod drive;
     pub mod net;
     pub mod world;
 }
@@ -95,10 +96,12 @@ fn summary(label: &str, n: usize, b: &Batch, secs: f64) -> String {
     format!(
         "{label}: seeds={n} failed_seeds={} time={secs:.1}s | requests ok={} failed={} \
          unknown_resolved={} attempts={} retries={} at_central={} | lost={} duplicated={} \
-         unrequested={} key_reapplied={} oversold={} promise_mismatch={} | agent_crashes={} \
-         central_crashes={} power_cuts_mid_commit={} crashes_before_reply={} \
-         crashes_before_ack={} partitions={} one_way={} loss={} latency={} flaps={} \
-         connections={} superseded={} max_drain_ms={}",
+         unrequested={} key_reapplied={} oversold={} promise_mismatch={} unconserved={} \
+         pools_checked={} | agent_crashes={} central_crashes={} power_cuts_mid_commit={} \
+         crashes_before_reply={} crashes_before_ack={} partitions={} one_way={} loss={} \
+         latency={} flaps={} connections={} superseded={} | heartbeats={} asks={} \
+         asks_answered={} asks_late={} atp_lowered={} returns={} erp_accepted={} \
+         erp_rejected={} restores={} rewinds={} | max_drain_ms={}",
         b.failures.len(),
         v.ok_requests,
         v.failed_requests,
@@ -112,6 +115,8 @@ fn summary(label: &str, n: usize, b: &Batch, secs: f64) -> String {
         v.key_reapplied,
         v.oversold,
         v.promise_mismatch,
+        v.unconserved,
+        v.pools_checked,
         s.agent_crashes,
         s.central_crashes,
         s.cuts_mid_commit,
@@ -124,6 +129,16 @@ fn summary(label: &str, n: usize, b: &Batch, secs: f64) -> String {
         s.flaps,
         s.connections,
         s.superseded,
+        s.heartbeats,
+        s.asks,
+        s.asks_answered,
+        s.asks_late,
+        s.atp_lowered,
+        s.returns,
+        s.erp_accepted,
+        s.erp_rejected,
+        s.restores,
+        s.rewinds,
         s.drain_ticks * sim::world::TICK_MS,
     )
 }

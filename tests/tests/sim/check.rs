@@ -28,6 +28,10 @@ pub struct Verdict {
     pub oversold: i64,
     /// Orders whose promises at central differ from what the site answered.
     pub promise_mismatch: u64,
+    /// (site, pool) accounts where granted != confirmed + returned + held, in units.
+    pub unconserved: i64,
+    /// Pools whose accounts were checked (0 when central was restored from a backup).
+    pub pools_checked: u64,
     pub problems: Vec<String>,
 }
 
@@ -39,6 +43,7 @@ impl Verdict {
             && self.key_reapplied == 0
             && self.oversold == 0
             && self.promise_mismatch == 0
+            && self.unconserved == 0
             && self.problems.is_empty()
     }
 
@@ -53,6 +58,8 @@ impl Verdict {
         self.key_reapplied += o.key_reapplied;
         self.oversold += o.oversold;
         self.promise_mismatch += o.promise_mismatch;
+        self.unconserved += o.unconserved;
+        self.pools_checked += o.pools_checked;
     }
 }
 
@@ -97,7 +104,10 @@ pub fn check(out: &Outcome) -> Verdict {
                 o.order_id.clone()
             }
             EventBody::Milestone(m) => m.shipment_id.clone(),
-            EventBody::AllowanceReturn(_) => continue,
+            // Answers to reclaims, not client requests: checked by the pool accounts below.
+            EventBody::AllowanceReturn(_) => {
+                continue;
+            }
         };
         v.at_central += 1;
         *held.entry((site.clone(), id)).or_insert(0) += 1;
@@ -179,6 +189,10 @@ pub fn check(out: &Outcome) -> Verdict {
     let mut value: BTreeMap<String, i64> = BTreeMap::new();
     for (site, body) in &out.at_central {
         if let EventBody::Order(o) = body {
+            // The ERP rejected it: its units went back to central's pool and may be sold again.
+            if out.rejected.contains(&(site.clone(), o.order_id.clone())) {
+                continue;
+            }
             for l in &o.lines {
                 if matches!(l.promise, LinePromise::Confirmed) {
                     *units.entry((l.sku.clone(), site.clone())).or_insert(0) += l.qty;
@@ -206,6 +220,34 @@ pub fn check(out: &Outcome) -> Verdict {
                 &mut v,
                 format!("{customer}: confirmed value {used} > credit limit {limit} (units)"),
             );
+        }
+    }
+    
+    // Every unit a site was granted is confirmed in an order, returned, or still held.
+    if let Some(accounts) = &out.conservation {
+        for a in accounts {
+            v.pools_checked += 1;
+            let accounted = a.confirmed + a.returned + a.held;
+            if a.central_outstanding.is_some_and(|c| c != a.held) {
+                v.unconserved += (a.central_outstanding.unwrap_or(0) - a.held).abs();
+                note(
+                    &mut v,
+                    format!(
+                        "{} {}: the site holds {}, central's ledger says {:?}",
+                        a.site, a.pool, a.held, a.central_outstanding
+                    ),
+                );
+            }
+            if a.granted != accounted {
+                v.unconserved += (a.granted - accounted).abs();
+                note(
+                    &mut v,
+                    format!(
+                        "{} {}: granted {} != confirmed {} + returned {} + held {}",
+                        a.site, a.pool, a.granted, a.confirmed, a.returned, a.held
+                    ),
+                );
+            }
         }
     }
     v

@@ -1,14 +1,14 @@
 //! One simulated fleet: central and a few agents, each on its own simulated disk, joined by the
 //! simulated network, driven tick by tick from one seed.
 //!
-//! What runs is the product's own code: the agent's store (`outpost_agent::store::Store`: order
-//! capture against allowances, idempotency, outbox, acks, master data), central's store
-//! (`outpost_central::store::Store`: session start and top-ups, ingest planning and
-//! de-duplication, feed, exception queue, allowance ledger, master log), redb itself on a disk
-//! that loses unsynced writes, the protocol's frames, `Uploader` and `check_hello`. What is
-//! replaced is the transport (QUIC streams become `net::Conn`) and the few lines of session glue
-//! in `agent/src/sync.rs` and `central/src/quic.rs` that move messages between the two, which
-//! are written out here step for step.
+//! What runs is the product's own code: the sync sessions are the protocol's state machines
+//! (`AgentSession`, `CentralSession`), the very ones the agent's and central's drivers run; the
+//! agent's store (order capture against allowances, idempotency, outbox, acks, retention, master
+//! data, incarnations); central's store (session start and top-ups, ingest, feed, exception
+//! queue, allowance ledger with reclaims, master log, ERP decisions, restore from a backup);
+//! redb itself on a disk that loses unsynced writes; the protocol's frames. What is replaced is
+//! the I/O around the machines: QUIC streams become `net::Conn`, and `drive.rs` carries out the
+//! machines' requests on the stores the way the drivers do, with no session logic of its own.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,15 +16,14 @@ use std::path::Path;
 use outpost_agent::store as agent_store;
 use outpost_central::ledger::Targets;
 use outpost_central::store as central_store;
-use outpost_protocol::session::{Uploader, check_hello};
+use outpost_protocol::session::agent::AgentSession;
+use outpost_protocol::session::central::CentralSession;
 use outpost_protocol::{
-    AgentMsg, AtpRecord, CentralMsg, CustomerRecord, EventBody, FrameDecoder, Hello, LinePromise,
-    MAX_CHANGES_PER_FRAME, MasterBatch, MasterChange, MilestoneKind, Money, PROTOCOL_VERSION,
-    PriceRecord, Refuse, RefuseCode, Welcome, encode,
+    AtpRecord, CustomerRecord, EventBody, LinePromise, MasterChange, MilestoneKind, Money,
+    PriceRecord,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::de::DeserializeOwned;
 
 use super::disk::Disk;
 use super::net::{Conn, IDLE_TIMEOUT_MS, LinkFaults};
@@ -33,14 +32,11 @@ use super::net::{Conn, IDLE_TIMEOUT_MS, LinkFaults};
 pub const TICK_MS: u64 = 10;
 /// Most ticks spent healing and draining after the workload before the run counts as stuck.
 const DRAIN_TICKS: u64 = 6_000;
-/// Events in flight per session and per frame (small, so windows and batches matter).
-const WINDOW: u64 = 16;
-const BATCH: u64 = 4;
 const SKUS: [(&str, &str); 2] = [("SKU-A", "10.00"), ("SKU-B", "25.00")];
 /// (customer, credit limit): C2's limit is tight, so its credit escrow binds.
 const CUSTOMERS: [(&str, &str); 2] = [("C1", "100000.00"), ("C2", "300.00")];
 /// Simulated wall clock at tick 0 (ms since the epoch).
-const EPOCH_MS: i64 = 1_800_000_000_000;
+pub(super) const EPOCH_MS: i64 = 1_800_000_000_000;
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -50,8 +46,11 @@ pub struct SimConfig {
     pub steps: u64,
     /// A broken variant: fsync does nothing on every disk.
     pub lie_fsync: bool,
-    /// A broken variant: central acknowledges a batch before committing it.
+    /// A broken variant: central's session machine acknowledges a batch before its commit
+    /// (the machine's test-only switch), and central is sometimes killed in between.
     pub ack_before_commit: bool,
+    /// Central's machine is lost once and restored from a backup image taken earlier.
+    pub restore: bool,
 }
 
 impl SimConfig {
@@ -62,6 +61,8 @@ impl SimConfig {
             steps: 400,
             lie_fsync: false,
             ack_before_commit: false,
+            // A quarter of the seeds lose central's machine and restore it from a backup.
+            restore: seed % 4 == 3,
         }
     }
 }
@@ -122,6 +123,16 @@ pub struct Stats {
     pub connections: u64,
     pub superseded: u64,
     pub drain_ticks: u64,
+    pub heartbeats: u64,
+    pub asks: u64,
+    pub asks_answered: u64,
+    pub asks_late: u64,
+    pub atp_lowered: u64,
+    pub returns: u64,
+    pub erp_accepted: u64,
+    pub erp_rejected: u64,
+    pub restores: u64,
+    pub rewinds: u64,
 }
 
 impl Stats {
@@ -144,6 +155,16 @@ impl Stats {
         self.connections += o.connections;
         self.superseded += o.superseded;
         self.drain_ticks = self.drain_ticks.max(o.drain_ticks);
+        self.heartbeats += o.heartbeats;
+        self.asks += o.asks;
+        self.asks_answered += o.asks_answered;
+        self.asks_late += o.asks_late;
+        self.atp_lowered += o.atp_lowered;
+        self.returns += o.returns;
+        self.erp_accepted += o.erp_accepted;
+        self.erp_rejected += o.erp_rejected;
+        self.restores += o.restores;
+        self.rewinds += o.rewinds;
     }
 }
 
@@ -163,30 +184,57 @@ pub struct Outcome {
     /// not reopen, a run that did not drain).
     pub problems: Vec<String>,
     pub stats: Stats,
+    /// Orders the ERP rejected (their units went back to central's pool): (site, order id).
+    pub rejected: std::collections::BTreeSet<(String, String)>,
+    /// Per (site, pool): units granted by central, confirmed and returned by the site, and
+    /// held by the site at the end. `None` when central was restored from a backup (its log
+    /// then lacks the grants made after the backup).
+    pub conservation: Option<Vec<Conservation>>,
 }
 
-struct AgentHost {
-    name: String,
-    disk: Disk,
-    store: Option<agent_store::Store>,
-    writer: Option<agent_store::StoreWriter>,
-    restart_at: Option<u64>,
-    conn: Option<u64>,
-    uploader: Option<Uploader>,
-    next_attempt: u64,
-    faults: LinkFaults,
+/// One pool's accounts at one site, at the end of a run.
+#[derive(Clone, Debug)]
+pub struct Conservation {
+    pub site: String,
+    pub pool: String,
+    pub granted: i64,
+    pub confirmed: i64,
+    pub returned: i64,
+    pub held: i64,
+    /// What central's ledger says the site holds (the same figure, seen from central).
+    pub central_outstanding: Option<i64>,
 }
 
-struct CentralHost {
-    disk: Disk,
-    store: Option<central_store::Store>,
-    restart_at: Option<u64>,
-    /// conn → master revision the agent holds, once its Hello was accepted.
-    sessions: BTreeMap<u64, u64>,
-    /// site → its live connection.
-    live: BTreeMap<usize, u64>,
+pub(super) struct AgentHost {
+    pub name: String,
+    pub disk: Disk,
+    pub store: Option<agent_store::Store>,
+    pub writer: Option<agent_store::StoreWriter>,
+    pub restart_at: Option<u64>,
+    pub conn: Option<u64>,
+    /// The live session's machine (the product's `AgentSession`).
+    pub session: Option<AgentSession>,
+    /// Whether central's incarnation changed in the current session (a rewind is then due to a
+    /// restore; otherwise central lost what it acknowledged).
+    pub incarnation_changed: bool,
+    pub next_attempt: u64,
+    pub faults: LinkFaults,
+}
+
+pub(super) struct CentralHost {
+    pub disk: Disk,
+    pub store: Option<central_store::Store>,
+    pub restart_at: Option<u64>,
+    /// conn → its session machine (the product's `CentralSession`).
+    pub sessions: BTreeMap<u64, CentralSession>,
+    /// site → its registered connection (the registry: a newer one supersedes it).
+    pub live: BTreeMap<usize, u64>,
     /// A power cut is armed on central's disk.
-    armed: bool,
+    pub armed: bool,
+    /// A backup image of central's store, taken at some point of the run.
+    pub backup: Option<Vec<u8>>,
+    /// Central's machine is lost and comes back from `backup` at the next restart.
+    pub restore_pending: bool,
 }
 
 /// A fault that ends at a given time.
@@ -200,25 +248,31 @@ enum Heal {
     Flap,
 }
 
-struct Sim {
-    cfg: SimConfig,
-    rng: StdRng,
-    now: u64,
-    agents: Vec<AgentHost>,
-    central: CentralHost,
-    conns: BTreeMap<u64, Conn>,
-    next_conn: u64,
+pub(super) struct Sim {
+    pub cfg: SimConfig,
+    pub rng: StdRng,
+    pub now: u64,
+    /// Virtual time 0 as an `Instant` for the machines' deadlines.
+    pub base: std::time::Instant,
+    pub agents: Vec<AgentHost>,
+    pub central: CentralHost,
+    pub conns: BTreeMap<u64, Conn>,
+    pub next_conn: u64,
     heals: Vec<(u64, usize, Heal)>,
-    requests: Vec<Request>,
+    pub requests: Vec<Request>,
     /// Index into `requests` by (site, id).
     by_id: BTreeMap<(usize, String), usize>,
     next_id: u64,
-    stats: Stats,
-    problems: Vec<String>,
-    atp: BTreeMap<(String, String), i64>,
+    pub stats: Stats,
+    pub problems: Vec<String>,
+    /// The ATP first published per (sku, site): the cap on confirmed units.
+    pub atp: BTreeMap<(String, String), i64>,
+    /// The ATP the ERP publishes now (lowered during the run).
+    pub erp_atp: BTreeMap<(String, String), i64>,
+    pub rejected: std::collections::BTreeSet<(String, String)>,
 }
 
-fn store_opts() -> central_store::StoreOptions {
+pub(super) fn store_opts() -> central_store::StoreOptions {
     central_store::StoreOptions {
         targets: Targets {
             atp_units: 6,
@@ -228,7 +282,7 @@ fn store_opts() -> central_store::StoreOptions {
     }
 }
 
-fn open_agent(
+pub(super) fn open_agent(
     name: &str,
     disk: &Disk,
 ) -> Result<(agent_store::Store, agent_store::StoreWriter), String> {
@@ -237,7 +291,7 @@ fn open_agent(
         .map_err(|e| format!("agent {name}: store did not open after a crash: {e}"))
 }
 
-fn open_central(disk: &Disk) -> Result<central_store::Store, String> {
+pub(super) fn open_central(disk: &Disk) -> Result<central_store::Store, String> {
     let d = disk.clone();
     central_store::Store::open_on_backend(Path::new("central"), store_opts(), move || {
         Ok(d.backend())
@@ -245,21 +299,7 @@ fn open_central(disk: &Disk) -> Result<central_store::Store, String> {
     .map_err(|e| format!("central: store did not open after a crash: {e}"))
 }
 
-fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, String> {
-    let mut d = FrameDecoder::new();
-    d.push(frame);
-    match d.poll_frame::<T>() {
-        Ok(Some(m)) => Ok(m),
-        Ok(None) => Err("incomplete frame".into()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn frame<T: serde::Serialize>(msg: &T) -> Vec<u8> {
-    encode(msg).expect("simulated messages fit in a frame")
-}
-
-fn money(s: &str) -> Money {
+pub(super) fn money(s: &str) -> Money {
     Money::parse(s).expect("valid amount")
 }
 
@@ -313,7 +353,8 @@ pub async fn run(cfg: SimConfig) -> Outcome {
             writer: Some(writer),
             restart_at: None,
             conn: None,
-            uploader: None,
+            session: None,
+            incarnation_changed: false,
             next_attempt: 0,
             faults: LinkFaults::default(),
         });
@@ -321,6 +362,7 @@ pub async fn run(cfg: SimConfig) -> Outcome {
     let mut sim = Sim {
         rng,
         now: 0,
+        base: std::time::Instant::now(),
         agents,
         central: CentralHost {
             disk: central_disk,
@@ -329,6 +371,8 @@ pub async fn run(cfg: SimConfig) -> Outcome {
             sessions: BTreeMap::new(),
             live: BTreeMap::new(),
             armed: false,
+            backup: None,
+            restore_pending: false,
         },
         conns: BTreeMap::new(),
         next_conn: 1,
@@ -338,23 +382,26 @@ pub async fn run(cfg: SimConfig) -> Outcome {
         next_id: 1,
         stats: Stats::default(),
         problems: Vec::new(),
+        erp_atp: atp.clone(),
         atp,
+        rejected: Default::default(),
         cfg,
     };
-    for _ in 0..sim.cfg.steps {
+    for step in 0..sim.cfg.steps {
         sim.now += TICK_MS;
         sim.faults();
-        sim.restarts();
+        sim.restarts().await;
         sim.client().await;
+        sim.erp(step).await;
         sim.network().await;
     }
     sim.heal_everything();
-    sim.restarts();
+    sim.restarts().await;
     sim.resolve_unknowns().await;
     let mut drained = false;
     for t in 0..DRAIN_TICKS {
         sim.now += TICK_MS;
-        sim.restarts();
+        sim.restarts().await;
         sim.network().await;
         if sim.drained() {
             sim.stats.drain_ticks = t;
@@ -381,9 +428,6 @@ pub async fn run(cfg: SimConfig) -> Outcome {
 }
 
 impl Sim {
-    fn site_of(&self, conn: u64) -> Option<usize> {
-        self.conns.get(&conn).map(|c| c.site)
-    }
 
     // ----- faults -------------------------------------------------------------------------
 
@@ -490,7 +534,7 @@ impl Sim {
         }
     }
 
-    fn crash_agent(&mut self, site: usize) {
+    pub(super) fn crash_agent(&mut self, site: usize) {
         self.stats.agent_crashes += 1;
         let a = &mut self.agents[site];
         a.disk.cut();
@@ -498,7 +542,7 @@ impl Sim {
         // disk and stops on its own).
         a.store = None;
         a.writer = None;
-        a.uploader = None;
+        a.session = None;
         if let Some(c) = a.conn.take()
             && let Some(conn) = self.conns.get_mut(&c)
         {
@@ -508,7 +552,7 @@ impl Sim {
         a.restart_at = Some(self.now + self.rng.random_range(50..=2_000));
     }
 
-    fn crash_central(&mut self) {
+    pub(super) fn crash_central(&mut self) {
         self.stats.central_crashes += 1;
         self.central.disk.cut();
         self.central.store = None;
@@ -521,17 +565,24 @@ impl Sim {
         self.central.restart_at = Some(self.now + self.rng.random_range(50..=2_000));
     }
 
-    /// Brings crashed hosts back on what their disks kept.
-    fn restarts(&mut self) {
+    /// Brings crashed hosts back on what their disks kept (central, once, on a backup).
+    async fn restarts(&mut self) {
         let now = self.now;
         if self.central.restart_at.is_some_and(|t| t <= now) {
             self.central.restart_at = None;
-            let image = self.central.disk.crash_image(&mut self.rng);
+            let image = match self.restored_image() {
+                Some(image) => image,
+                None => self.central.disk.crash_image(&mut self.rng),
+            };
             let disk = Disk::from_image(image, self.cfg.lie_fsync);
             match open_central(&disk) {
                 Ok(s) => {
                     self.central.store = Some(s);
                     self.central.disk = disk;
+                    if std::mem::take(&mut self.central.restore_pending) {
+                        // The ERP resends what it published after the backup (deploy/README.md).
+                        self.erp_resend().await;
+                    }
                 }
                 Err(e) => {
                     self.problems.push(e);
@@ -638,7 +689,18 @@ impl Sim {
             self.agents[site].disk.arm(ops);
         }
         let at_ms = EPOCH_MS + self.now as i64;
-        let offline = self.agents[site].uploader.is_none();
+        let offline = !self.agents[site].session.as_ref().is_some_and(|s| s.is_live());
+        if let Kind::Order { order, .. } = &self.requests[idx].kind
+            && !offline
+            && faults
+            && self.rng.random_bool(0.3)
+        {
+            // The order needs more than the site holds: ask central now, with the capture's
+            // deadline (the answer is used if it comes in time; the grant stays either way).
+            let sku = order.lines[0].sku.clone();
+            let qty = order.lines[0].qty;
+            self.ask(site, &sku, qty);
+        }
         let answer: Result<(String, Option<Promised>), agent_store::WriteError> =
             match self.requests[idx].kind.clone() {
                 Kind::Order { key, order } => store
@@ -769,14 +831,14 @@ impl Sim {
 
         for site in 0..self.agents.len() {
             self.agent_connect(site);
-            self.agent_send(site);
+            self.agent_tick(site).await;
         }
-        self.central_push();
+        self.central_tick().await;
         self.conns.retain(|_, c| !c.is_dead());
     }
 
     /// The next frame for central on `conn`, if one is due and central's end is open.
-    fn due_up(&mut self, conn: u64) -> Option<Vec<u8>> {
+    pub(super) fn due_up(&mut self, conn: u64) -> Option<Vec<u8>> {
         let c = self.conns.get_mut(&conn)?;
         let open = c.central_open && self.agents[c.site].faults.up_open(self.now);
         c.up.pop_due(self.now, open)
@@ -789,41 +851,41 @@ impl Sim {
         c.down.pop_due(self.now, open)
     }
 
-    fn send_up(&mut self, conn: u64, msg: &AgentMsg) {
+    pub(super) fn send_up(&mut self, conn: u64, frame: Vec<u8>) {
         let now = self.now;
         if let Some(c) = self.conns.get_mut(&conn)
             && c.agent_open
         {
             let at = self.agents[c.site].faults.arrival(now, &mut self.rng);
-            c.up.push(at, frame(msg));
+            c.up.push(at, frame);
         }
     }
 
-    fn send_down(&mut self, conn: u64, msg: &CentralMsg) {
+    pub(super) fn send_down(&mut self, conn: u64, frame: Vec<u8>) {
         let now = self.now;
         if let Some(c) = self.conns.get_mut(&conn)
             && c.central_open
         {
             let at = self.agents[c.site].faults.arrival(now, &mut self.rng);
-            c.down.push(at, frame(msg));
+            c.down.push(at, frame);
         }
     }
 
-    fn close_agent_end(&mut self, conn: u64) {
+    pub(super) fn close_agent_end(&mut self, conn: u64) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.agent_open = false;
             let site = c.site;
             let a = &mut self.agents[site];
             if a.conn == Some(conn) {
                 a.conn = None;
-                a.uploader = None;
+                a.session = None;
                 // Capped backoff with jitter before the next attempt.
                 a.next_attempt = self.now + self.rng.random_range(50..=500);
             }
         }
     }
 
-    fn close_central_end(&mut self, conn: u64) {
+    pub(super) fn close_central_end(&mut self, conn: u64) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.central_open = false;
             self.central.sessions.remove(&conn);
@@ -833,359 +895,13 @@ impl Sim {
         }
     }
 
-    fn refuse(&mut self, conn: u64, code: RefuseCode, reason: String) {
-        self.send_down(conn, &CentralMsg::Refuse(Refuse { code, reason }));
-        self.close_central_end(conn);
-    }
-
-    // ----- agent side (agent/src/sync.rs) -------------------------------------------------
-
-    fn agent_connect(&mut self, site: usize) {
-        let now = self.now;
-        let a = &self.agents[site];
-        if a.store.is_none() || a.conn.is_some() || now < a.next_attempt {
-            return;
-        }
-        let Ok(marks) = a.store.as_ref().map(|s| s.marks()).transpose() else {
-            return;
-        };
-        let Some(marks) = marks else { return };
-        // The handshake needs both directions and a listening central.
-        if !(a.faults.up_open(now) && a.faults.down_open(now) && self.central.store.is_some()) {
-            let a = &mut self.agents[site];
-            a.next_attempt = now + self.rng.random_range(200..=1_000);
-            return;
-        }
-        let id = self.next_conn;
-        self.next_conn += 1;
-        self.stats.connections += 1;
-        self.conns.insert(id, Conn::new(id, site, now));
-        self.agents[site].conn = Some(id);
-        let hello = AgentMsg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "sim".into(),
-            site: self.agents[site].name.clone(),
-            master_rev: marks.master_rev,
-            last_seq: marks.last_seq,
-            agent_time_ms: EPOCH_MS + now as i64,
-            acked_seq: marks.acked_seq,
-            retained_from_seq: marks.retained_from_seq,
-            central_incarnation: marks.central_incarnation,
-        });
-        self.send_up(id, &hello);
-    }
-
-    fn agent_send(&mut self, site: usize) {
-        let a = &mut self.agents[site];
-        let (Some(store), Some(conn), Some(up)) = (a.store.clone(), a.conn, a.uploader.as_mut())
-        else {
-            return;
-        };
-        let Ok(marks) = store.marks() else { return };
-        let mut frames = Vec::new();
-        while let Some(range) = up.poll_send(marks.last_seq) {
-            match store.outbox_range(range.clone()) {
-                Ok(events) if !events.is_empty() => {
-                    let through = events.last().map_or(*range.end(), |e| e.seq);
-                    frames.push(AgentMsg::Events(events));
-                    up.handle_sent(through);
-                }
-                Ok(_) => {
-                    self.problems.push(format!(
-                        "{}: outbox range {range:?} is empty below last_seq {}",
-                        a.name, marks.last_seq
-                    ));
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        for f in frames {
-            self.send_up(conn, &f);
-        }
-    }
-
-    async fn agent_receive(&mut self, conn: u64, f: &[u8]) {
-        let Some(site) = self.site_of(conn) else {
-            return;
-        };
-        if self.agents[site].conn != Some(conn) {
-            // An old connection's end was already closed by the agent.
-            return;
-        }
-        let Some(store) = self.agents[site].store.clone() else {
-            return;
-        };
-        let name = self.agents[site].name.clone();
-        let msg: CentralMsg = match decode(f) {
-            Ok(m) => m,
-            Err(e) => {
-                self.problems
-                    .push(format!("{name}: undecodable frame: {e}"));
-                self.close_agent_end(conn);
-                return;
-            }
-        };
-        match msg {
-            CentralMsg::Welcome(Welcome {
-                acked_seq,
-                incarnation,
-                master_from_rev,
-                ..
-            }) => {
-                // As converse() does, before any Master frame. Central is never restored from a
-                // backup here, so its incarnation must never change.
-                match store
-                    .adopt_central_incarnation(incarnation, master_from_rev)
-                    .await
-                {
-                    Ok(agent_store::IncarnationChange::Changed { previous, .. }) => {
-                        self.problems.push(format!(
-                            "{name}: central's incarnation changed from {previous} to \
-                             {incarnation} without a restore"
-                        ));
-                        self.close_agent_end(conn);
-                        return;
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        self.close_agent_end(conn);
-                        return;
-                    }
-                }
-                let Ok(marks) = store.marks() else {
-                    self.close_agent_end(conn);
-                    return;
-                };
-                if acked_seq < marks.acked_seq {
-                    self.problems.push(format!(
-                        "{name}: central's mark {acked_seq} is behind the ack it gave ({}): \
-                         central lost acknowledged events",
-                        marks.acked_seq
-                    ));
-                    self.close_agent_end(conn);
-                    return;
-                }
-                let mut up = Uploader::new(WINDOW, BATCH);
-                if let Err(e) = up.handle_welcome(acked_seq, marks.last_seq) {
-                    self.problems.push(format!("{name}: {e}"));
-                    self.close_agent_end(conn);
-                    return;
-                }
-                if store.mark_acked(acked_seq).await.is_err() {
-                    self.close_agent_end(conn);
-                    return;
-                }
-                self.agents[site].uploader = Some(up);
-            }
-            CentralMsg::Ack { through_seq } => {
-                let Some(up) = self.agents[site].uploader.as_mut() else {
-                    self.problems
-                        .push(format!("{name}: Ack before Welcome on conn {conn}"));
-                    self.close_agent_end(conn);
-                    return;
-                };
-                match up.handle_ack(through_seq) {
-                    Ok(true) => {
-                        if store.mark_acked(through_seq).await.is_err() {
-                            self.close_agent_end(conn);
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        self.problems.push(format!("{name}: {e}"));
-                        self.close_agent_end(conn);
-                    }
-                }
-            }
-            CentralMsg::Master(batch) => match store.apply_master(batch).await {
-                Ok(_) => {}
-                Err(agent_store::WriteError::BadMasterBatch(e)) => {
-                    self.problems
-                        .push(format!("{name}: master batch refused: {e}"));
-                    self.close_agent_end(conn);
-                }
-                Err(_) => self.close_agent_end(conn),
-            },
-            CentralMsg::Refuse(r) => {
-                if !matches!(r.code, RefuseCode::Superseded | RefuseCode::Unavailable) {
-                    self.problems
-                        .push(format!("{name}: refused: {:?} {}", r.code, r.reason));
-                }
-                self.close_agent_end(conn);
-            }
-            CentralMsg::AllowanceReply { .. }
-            | CentralMsg::Certificate { .. }
-            | CentralMsg::CertificateRefused { .. } => {}
-        }
-    }
-
-    // ----- central side (central/src/quic.rs) ---------------------------------------------
-
-    /// After a store call: a power cut that struck during it kills central.
-    fn central_died(&mut self) -> bool {
+    /// Power cut or crash: whether a store call just killed central.
+    pub(super) fn central_died(&mut self) -> bool {
         if self.central.store.is_some() && self.central.disk.is_dead() {
             self.crash_central();
             return true;
         }
         false
-    }
-
-    async fn central_receive(&mut self, conn: u64, f: &[u8]) {
-        let Some(site) = self.site_of(conn) else {
-            return;
-        };
-        let Some(store) = self.central.store.clone() else {
-            return;
-        };
-        let name = self.agents[site].name.clone();
-        let msg: AgentMsg = match decode(f) {
-            Ok(m) => m,
-            Err(e) => {
-                self.problems
-                    .push(format!("central: undecodable frame from {name}: {e}"));
-                self.refuse(conn, RefuseCode::ProtocolViolation, e);
-                return;
-            }
-        };
-        match msg {
-            AgentMsg::Hello(h) => {
-                // The certificate says who is calling; the Hello must agree.
-                if let Err(r) = check_hello(&name, PROTOCOL_VERSION, &h) {
-                    self.refuse(conn, r.code, r.reason);
-                    return;
-                }
-                if let Some(old) = self.central.live.insert(site, conn)
-                    && old != conn
-                {
-                    self.stats.superseded += 1;
-                    self.refuse(
-                        old,
-                        RefuseCode::Superseded,
-                        "a newer connection from this site replaced this one".into(),
-                    );
-                    self.central.live.insert(site, conn);
-                }
-                let start = store
-                    .begin_session(&name, central_store::HelloMarks::from(&h))
-                    .await;
-                let rev = store.revision();
-                if self.central_died() {
-                    return;
-                }
-                match (start, rev) {
-                    (Ok(start), Ok(rev)) => {
-                        self.send_down(
-                            conn,
-                            &CentralMsg::Welcome(Welcome {
-                                protocol_version: PROTOCOL_VERSION,
-                                central_version: "sim".into(),
-                                acked_seq: start.acked_seq,
-                                master_rev: rev,
-                                incarnation: start.incarnation,
-                                master_from_rev: start.master_from_rev,
-                            }),
-                        );
-                        self.central.sessions.insert(conn, start.master_from_rev);
-                    }
-                    _ => self.refuse(conn, RefuseCode::Unavailable, "store unavailable".into()),
-                }
-            }
-            AgentMsg::Events(batch) => {
-                if !self.central.sessions.contains_key(&conn) {
-                    self.refuse(
-                        conn,
-                        RefuseCode::ProtocolViolation,
-                        "events before Hello".into(),
-                    );
-                    return;
-                }
-                if self.cfg.ack_before_commit {
-                    let through_seq = batch.last().map_or(0, |e| e.seq);
-                    self.send_down(conn, &CentralMsg::Ack { through_seq });
-                    if self.rng.random_bool(0.05) {
-                        self.stats.crashes_before_ack += 1;
-                        self.crash_central();
-                        return;
-                    }
-                }
-                let result = store.ingest(&name, batch).await;
-                if self.central_died() {
-                    return;
-                }
-                match result {
-                    Ok(_) if self.cfg.ack_before_commit => {}
-                    Ok(out) => {
-                        if self.rng.random_bool(0.01) {
-                            // Committed, killed before the Ack left.
-                            self.stats.crashes_before_ack += 1;
-                            self.crash_central();
-                            return;
-                        }
-                        self.send_down(
-                            conn,
-                            &CentralMsg::Ack {
-                                through_seq: out.new_hwm,
-                            },
-                        );
-                    }
-                    Err(central_store::IngestBatchError::Plan(e)) => {
-                        self.problems
-                            .push(format!("central refused a batch from {name}: {e}"));
-                        self.refuse(conn, RefuseCode::ProtocolViolation, e.to_string());
-                    }
-                    Err(central_store::IngestBatchError::Unavailable(e)) => {
-                        self.refuse(conn, RefuseCode::Unavailable, e.to_string());
-                    }
-                }
-            }
-            // The simulation runs no renewals.
-            AgentMsg::AllowanceRequest { .. }
-            | AgentMsg::Heartbeat(_)
-            | AgentMsg::RenewCertificate { .. } => {}
-        }
-    }
-
-    /// Sends each session the master changes it lacks, one frame per turn.
-    fn central_push(&mut self) {
-        let Some(store) = self.central.store.clone() else {
-            return;
-        };
-        let Ok(rev) = store.revision() else { return };
-        let sessions: Vec<(u64, u64)> = self
-            .central
-            .sessions
-            .iter()
-            .map(|(c, r)| (*c, *r))
-            .collect();
-        for (conn, agent_rev) in sessions {
-            if agent_rev >= rev {
-                continue;
-            }
-            let Some(site) = self.site_of(conn) else {
-                continue;
-            };
-            let name = self.agents[site].name.clone();
-            let Ok(scanned) = store.changes_after(agent_rev, MAX_CHANGES_PER_FRAME) else {
-                continue;
-            };
-            let through = scanned.last().map_or(rev, |(r, _)| *r);
-            let changes: Vec<MasterChange> = scanned
-                .into_iter()
-                .filter(|(_, c)| c.concerns(&name))
-                .map(|(_, c)| c)
-                .collect();
-            self.send_down(
-                conn,
-                &CentralMsg::Master(MasterBatch {
-                    from_rev: agent_rev,
-                    through_rev: through,
-                    changes,
-                }),
-            );
-            self.central.sessions.insert(conn, through);
-        }
-        self.central_died();
     }
 
     fn drained(&self) -> bool {
@@ -1226,6 +942,11 @@ impl Sim {
             }
             dead_letters = store.dead_letters(0, 1_000_000).map_or(0, |d| d.len());
         }
+        let conservation = if self.stats.restores > 0 {
+            None
+        } else {
+            Some(self.conservation())
+        };
         let mut credit = BTreeMap::new();
         for (id, limit) in CUSTOMERS {
             credit.insert(id.to_string(), money(limit).units());
@@ -1254,6 +975,101 @@ impl Sim {
             prices,
             problems: self.problems,
             stats: self.stats,
+            rejected: self.rejected,
+            conservation,
         }
+    }
+
+    /// Each site's accounts per pool: grants from central's change log, confirmations and
+    /// returns from what central holds of the site's events, and what the site holds now.
+    fn conservation(&mut self) -> Vec<Conservation> {
+        let mut rows: BTreeMap<(String, String), Conservation> = BTreeMap::new();
+        let Some(central) = &self.central.store else {
+            return Vec::new();
+        };
+        fn row<'a>(
+            rows: &'a mut BTreeMap<(String, String), Conservation>,
+            site: &str,
+            pool: &str,
+        ) -> &'a mut Conservation {
+            rows.entry((site.to_string(), pool.to_string()))
+                .or_insert_with(|| Conservation {
+                    site: site.to_string(),
+                    pool: pool.to_string(),
+                    granted: 0,
+                    confirmed: 0,
+                    returned: 0,
+                    held: 0,
+                    central_outstanding: None,
+                })
+        }
+        match central.changes_after(0, 10_000_000) {
+            Ok(changes) => {
+                for (_, c) in changes {
+                    if let MasterChange::Grant(g) = c {
+                        row(&mut rows, &g.site, &g.pool.key()).granted += g.qty;
+                    }
+                }
+            }
+            Err(e) => self.problems.push(format!("central's log unreadable: {e}")),
+        }
+        // The site's side: its own outbox (every event is retained in a run) and allowances.
+        for a in &self.agents {
+            let Some(store) = &a.store else { continue };
+            let events = store
+                .marks()
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    if m.retained_from_seq > 1 {
+                        return Err(format!("outbox pruned below seq {}", m.retained_from_seq));
+                    }
+                    store.outbox_range(1..=m.last_seq).map_err(|e| e.to_string())
+                });
+            let events = match events {
+                Ok(e) => e,
+                Err(e) => {
+                    self.problems.push(format!("{}: outbox unreadable: {e}", a.name));
+                    continue;
+                }
+            };
+            for e in events {
+                match e.decode() {
+                    Ok(EventBody::Order(o)) => {
+                        for l in o
+                            .lines
+                            .iter()
+                            .filter(|l| matches!(l.promise, LinePromise::Confirmed))
+                        {
+                            let atp = outpost_protocol::Pool::atp(&l.sku).key();
+                            row(&mut rows, &a.name, &atp).confirmed += l.qty;
+                            let credit = outpost_protocol::Pool::credit(&o.customer_id).key();
+                            row(&mut rows, &a.name, &credit).confirmed +=
+                                l.qty * l.unit_price.units();
+                        }
+                    }
+                    Ok(EventBody::AllowanceReturn(r)) => {
+                        self.stats.returns += 1;
+                        row(&mut rows, &a.name, &r.pool.key()).returned += r.qty;
+                    }
+                    Ok(EventBody::Milestone(_)) => {}
+                    Err(err) => self.problems.push(format!("{}: outbox event: {err}", a.name)),
+                }
+            }
+            match store.allowances() {
+                Ok((held, _)) => {
+                    for (pool, qty) in held {
+                        row(&mut rows, &a.name, &pool.key()).held += qty;
+                        // Central's side: what its ledger says the site holds.
+                        let key = outpost_central::ledger::LedgerKey::for_site(&a.name, &pool);
+                        if let Ok(Some(p)) = central.pool(&key) {
+                            row(&mut rows, &a.name, &pool.key()).central_outstanding =
+                                Some(p.outstanding(&a.name));
+                        }
+                    }
+                }
+                Err(e) => self.problems.push(format!("{}: allowances unreadable: {e}", a.name)),
+            }
+        }
+        rows.into_values().collect()
     }
 }
