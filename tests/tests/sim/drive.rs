@@ -294,6 +294,7 @@ impl Sim {
                 self.stats.rewinds += 1;
                 // Only a restored central may be behind what it acknowledged.
                 if !self.agents[site].incarnation_changed {
+                    self.stats.acks_forgotten += 1;
                     self.problems.push(format!(
                         "{}: central acknowledged through seq {from} and then lost seqs {}..={from} \
                          without being restored",

@@ -133,6 +133,9 @@ pub struct Stats {
     pub erp_rejected: u64,
     pub restores: u64,
     pub rewinds: u64,
+    /// Sessions in which central was behind what it had acknowledged without a restore: it
+    /// acknowledged events it had not committed.
+    pub acks_forgotten: u64,
 }
 
 impl Stats {
@@ -165,6 +168,7 @@ impl Stats {
         self.erp_rejected += o.erp_rejected;
         self.restores += o.restores;
         self.rewinds += o.rewinds;
+        self.acks_forgotten += o.acks_forgotten;
     }
 }
 
