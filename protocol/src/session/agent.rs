@@ -813,3 +813,264 @@ pub fn msg_name(m: &CentralMsg) -> &'static str {
         CentralMsg::CertificateRefused { .. } => "CertificateRefused",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::FrameDecoder;
+    use crate::messages::{EventBody, Grant, MasterChange, Milestone, MilestoneKind};
+
+    fn cfg(heartbeat: bool) -> AgentSessionConfig {
+        AgentSessionConfig {
+            site: "plant-1".into(),
+            agent_version: "test".into(),
+            protocol_version: crate::PROTOCOL_VERSION,
+            window: 4,
+            max_batch: 2,
+            welcome_timeout: Duration::from_secs(5),
+            heartbeat_every: heartbeat.then_some(Duration::from_secs(10)),
+            renew_check_every: Duration::from_secs(3_600),
+        }
+    }
+
+    fn marks(last_seq: u64, acked_seq: u64) -> AgentMarks {
+        AgentMarks {
+            last_seq,
+            acked_seq,
+            master_rev: 0,
+            retained_from_seq: acked_seq + 1,
+            central_incarnation: 7,
+        }
+    }
+
+    fn welcome(acked_seq: u64) -> CentralMsg {
+        CentralMsg::Welcome(Welcome {
+            protocol_version: crate::PROTOCOL_VERSION,
+            central_version: "test".into(),
+            acked_seq,
+            master_rev: 0,
+            incarnation: 7,
+            master_from_rev: 0,
+        })
+    }
+
+    fn sent(s: &mut AgentSession) -> Vec<AgentMsg> {
+        let mut out = Vec::new();
+        while let Some(f) = s.poll_transmit() {
+            let mut d = FrameDecoder::new();
+            d.push(&f);
+            out.push(d.poll_frame::<AgentMsg>().unwrap().unwrap());
+        }
+        out
+    }
+
+    fn requests(s: &mut AgentSession) -> Vec<AgentRequest> {
+        std::iter::from_fn(|| s.poll_request()).collect()
+    }
+
+    fn ev(seq: u64) -> EventEnvelope {
+        EventEnvelope::new(
+            "plant-1",
+            seq,
+            &format!("e{seq}"),
+            0,
+            &EventBody::Milestone(Milestone {
+                shipment_id: "S1".into(),
+                milestone: MilestoneKind::Picked,
+                scanner_id: "scan-1".into(),
+                at: "2026-01-01T00:00:00Z".into(),
+            }),
+        )
+    }
+
+    /// A session welcomed at `acked` with `last` events in the outbox, live.
+    fn live(now: Instant, last: u64, acked: u64, heartbeat: bool) -> AgentSession {
+        let mut s = AgentSession::new(cfg(heartbeat), marks(last, acked), 0, now);
+        assert!(matches!(sent(&mut s)[..], [AgentMsg::Hello(_)]));
+        s.handle_message(now, welcome(acked));
+        assert_eq!(
+            requests(&mut s),
+            vec![AgentRequest::AdoptIncarnation {
+                incarnation: 7,
+                master_from_rev: 0
+            }]
+        );
+        s.handle_incarnation_adopted(now, Ok(Adopted::Unchanged), marks(last, acked));
+        assert!(s.is_live());
+        s
+    }
+
+    /// Goal: no Master frame is applied before central's incarnation is adopted (a restored
+    /// central's grants must not be mixed with the old ones). Method: a Master frame arrives
+    /// right after the Welcome; no ApplyMaster may be asked until the adoption completes.
+    #[test]
+    fn master_frames_wait_for_the_incarnation() {
+        let now = Instant::now();
+        let mut s = AgentSession::new(cfg(false), marks(0, 0), 0, now);
+        sent(&mut s);
+        s.handle_message(now, welcome(0));
+        let grant = MasterBatch {
+            from_rev: 0,
+            through_rev: 1,
+            changes: vec![MasterChange::Grant(Grant {
+                site: "plant-1".into(),
+                pool: Pool::atp("A"),
+                qty: 5,
+            })],
+        };
+        s.handle_message(now, CentralMsg::Master(grant.clone()));
+        let reqs = requests(&mut s);
+        assert!(
+            !reqs
+                .iter()
+                .any(|r| matches!(r, AgentRequest::ApplyMaster(_))),
+            "{reqs:?}"
+        );
+        s.handle_incarnation_adopted(now, Ok(Adopted::Changed), marks(0, 0));
+        let reqs = requests(&mut s);
+        assert!(reqs.contains(&AgentRequest::ApplyMaster(grant)), "{reqs:?}");
+    }
+
+    /// Goal: an ack persister that fails ends the session instead of carrying on with a frozen
+    /// mark; an ack beyond what was sent is a violation.
+    #[test]
+    fn a_failed_ack_persist_ends_the_session_and_acks_are_bounded() {
+        let now = Instant::now();
+        let mut s = live(now, 3, 0, false);
+        let reqs = requests(&mut s);
+        assert!(reqs.contains(&AgentRequest::PersistAck { through: 0 }));
+        assert!(reqs.contains(&AgentRequest::ReadOutbox(1..=2)), "{reqs:?}");
+        s.handle_outbox(Ok(vec![ev(1), ev(2)]));
+        assert!(matches!(sent(&mut s)[..], [AgentMsg::Events(_)]));
+        s.handle_message(now, CentralMsg::Ack { through_seq: 2 });
+        assert!(requests(&mut s).contains(&AgentRequest::PersistAck { through: 2 }));
+        s.handle_ack_persist_failed(2, "disk full".into());
+        assert!(s.is_ended());
+        assert!(matches!(
+            s.poll_end(),
+            Some(AgentSessionError::AckPersist { through: 2, .. })
+        ));
+
+        let mut s = live(now, 3, 0, false);
+        requests(&mut s);
+        s.handle_message(now, CentralMsg::Ack { through_seq: 1 });
+        let e = s
+            .poll_end()
+            .expect("an ack beyond what was sent ends the session");
+        assert!(e.is_protocol_violation(), "{e}");
+    }
+
+    /// Goal: the first heartbeat goes out before the upload, so central sees the backlog the
+    /// outage built; then the window bounds what is in flight.
+    #[test]
+    fn the_first_heartbeat_precedes_the_upload_and_the_window_bounds_it() {
+        let now = Instant::now();
+        let mut s = live(now, 10, 0, true);
+        let reqs = requests(&mut s);
+        assert!(reqs.contains(&AgentRequest::SampleHeartbeat), "{reqs:?}");
+        assert!(
+            !reqs
+                .iter()
+                .any(|r| matches!(r, AgentRequest::ReadOutbox(_))),
+            "no upload before the first beat: {reqs:?}"
+        );
+        let hb = crate::messages::Heartbeat {
+            agent_time_ms: 0,
+            agent_version: "t".into(),
+            uptime_secs: 0,
+            process_cpu_pct: None,
+            process_rss_bytes: None,
+            host_cpu_pct: None,
+            host_mem_used_bytes: None,
+            host_mem_total_bytes: None,
+            disk_free_bytes: None,
+            disk_total_bytes: None,
+            store_file_bytes: None,
+            outbox_events: 10,
+            outbox_bytes: 0,
+            oldest_unsynced_ms: None,
+            master_rev: 0,
+            master_applied_ms: None,
+            api_requests: 0,
+            api_errors: 0,
+        };
+        s.handle_heartbeat(Some(hb));
+        assert!(matches!(sent(&mut s)[..], [AgentMsg::Heartbeat(_)]));
+        let mut uploaded = 0;
+        for _ in 0..10 {
+            match requests(&mut s)[..] {
+                [AgentRequest::ReadOutbox(ref r)] => {
+                    let evs: Vec<_> = r.clone().map(ev).collect();
+                    uploaded = *r.end();
+                    s.handle_outbox(Ok(evs));
+                }
+                [] => break,
+                ref other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(uploaded, 4, "window of 4 events in flight");
+    }
+
+    /// Goal: central's Welcome must carry the negotiated version; anything but Welcome or
+    /// Refuse first is a violation; a Refuse ends the session with central's reason.
+    #[test]
+    fn the_welcome_is_checked() {
+        let now = Instant::now();
+        let mut s = AgentSession::new(cfg(false), marks(0, 0), 0, now);
+        s.handle_message(
+            now,
+            CentralMsg::Welcome(Welcome {
+                protocol_version: 3,
+                central_version: "x".into(),
+                acked_seq: 0,
+                master_rev: 0,
+                incarnation: 1,
+                master_from_rev: 0,
+            }),
+        );
+        assert!(matches!(
+            s.poll_end(),
+            Some(AgentSessionError::WrongVersion { got: 3, .. })
+        ));
+        let mut s = AgentSession::new(cfg(false), marks(0, 0), 0, now);
+        s.handle_message(now, CentralMsg::Ack { through_seq: 0 });
+        assert!(matches!(
+            s.poll_end(),
+            Some(AgentSessionError::UnexpectedFirstMessage("Ack"))
+        ));
+        let mut s = AgentSession::new(cfg(false), marks(0, 0), 0, now);
+        s.handle_timeout(now + Duration::from_secs(6));
+        assert!(matches!(
+            s.poll_end(),
+            Some(AgentSessionError::WelcomeTimeout)
+        ));
+    }
+
+    /// Goal: a central behind what it acknowledged gets the retained events again (rewind);
+    /// when they were pruned the session ends naming the pruned range.
+    #[test]
+    fn a_central_behind_its_acks_is_rewound_or_refused() {
+        let now = Instant::now();
+        let mut s = AgentSession::new(cfg(false), marks(10, 8), 0, now);
+        s.handle_message(now, welcome(5));
+        requests(&mut s);
+        s.handle_incarnation_adopted(now, Ok(Adopted::Changed), marks(10, 8));
+        assert_eq!(requests(&mut s), vec![AgentRequest::Rewind { to: 5 }]);
+        s.handle_rewound(now, Ok(Rewound::From(8)), marks(10, 5));
+        assert!(s.is_live());
+        assert!(requests(&mut s).contains(&AgentRequest::ReadOutbox(6..=7)));
+
+        let mut s = AgentSession::new(cfg(false), marks(10, 8), 0, now);
+        s.handle_message(now, welcome(5));
+        requests(&mut s);
+        s.handle_incarnation_adopted(now, Ok(Adopted::Changed), marks(10, 8));
+        requests(&mut s);
+        s.handle_rewound(
+            now,
+            Ok(Rewound::NotRetained { retained_from: 9 }),
+            marks(10, 8),
+        );
+        let e = s.poll_end().expect("ended").to_string();
+        assert!(e.contains("events 6..=8 were pruned"), "{e}");
+    }
+}

@@ -700,4 +700,223 @@ mod tests {
             );
         }
     }
+
+    use crate::frame::FrameDecoder;
+    use crate::messages::{AtpRecord, EventBody, Grant, Milestone, MilestoneKind, PriceRecord};
+    use crate::money::Money;
+
+    fn hello(site: &str) -> Hello {
+        Hello {
+            protocol_version: crate::PROTOCOL_VERSION,
+            agent_version: "t".into(),
+            site: site.into(),
+            master_rev: 0,
+            last_seq: 4,
+            agent_time_ms: 0,
+            acked_seq: 0,
+            retained_from_seq: 1,
+            central_incarnation: 0,
+        }
+    }
+
+    fn sent(s: &mut CentralSession) -> Vec<CentralMsg> {
+        let mut out = Vec::new();
+        while let Some(f) = s.poll_transmit() {
+            let mut d = FrameDecoder::new();
+            d.push(&f);
+            out.push(d.poll_frame::<CentralMsg>().unwrap().unwrap());
+        }
+        out
+    }
+
+    fn requests(s: &mut CentralSession) -> Vec<CentralRequest> {
+        std::iter::from_fn(|| s.poll_request()).collect()
+    }
+
+    fn session() -> CentralSession {
+        CentralSession::new(
+            CentralSessionConfig {
+                site: "plant-1".into(),
+                protocol_version: crate::PROTOCOL_VERSION,
+                central_version: "t".into(),
+                hello_timeout: Duration::from_secs(10),
+            },
+            Instant::now(),
+        )
+    }
+
+    /// A session past its Welcome at central revision `rev`.
+    fn live(rev: u64) -> CentralSession {
+        let mut s = session();
+        s.handle_message(AgentMsg::Hello(hello("plant-1")));
+        assert_eq!(requests(&mut s), vec![CentralRequest::Admit]);
+        s.handle_admission(None);
+        assert!(matches!(requests(&mut s)[..], [CentralRequest::Begin(_)]));
+        s.handle_begun(Ok(Begun {
+            acked_seq: 0,
+            incarnation: 1,
+            master_from_rev: rev,
+            central_rev: rev,
+        }));
+        assert!(matches!(sent(&mut s)[..], [CentralMsg::Welcome(_)]));
+        s
+    }
+
+    fn ev(seq: u64) -> EventEnvelope {
+        EventEnvelope::new(
+            "plant-1",
+            seq,
+            &format!("e{seq}"),
+            0,
+            &EventBody::Milestone(Milestone {
+                shipment_id: "S1".into(),
+                milestone: MilestoneKind::Picked,
+                scanner_id: "scan-1".into(),
+                at: "2026-01-01T00:00:00Z".into(),
+            }),
+        )
+    }
+
+    /// Goal: an Ack leaves only after the store reports the batch committed; meanwhile the
+    /// next message waits its turn. Guards against acknowledging what a crash could lose.
+    #[test]
+    fn an_ack_leaves_only_after_the_commit() {
+        let mut s = live(0);
+        s.handle_message(AgentMsg::Events(vec![ev(1), ev(2)]));
+        s.handle_message(AgentMsg::Events(vec![ev(3)]));
+        let reqs = requests(&mut s);
+        assert_eq!(
+            reqs.iter()
+                .filter(|r| matches!(r, CentralRequest::Ingest(_)))
+                .count(),
+            1,
+            "one batch at a time: {reqs:?}"
+        );
+        assert!(sent(&mut s).is_empty(), "no Ack before the commit");
+        s.handle_ingested(Ok(2));
+        assert_eq!(sent(&mut s), vec![CentralMsg::Ack { through_seq: 2 }]);
+        assert!(
+            requests(&mut s)
+                .iter()
+                .any(|r| matches!(r, CentralRequest::Ingest(b) if b[0].seq == 3))
+        );
+        s.handle_ingested(Err(IngestFailure::Unavailable("disk full".into())));
+        assert!(matches!(
+            &sent(&mut s)[..],
+            [CentralMsg::Refuse(Refuse {
+                code: RefuseCode::Unavailable,
+                ..
+            })]
+        ));
+        assert!(s.is_ended());
+    }
+
+    /// Goal: master changes are pushed when the agent is behind, filtered to what concerns the
+    /// site, from the agent's revision through the last one scanned.
+    #[test]
+    fn master_changes_are_pushed_filtered_per_site() {
+        let mut s = live(2);
+        assert!(
+            requests(&mut s).is_empty(),
+            "nothing to push at the same revision"
+        );
+        s.handle_revision(5);
+        assert_eq!(
+            requests(&mut s),
+            vec![CentralRequest::ReadChanges {
+                from: 2,
+                max: MAX_CHANGES_PER_FRAME
+            }]
+        );
+        let price = MasterChange::Price(PriceRecord {
+            sku: "A".into(),
+            customer: None,
+            unit_price: Money::parse("1.00").unwrap(),
+            currency: "EUR".into(),
+        });
+        let mine = MasterChange::Atp(AtpRecord {
+            sku: "A".into(),
+            site: "plant-1".into(),
+            available: 3,
+        });
+        let theirs = MasterChange::Grant(Grant {
+            site: "plant-2".into(),
+            pool: crate::Pool::atp("A"),
+            qty: 1,
+        });
+        s.handle_changes(Ok(vec![(3, price.clone()), (4, theirs), (5, mine.clone())]));
+        assert_eq!(
+            sent(&mut s),
+            vec![CentralMsg::Master(MasterBatch {
+                from_rev: 2,
+                through_rev: 5,
+                changes: vec![price, mine],
+            })]
+        );
+        assert_eq!(s.agent_rev(), 5);
+        assert!(requests(&mut s).is_empty());
+    }
+
+    /// Goal: the Hello is checked before anything is recorded: the certificate's site, the
+    /// marks' consistency, a second Hello, and admission refusals.
+    #[test]
+    fn hellos_are_checked_before_anything_is_recorded() {
+        let mut s = session();
+        s.handle_message(AgentMsg::Hello(hello("plant-2")));
+        assert!(matches!(
+            &sent(&mut s)[..],
+            [CentralMsg::Refuse(Refuse {
+                code: RefuseCode::WrongSite,
+                ..
+            })]
+        ));
+        assert!(requests(&mut s).is_empty());
+
+        let mut s = session();
+        let mut h = hello("plant-1");
+        h.acked_seq = 9;
+        s.handle_message(AgentMsg::Hello(h));
+        requests(&mut s);
+        s.handle_admission(None);
+        assert!(
+            requests(&mut s).is_empty(),
+            "no session begun on inconsistent marks"
+        );
+        assert!(matches!(
+            &sent(&mut s)[..],
+            [CentralMsg::Refuse(Refuse {
+                code: RefuseCode::ProtocolViolation,
+                ..
+            })]
+        ));
+
+        let mut s = session();
+        s.handle_message(AgentMsg::Hello(hello("plant-1")));
+        requests(&mut s);
+        s.handle_admission(Some(Refusal::Revoked {
+            at: "2026-01-01T00:00:00Z".into(),
+            reason: "stolen".into(),
+        }));
+        assert!(matches!(
+            &sent(&mut s)[..],
+            [CentralMsg::Refuse(Refuse {
+                code: RefuseCode::Revoked,
+                ..
+            })]
+        ));
+
+        let mut s = live(0);
+        s.handle_message(AgentMsg::Hello(hello("plant-1")));
+        assert!(matches!(s.poll_end(), Some(CentralEnd::Refused(_))));
+
+        let mut s = session();
+        s.handle_message(AgentMsg::Events(vec![ev(1)]));
+        assert!(matches!(
+            s.poll_end(),
+            Some(CentralEnd::Refused(Refuse {
+                code: RefuseCode::ProtocolViolation,
+                ..
+            }))
+        ));
+    }
 }

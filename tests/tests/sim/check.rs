@@ -222,7 +222,7 @@ pub fn check(out: &Outcome) -> Verdict {
             );
         }
     }
-    
+
     // Every unit a site was granted is confirmed in an order, returned, or still held.
     if let Some(accounts) = &out.conservation {
         for a in accounts {

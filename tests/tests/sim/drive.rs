@@ -18,8 +18,8 @@ use outpost_protocol::session::central::{
     IngestFailure, Refusal,
 };
 use outpost_protocol::{
-    AgentMsg, AtpRecord, CentralMsg, EventBody, FrameDecoder, FrameError, Heartbeat,
-    LinePromise, MasterChange, PROTOCOL_VERSION, Pool, RefuseCode,
+    AgentMsg, AtpRecord, CentralMsg, EventBody, FrameDecoder, FrameError, Heartbeat, LinePromise,
+    MasterChange, PROTOCOL_VERSION, Pool, RefuseCode,
 };
 use rand::Rng;
 use serde::de::DeserializeOwned;
@@ -128,14 +128,13 @@ impl Sim {
         let at = self.at();
         if let Some(s) = self.agents[site].session.as_mut()
             && s.is_live()
-            && s
-                .handle_ask(
-                    at,
-                    Pool::atp(sku),
-                    qty,
-                    at + Duration::from_millis(ASK_DEADLINE_MS),
-                )
-                .is_some()
+            && s.handle_ask(
+                at,
+                Pool::atp(sku),
+                qty,
+                at + Duration::from_millis(ASK_DEADLINE_MS),
+            )
+            .is_some()
         {
             self.stats.asks += 1;
         }
@@ -199,8 +198,10 @@ impl Sim {
                 return;
             }
         }
-        self.problems
-            .push(format!("{}: the session did not settle", self.agents[site].name));
+        self.problems.push(format!(
+            "{}: the session did not settle",
+            self.agents[site].name
+        ));
     }
 
     async fn agent_request(
@@ -229,7 +230,9 @@ impl Sim {
                 self.agents[site].incarnation_changed = matches!(outcome, Ok(Adopted::Changed));
                 match store.marks() {
                     Ok(m) => s.handle_incarnation_adopted(at, outcome, marks_of(&m)),
-                    Err(e) => s.handle_incarnation_adopted(at, Err(e.to_string()), AgentMarks::default()),
+                    Err(e) => {
+                        s.handle_incarnation_adopted(at, Err(e.to_string()), AgentMarks::default())
+                    }
                 }
             }
             AgentRequest::Rewind { to } => {
@@ -243,7 +246,8 @@ impl Sim {
                 let marks = store.marks().map(|m| marks_of(&m)).unwrap_or_default();
                 s.handle_rewound(at, outcome, marks);
             }
-            AgentRequest::PersistAck { through } => match store.mark_acked_at(through, at_ms).await {
+            AgentRequest::PersistAck { through } => match store.mark_acked_at(through, at_ms).await
+            {
                 Ok(_) => s.handle_ack_persisted(through),
                 Err(e) => s.handle_ack_persist_failed(through, e.to_string()),
             },
@@ -405,8 +409,10 @@ impl Sim {
                     && !matches!(r.code, RefuseCode::Superseded | RefuseCode::Unavailable)
                 {
                     let name = self.site_of(conn).map(|i| self.agents[i].name.clone());
-                    self.problems
-                        .push(format!("central refused {name:?}: {:?} {}", r.code, r.reason));
+                    self.problems.push(format!(
+                        "central refused {name:?}: {:?} {}",
+                        r.code, r.reason
+                    ));
                 }
                 self.close_central_end(conn);
                 return;
@@ -595,7 +601,9 @@ impl Sim {
         if room < 0 {
             return;
         }
-        let available = self.rng.random_range(0..=room.min(self.erp_atp[&(sku.clone(), site.clone())]));
+        let available = self
+            .rng
+            .random_range(0..=room.min(self.erp_atp[&(sku.clone(), site.clone())]));
         let change = MasterChange::Atp(AtpRecord {
             sku: sku.clone(),
             site: site.clone(),
@@ -657,8 +665,9 @@ impl Sim {
             })
             .collect();
         if let Err(e) = store.upsert_master(changes).await {
-            self.problems
-                .push(format!("central: the ERP's resend after the restore failed: {e}"));
+            self.problems.push(format!(
+                "central: the ERP's resend after the restore failed: {e}"
+            ));
         }
     }
 

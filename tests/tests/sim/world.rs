@@ -432,7 +432,6 @@ pub async fn run(cfg: SimConfig) -> Outcome {
 }
 
 impl Sim {
-
     // ----- faults -------------------------------------------------------------------------
 
     fn faults(&mut self) {
@@ -693,7 +692,10 @@ impl Sim {
             self.agents[site].disk.arm(ops);
         }
         let at_ms = EPOCH_MS + self.now as i64;
-        let offline = !self.agents[site].session.as_ref().is_some_and(|s| s.is_live());
+        let offline = !self.agents[site]
+            .session
+            .as_ref()
+            .is_some_and(|s| s.is_live());
         if let Kind::Order { order, .. } = &self.requests[idx].kind
             && !offline
             && faults
@@ -1020,19 +1022,19 @@ impl Sim {
         // The site's side: its own outbox (every event is retained in a run) and allowances.
         for a in &self.agents {
             let Some(store) = &a.store else { continue };
-            let events = store
-                .marks()
-                .map_err(|e| e.to_string())
-                .and_then(|m| {
-                    if m.retained_from_seq > 1 {
-                        return Err(format!("outbox pruned below seq {}", m.retained_from_seq));
-                    }
-                    store.outbox_range(1..=m.last_seq).map_err(|e| e.to_string())
-                });
+            let events = store.marks().map_err(|e| e.to_string()).and_then(|m| {
+                if m.retained_from_seq > 1 {
+                    return Err(format!("outbox pruned below seq {}", m.retained_from_seq));
+                }
+                store
+                    .outbox_range(1..=m.last_seq)
+                    .map_err(|e| e.to_string())
+            });
             let events = match events {
                 Ok(e) => e,
                 Err(e) => {
-                    self.problems.push(format!("{}: outbox unreadable: {e}", a.name));
+                    self.problems
+                        .push(format!("{}: outbox unreadable: {e}", a.name));
                     continue;
                 }
             };
@@ -1056,7 +1058,9 @@ impl Sim {
                         row(&mut rows, &a.name, &r.pool.key()).returned += r.qty;
                     }
                     Ok(EventBody::Milestone(_)) => {}
-                    Err(err) => self.problems.push(format!("{}: outbox event: {err}", a.name)),
+                    Err(err) => self
+                        .problems
+                        .push(format!("{}: outbox event: {err}", a.name)),
                 }
             }
             match store.allowances() {
@@ -1071,7 +1075,9 @@ impl Sim {
                         }
                     }
                 }
-                Err(e) => self.problems.push(format!("{}: allowances unreadable: {e}", a.name)),
+                Err(e) => self
+                    .problems
+                    .push(format!("{}: allowances unreadable: {e}", a.name)),
             }
         }
         rows.into_values().collect()
