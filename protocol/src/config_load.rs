@@ -106,7 +106,8 @@ pub enum LoadConfigError {
     #[error("cannot read config {path}: {source}")]
     Read {
         path: PathBuf,
-        source: config::ConfigError,
+        /// Boxed: `ConfigError` is large, and every `load` returns this type.
+        source: Box<config::ConfigError>,
     },
     /// The file was read; these are all its problems.
     #[error("config {path} is invalid:\n{}", list(.problems))]
@@ -201,7 +202,7 @@ pub fn load<C: ConfigFile>(
 ) -> Result<C::Checked, LoadConfigError> {
     let read_err = |source| LoadConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     };
     let merged = config::Config::builder()
         .add_source(
