@@ -26,7 +26,8 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 /// How a key's environment override is named: `{prefix}_{SECTION}{separator}{KEY}`, upper case
-/// (`OUTPOST_SYNC__CONNECT_TIMEOUT_MS`), as `config::Environment` is set up by both `load`s.
+/// (`OUTPOST_SYNC__CONNECT_TIMEOUT_MS`), as the shared loader sets up `config::Environment`
+/// (`config_load::ENV_NAMING`).
 #[derive(Clone, Copy, Debug)]
 pub struct EnvNaming<'a> {
     pub prefix: &'a str,

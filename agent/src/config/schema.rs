@@ -100,8 +100,8 @@ pub const HEARTBEAT_RANGE_SECS: std::ops::RangeInclusive<u64> = 1..=3_600;
 // in which unit, and what `validate` accepts; fixed bounds go in `#[schemars(range(...))]` with
 // the constants `validate` uses (the tests probe one past each). See `reference_markdown`.
 
-// Every field has a default so that all missing keys are reported together by `validate` rather
-// than one at a time by the deserializer.
+// Every field has a default, so that a missing key is reported by `validate` ("is required")
+// together with every other problem of the file.
 
 /// The top level of the file. `check-config` reports every missing or invalid key at once;
 /// relative paths are resolved against the config file's directory.
