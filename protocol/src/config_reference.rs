@@ -26,7 +26,8 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 /// How a key's environment override is named: `{prefix}_{SECTION}{separator}{KEY}`, upper case
-/// (`OUTPOST_SYNC__CONNECT_TIMEOUT_MS`), as `config::Environment` is set up by both `load`s.
+/// (`OUTPOST_SYNC__CONNECT_TIMEOUT_MS`), as the shared loader sets up `config::Environment`
+/// (`config_load::ENV_NAMING`).
 #[derive(Clone, Copy, Debug)]
 pub struct EnvNaming<'a> {
     pub prefix: &'a str,
@@ -109,7 +110,7 @@ impl Key {
 
 /// Follows a `$ref` into the root's `$defs`, merging the referring schema's own keywords (its
 /// description, default...) over the definition's.
-fn resolve(root: &Value, schema: &Value) -> Map<String, Value> {
+pub(crate) fn resolve(root: &Value, schema: &Value) -> Map<String, Value> {
     let mut out = Map::new();
     if let Some(r) = schema.get("$ref").and_then(Value::as_str)
         && let Some(name) = r.strip_prefix("#/$defs/")
@@ -127,7 +128,7 @@ fn resolve(root: &Value, schema: &Value) -> Map<String, Value> {
     out
 }
 
-fn types_of(schema: &Map<String, Value>) -> Vec<String> {
+pub(crate) fn types_of(schema: &Map<String, Value>) -> Vec<String> {
     match schema.get("type") {
         Some(Value::String(t)) => vec![t.clone()],
         Some(Value::Array(ts)) => ts
@@ -141,7 +142,7 @@ fn types_of(schema: &Map<String, Value>) -> Vec<String> {
     }
 }
 
-fn is_table(schema: &Map<String, Value>) -> bool {
+pub(crate) fn is_table(schema: &Map<String, Value>) -> bool {
     schema.get("properties").is_some_and(Value::is_object)
 }
 
@@ -161,7 +162,7 @@ fn description(schema: &Map<String, Value>) -> String {
 }
 
 /// Values of a string enumeration: `enum`, or `oneOf` of `const`s (when variants have docs).
-fn enum_values(schema: &Map<String, Value>) -> Option<Vec<Value>> {
+pub(crate) fn enum_values(schema: &Map<String, Value>) -> Option<Vec<Value>> {
     if let Some(Value::Array(values)) = schema.get("enum") {
         return Some(values.clone());
     }

@@ -2,6 +2,9 @@
 //! site identity rules and the pure state machines of the sync session. Pure code: no sockets, no
 //! storage, no clock (time is passed in).
 
+// The one module besides `io` that does I/O: it reads the config file and the environment.
+#[cfg(feature = "config-load")]
+pub mod config_load;
 pub mod config_reference;
 pub mod escrow;
 pub mod frame;
