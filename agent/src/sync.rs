@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use outpost_protocol::session::SessionError;
 use outpost_protocol::session::agent::AgentSessionError;
 use outpost_protocol::{FrameError, Refuse, RefuseCode};
 use quinn::VarInt;
@@ -83,7 +84,7 @@ pub enum SyncError {
     NoVersion,
     /// The session machine ended the session: central refused or broke the protocol, the
     /// upload cannot continue, or the store failed under it.
-    #[error("{}{source}", if .source.is_protocol_violation() { "central broke the protocol: " } else { "" })]
+    #[error("{}{source}", session_prefix(.source))]
     Session {
         #[from]
         source: AgentSessionError,
@@ -92,6 +93,18 @@ pub enum SyncError {
     StoreRead(#[from] ReadError),
     #[error("session task failed: {0}")]
     Task(String),
+}
+
+/// How a session error reads in the log: a divergence stops the upload, a violation is
+/// central's fault.
+fn session_prefix(e: &AgentSessionError) -> &'static str {
+    if e.is_divergence() {
+        "cannot continue the upload: "
+    } else if e.is_protocol_violation() {
+        "central broke the protocol: "
+    } else {
+        ""
+    }
 }
 
 impl SyncError {
@@ -386,6 +399,7 @@ fn log_failure(e: &SyncError, welcomed: bool, failures: u32) {
         e,
         SyncError::Session {
             source: AgentSessionError::NotRetained { .. }
+                | AgentSessionError::Upload(SessionError::CentralAhead { .. })
                 | AgentSessionError::Refused(Refuse {
                     code: RefuseCode::IncompatibleVersion
                         | RefuseCode::WrongSite

@@ -189,6 +189,16 @@ impl AgentSessionError {
         )
     }
 
+    /// The upload cannot go on from central's mark (central is ahead of this site, or behind
+    /// events pruned here): an operator must look.
+    pub fn is_divergence(&self) -> bool {
+        matches!(
+            self,
+            AgentSessionError::NotRetained { .. }
+                | AgentSessionError::Upload(SessionError::CentralAhead { .. })
+        )
+    }
+
     /// The agent's own store failed (not central's fault).
     pub fn is_local(&self) -> bool {
         matches!(
