@@ -216,9 +216,10 @@ impl Sim {
             AgentRequest::AdoptIncarnation {
                 incarnation,
                 master_from_rev,
+                hello_last_seq,
             } => {
                 let outcome = store
-                    .adopt_central_incarnation(incarnation, master_from_rev)
+                    .adopt_central_incarnation(incarnation, master_from_rev, hello_last_seq)
                     .await
                     .map(|c| match c {
                         agent_store::IncarnationChange::Unchanged => Adopted::Unchanged,
