@@ -333,17 +333,22 @@ impl Store {
     /// Records the incarnation of central's store named by a Welcome. When one was recorded
     /// before and differs, central's store was replaced (restored from a backup) and may not know
     /// the grants this site holds: in the same transaction every allowance drops to 0 and the
-    /// applied master revision becomes `master_from_rev` (central resends from there). Must run
-    /// before any master batch of the session is applied.
+    /// applied master revision becomes `master_from_rev` (central resends from there). Orders
+    /// confirmed after `hello_last_seq` (the last seq the session's Hello named) drew on the
+    /// dropped allowances, but the new central counts them against its new grants: their units
+    /// are owed, so each pool they used starts below 0 and the new grants repay it first. Must
+    /// run before any master batch of the session is applied.
     pub async fn adopt_central_incarnation(
         &self,
         incarnation: u64,
         master_from_rev: u64,
+        hello_last_seq: u64,
     ) -> Result<IncarnationChange, WriteError> {
         match self
             .submit(|reply| Op::AdoptIncarnation {
                 incarnation,
                 master_from_rev,
+                hello_last_seq,
                 reply,
             })
             .await?

@@ -223,8 +223,9 @@ impl SitePool {
     }
 
     /// Answers a reclaim of `asked`: returns (and gives up) what is still unused, at most `asked`.
+    /// Nothing is returned while the pool is negative (units it owes after a restore of central).
     pub fn handle_reclaim(&mut self, asked: i64) -> i64 {
-        let r = asked.clamp(0, self.remaining);
+        let r = asked.clamp(0, self.remaining.max(0));
         self.remaining -= r;
         r
     }
@@ -294,6 +295,19 @@ mod tests {
         p.sell(3).unwrap();
         p.handle_erp_decision(3, false);
         assert_eq!(p.free(), 6, "a rejected sale frees its units");
+    }
+
+    /// Goal: a site pool that owes units (negative after a restore of central) returns nothing
+    /// to a reclaim, confirms nothing, and is repaid by grants first.
+    #[test]
+    fn a_pool_that_owes_units_returns_and_confirms_nothing() {
+        let mut s = SitePool { remaining: -3 };
+        assert_eq!(s.handle_reclaim(5), 0);
+        assert_eq!(s.remaining, -3);
+        assert!(!s.try_consume(1));
+        s.handle_grant(4);
+        assert_eq!(s.remaining, 1);
+        assert_eq!(s.handle_reclaim(5), 1);
     }
 
     #[derive(Clone, Debug)]

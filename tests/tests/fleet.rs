@@ -120,10 +120,14 @@ async fn dev_up_runs_a_fleet_until_ctrl_c() -> Result<()> {
             // The catalogue is pushed in several revisions (prices, customers, ATP), which may
             // reach the site in more than one Master frame: wait for the ATP itself.
             let sku = "GEAR-12T";
-            let atp = eventually("the demo SKU's ATP at the site", CONVERGE_TIMEOUT, || async {
-                let r = a.get(&format!("/v1/atp/{sku}")).await?;
-                Ok((r.status == 200).then_some(r))
-            })
+            let atp = eventually(
+                "the demo SKU's ATP at the site",
+                CONVERGE_TIMEOUT,
+                || async {
+                    let r = a.get(&format!("/v1/atp/{sku}")).await?;
+                    Ok((r.status == 200).then_some(r))
+                },
+            )
             .await?;
             assert_eq!(atp.status, 200, "demo SKU {sku} is seeded: {}", atp.body);
         }

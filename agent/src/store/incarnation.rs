@@ -3,11 +3,13 @@
 //! revision goes back to where central resends from. Blocking I/O side (the writer's
 //! transaction).
 
-use outpost_protocol::Pool;
+use std::collections::BTreeMap;
+
+use outpost_protocol::{EventBody, EventEnvelope, LinePromise, Pool, SitePool};
 use redb::ReadableTable;
 
 use super::error::Fail;
-use super::schema::{K_CENTRAL_INCARNATION, K_MASTER_REV, Tables, parse_pool_key};
+use super::schema::{K_CENTRAL_INCARNATION, K_LAST_SEQ, K_MASTER_REV, Tables, parse_pool_key};
 use super::types::IncarnationChange;
 
 /// See `Store::adopt_central_incarnation`.
@@ -15,6 +17,7 @@ pub(super) fn adopt_incarnation(
     t: &mut Tables<'_>,
     incarnation: u64,
     master_from_rev: u64,
+    hello_last_seq: u64,
 ) -> Result<IncarnationChange, Fail> {
     let previous = t.meta(K_CENTRAL_INCARNATION)?;
     if previous == incarnation {
@@ -42,6 +45,12 @@ pub(super) fn adopt_incarnation(
         }
         t.allowances.insert(k.as_str(), 0)?;
     }
+    // Orders confirmed after the Hello (while the Welcome was on its way) used the allowances
+    // just dropped, yet central, which knows only the Hello's last seq, counts them against the
+    // grants it made this session: the site owes their units from those grants.
+    for (pool, owed) in owed_since(t, hello_last_seq)? {
+        t.set_pool(&pool, SitePool { remaining: -owed })?;
+    }
     let master_rev_before = t.meta(K_MASTER_REV)?;
     t.meta.insert(K_MASTER_REV, master_from_rev)?;
     t.meta.insert(K_CENTRAL_INCARNATION, incarnation)?;
@@ -52,4 +61,35 @@ pub(super) fn adopt_incarnation(
         credit_dropped,
         master_rev_before,
     })
+}
+
+/// What the orders in the outbox after seq `after` confirmed, per pool: ATP units per SKU and
+/// credit value per customer, as central counts an order's consumption.
+fn owed_since(t: &Tables<'_>, after: u64) -> Result<BTreeMap<Pool, i64>, Fail> {
+    let mut owed: BTreeMap<Pool, i64> = BTreeMap::new();
+    let last = t.meta(K_LAST_SEQ)?;
+    if after >= last {
+        return Ok(owed);
+    }
+    for row in t.outbox.range(after + 1..=last)? {
+        let (_, v) = row?;
+        let Ok(env) = postcard::from_bytes::<EventEnvelope>(v.value()) else {
+            continue;
+        };
+        let Ok(EventBody::Order(o)) = env.decode() else {
+            continue;
+        };
+        for l in o
+            .lines
+            .iter()
+            .filter(|l| l.promise == LinePromise::Confirmed)
+        {
+            let units = owed.entry(Pool::atp(&l.sku)).or_insert(0);
+            *units = units.saturating_add(l.qty);
+            let value = owed.entry(Pool::credit(&o.customer_id)).or_insert(0);
+            *value = value.saturating_add(l.qty.saturating_mul(l.unit_price.units()));
+        }
+    }
+    owed.retain(|_, q| *q > 0);
+    Ok(owed)
 }

@@ -1125,18 +1125,18 @@ async fn a_new_central_incarnation_drops_allowances_and_resets_the_revision() {
         .unwrap();
     let mut rev = store.master_rev_watch();
     assert_eq!(
-        store.adopt_central_incarnation(41, 8).await.unwrap(),
+        store.adopt_central_incarnation(41, 8, 0).await.unwrap(),
         IncarnationChange::First
     );
     assert_eq!(store.marks().unwrap().central_incarnation, 41);
     assert_eq!(
-        store.adopt_central_incarnation(41, 2).await.unwrap(),
+        store.adopt_central_incarnation(41, 2, 0).await.unwrap(),
         IncarnationChange::Unchanged
     );
     assert_eq!(store.allowance(&gear).unwrap(), 7);
     assert_eq!(store.marks().unwrap().master_rev, 8);
 
-    let change = store.adopt_central_incarnation(42, 6).await.unwrap();
+    let change = store.adopt_central_incarnation(42, 6, 0).await.unwrap();
     assert_eq!(
         change,
         IncarnationChange::Changed {
@@ -1164,6 +1164,70 @@ async fn a_new_central_incarnation_drops_allowances_and_resets_the_revision() {
             .unwrap()
     );
     assert_eq!(store.allowance(&gear).unwrap(), 2);
+    writer.shutdown().await;
+}
+
+/// Goal (regression): an order confirmed after the session's Hello and before its Welcome named
+/// a new incarnation drew on the allowances being dropped, while the restored central, which
+/// knows only the Hello's last seq, counts it against the grants it makes this session; the site
+/// owes those units, so the new grants repay them before anything can be confirmed again (the
+/// site and central's ledger then agree, and no unit is promised twice). Orders up to the
+/// Hello's seq owe nothing: central counts them as old grants.
+#[tokio::test]
+async fn orders_after_the_hello_are_owed_from_a_new_incarnations_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = open(dir.path());
+    let gear = Pool::atp("GEAR-12T");
+    let credit = Pool::credit("ACME");
+    store.apply_master(catalogue(0, 5)).await.unwrap();
+    store
+        .apply_master(grants(
+            5,
+            8,
+            &[(gear.clone(), 7), (credit.clone(), 5_000_000)],
+        ))
+        .await
+        .unwrap();
+    store.adopt_central_incarnation(41, 8, 0).await.unwrap();
+    // Before the Hello (seq 1): 2 confirmed; after it (seq 2): 3 confirmed at 11.00.
+    for (key, qty) in [("k1", 2), ("k2", 3)] {
+        let o = store
+            .create_order(key, order("ACME", &[("GEAR-12T", qty)]), 1, false)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(o.order.lines[0].promise, LinePromise::Confirmed);
+    }
+    assert_eq!(store.allowance(&gear).unwrap(), 2);
+    let hello_last_seq = 1;
+    let change = store
+        .adopt_central_incarnation(42, 6, hello_last_seq)
+        .await
+        .unwrap();
+    assert!(matches!(change, IncarnationChange::Changed { .. }));
+    assert_eq!(
+        store.allowance(&gear).unwrap(),
+        -3,
+        "seq 2's units are owed"
+    );
+    assert_eq!(store.allowance(&credit).unwrap(), -330_000);
+    // Central granted 4 and counts seq 2's 3 against them: it says the site holds 1.
+    store
+        .apply_master(grants(
+            6,
+            7,
+            &[(gear.clone(), 4), (credit.clone(), 330_000)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.allowance(&gear).unwrap(), 1);
+    assert_eq!(store.allowance(&credit).unwrap(), 0);
+    let o = store
+        .create_order("k3", order("ACME", &[("GEAR-12T", 2)]), 1, false)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(o.order.lines[0].promise, LinePromise::Confirmed);
     writer.shutdown().await;
 }
 

@@ -85,6 +85,7 @@ pub(super) enum Op {
     AdoptIncarnation {
         incarnation: u64,
         master_from_rev: u64,
+        hello_last_seq: u64,
         reply: oneshot::Sender<Result<Reply, WriteError>>,
     },
     Shutdown,
@@ -367,9 +368,15 @@ fn run_group(shared: &Shared, ops: Vec<Op>) -> Result<GroupDone, GroupFailure> {
                 Op::AdoptIncarnation {
                     incarnation,
                     master_from_rev,
+                    hello_last_seq,
                     reply,
                 } => {
-                    let r = adopt_incarnation(&mut tables, incarnation, master_from_rev);
+                    let r = adopt_incarnation(
+                        &mut tables,
+                        incarnation,
+                        master_from_rev,
+                        hello_last_seq,
+                    );
                     if let Ok(change) = &r {
                         wrote |= *change != IncarnationChange::Unchanged;
                         if matches!(change, IncarnationChange::Changed { .. }) {

@@ -277,10 +277,11 @@ impl SyncClient {
             AgentRequest::AdoptIncarnation {
                 incarnation,
                 master_from_rev,
+                hello_last_seq,
             } => {
                 let outcome = self
                     .store
-                    .adopt_central_incarnation(incarnation, master_from_rev)
+                    .adopt_central_incarnation(incarnation, master_from_rev, hello_last_seq)
                     .await;
                 let outcome = outcome.map(|c| log_incarnation(c, incarnation, master_from_rev));
                 let marks = read(&self.store, Store::marks).await?;

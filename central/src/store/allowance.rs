@@ -14,7 +14,8 @@ use super::{
     ApplyError, LEDGER_ATP, LEDGER_CREDIT, LEDGER_SITES, LOST_RANGES, MAX_ALERTS,
     MAX_REPORTS_PER_SITE, META_INCARNATION, META_LAST_RECLAIM, META_REVISION, OPEN_RECLAIMS,
     Outcome, REPORTS, SITE_HWM, SITES, SiteRecord, StoreOptions, StoreUnavailable, append_change,
-    decode_w, encode, get_customer, get_pool, meta_get, next_id, put_pool, touch,
+    decode_w, encode, get_customer, get_pool, meta_get, meta_old_grants_through, meta_set, next_id,
+    put_pool, touch,
 };
 use crate::ledger::{LedgerKey, plan_reclaims, plan_top_ups};
 
@@ -350,6 +351,9 @@ pub(super) fn begin_session(
         // it (or the store it was restored from) had outstanding at the site, before the
         // session's top-ups grant afresh.
         zero_site_allowances(txn, site)?;
+        // Every order up to the Hello's last seq was confirmed from what was just zeroed,
+        // whichever session re-sends it.
+        meta_set(txn, &meta_old_grants_through(site), hello.last_seq)?;
     }
     let rev_before_grants = meta_get(txn, META_REVISION)?;
     let session = current_report(txn, site)?.map_or(1, |r| r.session + 1);

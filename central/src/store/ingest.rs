@@ -17,7 +17,7 @@ use super::{
     ApplyError, DEAD_LETTERS, EXCEPTIONS, IngestBatchError, IngestOutcome, META_LAST_DEAD_LETTER,
     META_LAST_EXCEPTION, META_REVISION, OPEN_RECLAIMS, Outcome, SITE_HWM, StoreOptions,
     append_feed, append_feed_run, decode_w, effective_price, encode, get_customer, get_order,
-    get_pool, meta_get, next_id, put_order, put_pool, touch,
+    get_pool, meta_get, meta_old_grants_through, next_id, put_order, put_pool, touch,
 };
 use crate::checks::{Reason, check_order};
 use crate::ledger::{LedgerKey, order_consumption};
@@ -79,12 +79,12 @@ pub(super) fn apply_ingest(
     let mut touched = BTreeSet::new();
     let mut counts = Counts::default();
     // After a restore, the site re-sends (and may still send) orders confirmed from allowances
-    // that the old incarnation of central granted and this one zeroed at the session's start:
-    // every seq up to the site's last at that Hello. Their units go in transit, but they do not
-    // consume what this incarnation granted since (the site holds that in full).
-    let old_grants_through = current_report(txn, site)?
-        .filter(|r| r.incarnation_changed)
-        .map_or(0, |r| r.hello_last_seq);
+    // that the old incarnation of central granted and this one zeroed at the start of the
+    // session in which the site came to it: every seq up to the site's last at that Hello. Their
+    // units go in transit, but they do not consume what this incarnation granted since (the site
+    // holds that in full). The mark is kept for the site, not the session: the session can end
+    // before the re-upload does, and the next one names this incarnation already.
+    let old_grants_through = meta_get(txn, &meta_old_grants_through(site))?;
     let ctx = OrderContext {
         revision,
         now_ms,

@@ -804,3 +804,53 @@ async fn orders_confirmed_under_an_earlier_incarnation_are_not_overruns() {
     assert_eq!(r.reuploaded, 1);
     store.close().await;
 }
+
+/// Goal (regression): the session that saw the site change incarnation can end before the site
+/// re-sent what it confirmed from the old incarnation's grants (a dropped link, central
+/// restarting); re-sent in a later session (whose Hello names this incarnation), those orders
+/// still move their units in transit only and do not consume the new grants, which the site
+/// holds in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_grant_orders_resent_in_a_later_session_do_not_consume_new_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir);
+    seed(&store).await;
+    let own = store.incarnation().unwrap();
+    let hello = super::HelloMarks {
+        last_seq: 2,
+        acked_seq: 1,
+        retained_from_seq: 1,
+        central_incarnation: own ^ 1,
+        master_rev: 0,
+    };
+    let start = store.begin_session(SITE, hello).await.unwrap();
+    assert!(start.incarnation_changed);
+    assert_eq!(pool(&store, &bolt()).outstanding(SITE), 20);
+    // The link drops before the re-upload; the next Hello names this incarnation.
+    let again = super::HelloMarks {
+        last_seq: 2,
+        acked_seq: 0,
+        retained_from_seq: 1,
+        central_incarnation: own,
+        master_rev: start.revision,
+    };
+    let next = store.begin_session(SITE, again).await.unwrap();
+    assert!(!next.incarnation_changed);
+    let out = store
+        .ingest(
+            SITE,
+            vec![
+                order(1, "C-ACME", &[("BOLT-M8", 15, 1000, C)], true),
+                order(2, "C-ACME", &[("BOLT-M8", 15, 1000, C)], true),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out.exceptions, 0,
+        "confirmed from the old incarnation's grants"
+    );
+    let p = pool(&store, &bolt());
+    assert_eq!((p.outstanding(SITE), p.in_transit), (20, 30));
+    store.close().await;
+}

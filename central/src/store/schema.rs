@@ -93,6 +93,13 @@ pub(super) const META_LAST_CENTRAL_ORDER: &str = "last_central_order";
 /// Random non-zero id of this store, drawn when it is created and again when it is restored
 /// from a backup (sent in every Welcome).
 pub(super) const META_INCARNATION: &str = "incarnation";
+/// Per site (`old_grants_through:SITE`): the last seq of the Hello in which the site last came
+/// to this incarnation from another one. Its orders up to that seq were confirmed from grants
+/// this incarnation zeroed; kept across sessions, since the site may re-send them in any later
+/// one.
+pub(super) fn meta_old_grants_through(site: &str) -> String {
+    format!("old_grants_through:{site}")
+}
 /// When the backup this store was made from was taken (only in backups and restored stores).
 pub(super) const META_BACKUP_TAKEN_MS: &str = "backup_taken_ms";
 /// When a restored store was restored, and the backup time it was restored from.

@@ -78,6 +78,11 @@ pub enum AgentRequest {
     AdoptIncarnation {
         incarnation: u64,
         master_from_rev: u64,
+        /// The last seq this session's Hello named. Central, when its incarnation changed,
+        /// counts orders up to it as confirmed from the old incarnation's grants and every later
+        /// one against its new grants, so orders the site confirmed after the Hello (from the
+        /// allowances it is about to drop) are owed from the new grants.
+        hello_last_seq: u64,
     },
     /// Move the acked mark back to `to` so that retained events are sent again; answered by
     /// `handle_rewound`.
@@ -248,6 +253,8 @@ pub struct AgentSession {
     phase: Phase,
     up: Uploader,
     last_seq: u64,
+    /// The last seq the Hello named.
+    hello_last_seq: u64,
     transmits: VecDeque<Vec<u8>>,
     requests: VecDeque<AgentRequest>,
     events: VecDeque<AgentEvent>,
@@ -295,6 +302,7 @@ impl AgentSession {
                 deadline: now + cfg.welcome_timeout,
             },
             last_seq: marks.last_seq,
+            hello_last_seq: marks.last_seq,
             transmits: VecDeque::new(),
             requests: VecDeque::new(),
             events: VecDeque::new(),
@@ -409,6 +417,7 @@ impl AgentSession {
                     self.requests.push_back(AgentRequest::AdoptIncarnation {
                         incarnation: w.incarnation,
                         master_from_rev: w.master_from_rev,
+                        hello_last_seq: self.hello_last_seq,
                     });
                     self.phase = Phase::Adopting(w);
                 }

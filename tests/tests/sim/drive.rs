@@ -217,9 +217,10 @@ impl Sim {
             AgentRequest::AdoptIncarnation {
                 incarnation,
                 master_from_rev,
+                hello_last_seq,
             } => {
                 let outcome = store
-                    .adopt_central_incarnation(incarnation, master_from_rev)
+                    .adopt_central_incarnation(incarnation, master_from_rev, hello_last_seq)
                     .await
                     .map(|c| match c {
                         agent_store::IncarnationChange::Unchanged => Adopted::Unchanged,
@@ -566,6 +567,12 @@ impl Sim {
                 return;
             }
         }
+        if !self.erp_redecide.is_empty() {
+            self.redecide(&store).await;
+            if self.central_died() {
+                return;
+            }
+        }
         if self.rng.random_bool(0.01) {
             self.lower_atp(&store).await;
         }
@@ -575,8 +582,15 @@ impl Sim {
         self.central_died();
     }
 
-    /// The ERP publishes a lower figure for one (sku, site): never below what central already
-    /// holds as confirmed for it, so every unit confirmed stays within the first figure.
+    /// The ERP's figure for (sku, site) now: the last it published, less the confirmed units it
+    /// accepted since (a real ERP's ATP is net of the orders it accepted).
+    fn erp_figure(&self, key: &(String, String)) -> i64 {
+        (self.erp_atp[key] - self.erp_accepted.get(key).copied().unwrap_or(0)).max(0)
+    }
+
+    /// The ERP publishes a lower figure for one (sku, site): at most its figure now (net of what
+    /// it accepted), and never below what central already holds as confirmed for it, so every
+    /// unit confirmed stays within the first figure.
     async fn lower_atp(&mut self, store: &central_store::Store) {
         let keys: Vec<(String, String)> = self.erp_atp.keys().cloned().collect();
         let (sku, site) = keys[self.rng.random_range(0..keys.len())].clone();
@@ -596,41 +610,47 @@ impl Sim {
                     .sum::<i64>();
             }
         }
-        let first = self.atp[&(sku.clone(), site.clone())];
+        let key = (sku.clone(), site.clone());
+        let first = self.atp[&key];
         let room = first - confirmed;
         if room < 0 {
             return;
         }
-        let available = self
-            .rng
-            .random_range(0..=room.min(self.erp_atp[&(sku.clone(), site.clone())]));
+        let available = self.rng.random_range(0..=room.min(self.erp_figure(&key)));
         let change = MasterChange::Atp(AtpRecord {
             sku: sku.clone(),
             site: site.clone(),
             available,
         });
         if store.upsert_master(vec![change]).await.is_ok() {
-            self.erp_atp.insert((sku, site), available);
+            self.erp_atp.insert(key.clone(), available);
+            self.erp_accepted.remove(&key);
             self.stats.atp_lowered += 1;
         }
     }
 
-    /// The ERP accepts or rejects one undecided order in the feed.
+    /// The ERP accepts or rejects one order in the feed that it has not decided yet.
     async fn decide_one(&mut self, store: &central_store::Store) {
         let Ok(events) = store.events_after(0, 1_000_000) else {
             return;
         };
-        let orders: Vec<(String, String)> = events
+        let orders: Vec<(String, outpost_protocol::Order)> = events
             .iter()
             .filter_map(|e| match e.event.decode() {
-                Ok(EventBody::Order(o)) => Some((e.site.clone(), o.order_id)),
+                Ok(EventBody::Order(o)) => Some((e.site.clone(), o)),
                 _ => None,
+            })
+            .filter(|(site, o)| {
+                !self
+                    .erp_decided
+                    .contains_key(&(site.clone(), o.order_id.clone()))
             })
             .collect();
         if orders.is_empty() {
             return;
         }
-        let (site, id) = orders[self.rng.random_range(0..orders.len())].clone();
+        let (site, order) = orders[self.rng.random_range(0..orders.len())].clone();
+        let id = order.order_id.clone();
         let reject = self.rng.random_bool(0.3);
         let status = if reject {
             outpost_protocol::ErpStatus::Rejected
@@ -638,23 +658,64 @@ impl Sim {
             outpost_protocol::ErpStatus::Accepted
         };
         if store.decide_order(&id, status, None).await.is_ok() {
+            self.erp_decided.insert((site.clone(), id.clone()), !reject);
             if reject {
                 self.stats.erp_rejected += 1;
                 self.rejected.insert((site, id));
             } else {
                 self.stats.erp_accepted += 1;
+                // The accepted units leave the ERP's ATP.
+                for l in order
+                    .lines
+                    .iter()
+                    .filter(|l| matches!(l.promise, LinePromise::Confirmed))
+                {
+                    *self
+                        .erp_accepted
+                        .entry((l.sku.clone(), site.clone()))
+                        .or_insert(0) += l.qty;
+                }
             }
         }
     }
 
-    /// After a restore, the ERP sends again the ATP it publishes now (the backup may predate
-    /// a lowered figure).
+    /// After a restore, decisions the ERP made (the restored central may predate some) are
+    /// sent again once their orders are back at central; one already recorded is left alone.
+    async fn redecide(&mut self, store: &central_store::Store) {
+        let mut left = Vec::new();
+        let mut pending = std::mem::take(&mut self.erp_redecide).into_iter();
+        for (site, id) in pending.by_ref() {
+            let status = if self.erp_decided[&(site.clone(), id.clone())] {
+                outpost_protocol::ErpStatus::Accepted
+            } else {
+                outpost_protocol::ErpStatus::Rejected
+            };
+            match store.decide_order(&id, status, None).await {
+                Ok(_) | Err(central_store::DecideError::AlreadyDecided(_)) => {}
+                // Not back yet (or held as an exception, or central is busy): later.
+                Err(_) => left.push((site, id)),
+            }
+            if self.central.disk.is_dead() {
+                break;
+            }
+        }
+        left.extend(pending);
+        self.erp_redecide = left;
+    }
+
+    /// After a restore, the ERP sends again the ATP it publishes now (the backup may predate a
+    /// lowered figure, and the restored central's ledger may lack what the ERP accepted since:
+    /// each figure is net of that, as every figure the ERP sends), and then its decisions.
     pub(super) async fn erp_resend(&mut self) {
         let Some(store) = self.central.store.clone() else {
             return;
         };
-        let changes = self
+        let figures: Vec<((String, String), i64)> = self
             .erp_atp
+            .keys()
+            .map(|k| (k.clone(), self.erp_figure(k)))
+            .collect();
+        let changes = figures
             .iter()
             .map(|((sku, site), available)| {
                 MasterChange::Atp(AtpRecord {
@@ -664,11 +725,18 @@ impl Sim {
                 })
             })
             .collect();
-        if let Err(e) = store.upsert_master(changes).await {
-            self.problems.push(format!(
+        match store.upsert_master(changes).await {
+            Ok(_) => {
+                for (k, f) in figures {
+                    self.erp_atp.insert(k.clone(), f);
+                    self.erp_accepted.remove(&k);
+                }
+            }
+            Err(e) => self.problems.push(format!(
                 "central: the ERP's resend after the restore failed: {e}"
-            ));
+            )),
         }
+        self.erp_redecide = self.erp_decided.keys().cloned().collect();
     }
 
     /// Central's store restored from the backup image with the product's restore (a new

@@ -273,6 +273,15 @@ pub(super) struct Sim {
     pub atp: BTreeMap<(String, String), i64>,
     /// The ATP the ERP publishes now (lowered during the run).
     pub erp_atp: BTreeMap<(String, String), i64>,
+    /// Confirmed units of (sku, site) the ERP accepted since it published `erp_atp` for it:
+    /// its figure now is `erp_atp` less these (every figure it sends is net of what it
+    /// accepted, as central's ledger expects).
+    pub erp_accepted: BTreeMap<(String, String), i64>,
+    /// The ERP's own book of decisions, (site, order id) → accepted: it decides an order once,
+    /// and re-sends these to a central restored from a backup.
+    pub erp_decided: BTreeMap<(String, String), bool>,
+    /// Decisions still to re-send to a restored central (their orders may not be back yet).
+    pub erp_redecide: Vec<(String, String)>,
     pub rejected: std::collections::BTreeSet<(String, String)>,
 }
 
@@ -387,6 +396,9 @@ pub async fn run(cfg: SimConfig) -> Outcome {
         stats: Stats::default(),
         problems: Vec::new(),
         erp_atp: atp.clone(),
+        erp_accepted: BTreeMap::new(),
+        erp_decided: BTreeMap::new(),
+        erp_redecide: Vec::new(),
         atp,
         rejected: Default::default(),
         cfg,
@@ -910,14 +922,23 @@ impl Sim {
         false
     }
 
+    /// Every site's events are at central and acknowledged, and every site has applied
+    /// central's master log through its revision: the grants central made while ingesting the
+    /// last batches (top-ups) and any reclaims are at the site, so the pool accounts compare
+    /// two sides that have heard everything from each other.
     fn drained(&self) -> bool {
         let Some(central) = &self.central.store else {
+            return false;
+        };
+        let Ok(rev) = central.revision() else {
             return false;
         };
         self.agents.iter().all(|a| {
             let Some(store) = &a.store else { return false };
             match (store.marks(), central.site_hwm(&a.name)) {
-                (Ok(m), Ok(hwm)) => m.acked_seq == m.last_seq && hwm == m.last_seq,
+                (Ok(m), Ok(hwm)) => {
+                    m.acked_seq == m.last_seq && hwm == m.last_seq && m.master_rev == rev
+                }
                 _ => false,
             }
         })
