@@ -303,18 +303,27 @@ pub async fn run(
     }
 }
 
+/// Why a connection's client certificate names no site.
+#[derive(Debug, thiserror::Error)]
+pub enum CertSiteError {
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("unexpected peer identity type")]
+    UnexpectedIdentity,
+    #[error("empty client certificate chain")]
+    EmptyChain,
+    #[error(transparent)]
+    NoSite(#[from] outpost_protocol::identity::SiteIdError),
+}
+
 /// The site id in the verified client certificate, or why there is none.
-pub fn cert_site(conn: &Connection) -> Result<String, String> {
-    let identity = conn
-        .peer_identity()
-        .ok_or_else(|| "no client certificate".to_string())?;
+pub fn cert_site(conn: &Connection) -> Result<String, CertSiteError> {
+    let identity = conn.peer_identity().ok_or(CertSiteError::NoCertificate)?;
     let certs = identity
         .downcast::<Vec<CertificateDer<'static>>>()
-        .map_err(|_| "unexpected peer identity type".to_string())?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| "empty client certificate chain".to_string())?;
-    site_id_from_cert_der(leaf).map_err(|e| e.to_string())
+        .map_err(|_| CertSiteError::UnexpectedIdentity)?;
+    let leaf = certs.first().ok_or(CertSiteError::EmptyChain)?;
+    Ok(site_id_from_cert_der(leaf)?)
 }
 
 /// End of the validity of the client certificate (ms since the epoch), if it can be read.

@@ -50,15 +50,21 @@ pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// A token that cannot be used: its length or its characters (never its value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a token must be {MIN_TOKEN_LEN}..={MAX_TOKEN_LEN} visible ASCII characters (no spaces), got {len} bytes"
+)]
+pub struct BadTokenError {
+    pub len: usize,
+}
+
 /// Why a token cannot be used: its length or its characters (never its value).
-pub fn check_token(token: &str) -> Result<(), String> {
+pub fn check_token(token: &str) -> Result<(), BadTokenError> {
     if !(MIN_TOKEN_LEN..=MAX_TOKEN_LEN).contains(&token.len())
         || !token.bytes().all(|b| b.is_ascii_graphic())
     {
-        return Err(format!(
-            "a token must be {MIN_TOKEN_LEN}..={MAX_TOKEN_LEN} visible ASCII characters (no spaces), got {} bytes",
-            token.len()
-        ));
+        return Err(BadTokenError { len: token.len() });
     }
     Ok(())
 }

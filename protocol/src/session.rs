@@ -13,6 +13,13 @@ use std::ops::RangeInclusive;
 use crate::messages::{EventEnvelope, Hello, MAX_EVENTS_PER_BATCH, Refuse, RefuseCode};
 use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
+/// A store (or the host) could not carry out a machine's request: its error as text. A machine
+/// only needs to know that the session cannot go on, and why, for the log; the driver keeps the
+/// typed error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreFailure(pub String);
+
 /// A protocol violation by the peer: the session is closed with this reason.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {

@@ -6,7 +6,8 @@
 
 use outpost_protocol::io::read_frame;
 use outpost_protocol::session::agent::{
-    Adopted, AgentEvent, AgentMarks, AgentRequest, AgentSession, AgentSessionConfig, Rewound,
+    Adopted, AgentEvent, AgentMarks, AgentRequest, AgentSession, AgentSessionConfig,
+    ApplyMasterFailure, Rewound, StoreFailure,
 };
 use outpost_protocol::{CentralMsg, FrameError, Heartbeat};
 use std::collections::HashMap;
@@ -287,7 +288,7 @@ impl SyncClient {
                 let marks = read(&self.store, Store::marks).await?;
                 m.handle_incarnation_adopted(
                     now(),
-                    outcome.map_err(|e| e.to_string()),
+                    outcome.map_err(|e| StoreFailure(e.to_string())),
                     marks_of(&marks),
                 );
             }
@@ -297,7 +298,7 @@ impl SyncClient {
                     Err(WriteError::NotRetained { retained_from, .. }) => {
                         Ok(Rewound::NotRetained { retained_from })
                     }
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(StoreFailure(e.to_string())),
                 };
                 let marks = read(&self.store, Store::marks).await?;
                 m.handle_rewound(now(), outcome, marks_of(&marks));
@@ -312,8 +313,10 @@ impl SyncClient {
                         tracing::debug!(from, through, changes = n, applied, "master batch");
                         Ok(())
                     }
-                    Err(WriteError::BadMasterBatch(reason)) => Err(Ok(reason)),
-                    Err(e) => Err(Err(e.to_string())),
+                    Err(WriteError::BadMasterBatch(reason)) => {
+                        Err(ApplyMasterFailure::BadBatch(reason))
+                    }
+                    Err(e) => Err(ApplyMasterFailure::Store(StoreFailure(e.to_string()))),
                 };
                 m.handle_master_applied(outcome);
             }

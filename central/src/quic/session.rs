@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 use outpost_protocol::io::read_frame;
 use outpost_protocol::session::central::{
     Begun, CentralEnd, CentralEvent, CentralRequest, CentralSession, CentralSessionConfig,
-    EndReason, IngestFailure, Refusal,
+    EndReason, IngestFailure, Refusal, SignRefused, StoreFailure,
 };
 use outpost_protocol::{AgentMsg, FrameError, Hello};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -104,7 +104,7 @@ impl Session {
                 }
                 if let Err(e) = write(&mut send, &frame).await {
                     write_failed = true;
-                    m.handle_write_failed(e);
+                    m.handle_write_failed(e.to_string());
                 }
             }
             if let Some(end) = m.poll_end() {
@@ -200,7 +200,7 @@ impl Session {
                         held.start = Some(start);
                         m.handle_begun(Ok(begun));
                     }
-                    Err(e) => m.handle_begun(Err(e.to_string())),
+                    Err(e) => m.handle_begun(Err(StoreFailure(e.to_string()))),
                 }
             }
             CentralRequest::Ingest(batch) => {
@@ -259,18 +259,20 @@ impl Session {
                 let read =
                     tokio::task::spawn_blocking(move || store.changes_after(from, max)).await;
                 m.handle_changes(match read {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("read task failed: {e}")),
+                    Ok(r) => r.map_err(|e| StoreFailure(e.to_string())),
+                    Err(e) => Err(StoreFailure(format!("read task failed: {e}"))),
                 });
             }
             CentralRequest::Sign { csr_der } => {
                 let signer = self.ctx.signer.clone();
                 let site = self.site.clone();
                 let signed = tokio::task::spawn_blocking(move || {
-                    signer.sign(&site, &csr_der).map_err(|e| e.to_string())
+                    signer
+                        .sign(&site, &csr_der)
+                        .map_err(|e| SignRefused(e.to_string()))
                 })
                 .await
-                .unwrap_or_else(|e| Err(format!("signing task failed: {e}")));
+                .unwrap_or_else(|e| Err(SignRefused(format!("signing task failed: {e}"))));
                 match &signed {
                     Ok(_) => {
                         crate::renewal::RENEWED.fetch_add(1, Ordering::Relaxed);
@@ -428,13 +430,21 @@ async fn read_frames(mut recv: RecvStream, out: mpsc::Sender<Result<AgentMsg, Fr
     }
 }
 
+/// Why a frame could not be written to the agent.
+#[derive(Debug, thiserror::Error)]
+enum WriteFrameError {
+    #[error("write timed out")]
+    Timeout,
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+}
+
 /// Writes one encoded frame; a peer that does not read within `WRITE_TIMEOUT` is cut off.
-async fn write(send: &mut SendStream, frame: &[u8]) -> Result<(), String> {
-    match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(frame)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("write timed out".into()),
-    }
+async fn write(send: &mut SendStream, frame: &[u8]) -> Result<(), WriteFrameError> {
+    tokio::time::timeout(WRITE_TIMEOUT, send.write_all(frame))
+        .await
+        .map_err(|_| WriteFrameError::Timeout)??;
+    Ok(())
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -28,6 +28,7 @@ use crate::frame::{FrameError, encode};
 use crate::messages::{
     AgentMsg, CentralMsg, EventEnvelope, Heartbeat, Hello, MasterBatch, Refuse, Welcome,
 };
+pub use crate::session::StoreFailure;
 use crate::session::{SessionError, Uploader};
 
 /// Most allowance requests awaiting central's answer in one session. Each lives at most one
@@ -213,6 +214,17 @@ impl AgentSessionError {
                 | AgentSessionError::OutboxGap { .. }
         )
     }
+}
+
+/// Why a master batch was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyMasterFailure {
+    /// The batch is malformed (central's fault): it does not start at the applied revision, say.
+    #[error("{0}")]
+    BadBatch(String),
+    /// The store could not write it.
+    #[error(transparent)]
+    Store(StoreFailure),
 }
 
 /// How `AdoptIncarnation` went.
@@ -495,7 +507,7 @@ impl AgentSession {
     pub fn handle_incarnation_adopted(
         &mut self,
         now: Instant,
-        outcome: Result<Adopted, String>,
+        outcome: Result<Adopted, StoreFailure>,
         marks: AgentMarks,
     ) {
         let Phase::Adopting(w) = std::mem::replace(&mut self.phase, Phase::Ended) else {
@@ -505,7 +517,7 @@ impl AgentSession {
         };
         let adopted = match outcome {
             Ok(a) => a,
-            Err(e) => return self.fail(AgentSessionError::Store(e)),
+            Err(e) => return self.fail(AgentSessionError::Store(e.0)),
         };
         self.events.push_back(AgentEvent::IncarnationAdopted {
             incarnation: w.incarnation,
@@ -527,7 +539,7 @@ impl AgentSession {
     pub fn handle_rewound(
         &mut self,
         now: Instant,
-        outcome: Result<Rewound, String>,
+        outcome: Result<Rewound, StoreFailure>,
         marks: AgentMarks,
     ) {
         let Phase::Rewinding(w, before) = std::mem::replace(&mut self.phase, Phase::Ended) else {
@@ -550,7 +562,7 @@ impl AgentSession {
                     retained_from,
                 })
             }
-            Err(e) => self.fail(AgentSessionError::Store(e)),
+            Err(e) => self.fail(AgentSessionError::Store(e.0)),
         }
     }
 
@@ -618,14 +630,15 @@ impl AgentSession {
         }
     }
 
-    /// A master batch was applied (`Ok`), refused as malformed (`Err(Ok(reason))`: central's
-    /// fault) or not written (`Err(Err(error))`: the store's).
-    pub fn handle_master_applied(&mut self, outcome: Result<(), Result<String, String>>) {
+    /// A master batch was applied, refused as malformed (central's fault) or not written.
+    pub fn handle_master_applied(&mut self, outcome: Result<(), ApplyMasterFailure>) {
         self.master_in_flight = false;
         match outcome {
             Ok(()) => self.next_master(),
-            Err(Ok(bad)) => self.fail(AgentSessionError::BadMasterBatch(bad)),
-            Err(Err(e)) => self.fail(AgentSessionError::Store(e)),
+            Err(ApplyMasterFailure::BadBatch(bad)) => {
+                self.fail(AgentSessionError::BadMasterBatch(bad))
+            }
+            Err(ApplyMasterFailure::Store(e)) => self.fail(AgentSessionError::Store(e.0)),
         }
     }
 
@@ -646,14 +659,14 @@ impl AgentSession {
     }
 
     /// The events of the last `ReadOutbox` (or the store's error).
-    pub fn handle_outbox(&mut self, events: Result<Vec<EventEnvelope>, String>) {
+    pub fn handle_outbox(&mut self, events: Result<Vec<EventEnvelope>, StoreFailure>) {
         self.read_in_flight = false;
         if self.is_ended() {
             return;
         }
         let events = match events {
             Ok(e) => e,
-            Err(e) => return self.fail(AgentSessionError::Store(e)),
+            Err(e) => return self.fail(AgentSessionError::Store(e.0)),
         };
         let Some(first) = events.first().map(|e| e.seq) else {
             let from = self.up.sent() + 1;
@@ -911,7 +924,8 @@ mod tests {
             requests(&mut s),
             vec![AgentRequest::AdoptIncarnation {
                 incarnation: 7,
-                master_from_rev: 0
+                master_from_rev: 0,
+                hello_last_seq: last,
             }]
         );
         s.handle_incarnation_adopted(now, Ok(Adopted::Unchanged), marks(last, acked));

@@ -24,6 +24,7 @@ use crate::messages::{
     AgentMsg, CentralMsg, EventEnvelope, Heartbeat, Hello, MAX_CHANGES_PER_FRAME, MAX_ID_LEN,
     MAX_TEXT_LEN, MasterBatch, MasterChange, Refuse, RefuseCode, Welcome,
 };
+pub use crate::session::StoreFailure;
 use crate::session::{IngestError, check_hello};
 
 /// Messages from the agent queued while a request is out. While full, the driver stops reading
@@ -60,6 +61,11 @@ pub struct Begun {
     /// Central's master revision when the Welcome is built.
     pub central_rev: u64,
 }
+
+/// Why the signer refused a renewal (sent to the agent, bounded).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SignRefused(pub String);
 
 /// Why an ingest was not committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,7 +393,7 @@ impl CentralSession {
     }
 
     /// The store opened the session (or could not).
-    pub fn handle_begun(&mut self, begun: Result<Begun, String>) {
+    pub fn handle_begun(&mut self, begun: Result<Begun, StoreFailure>) {
         let Phase::Beginning(hello) = std::mem::replace(&mut self.phase, Phase::Ended) else {
             return;
         };
@@ -480,7 +486,7 @@ impl CentralSession {
 
     /// Up to `MAX_CHANGES_PER_FRAME` changes after the agent's revision, each with its
     /// revision (or the store's error).
-    pub fn handle_changes(&mut self, scanned: Result<Vec<(u64, MasterChange)>, String>) {
+    pub fn handle_changes(&mut self, scanned: Result<Vec<(u64, MasterChange)>, StoreFailure>) {
         let Some(Busy::Changes) = self.busy.take() else {
             return;
         };
@@ -528,7 +534,7 @@ impl CentralSession {
 
     /// The signer's answer: a certificate chain, or why not. A refusal is an answer too; the
     /// session goes on either way.
-    pub fn handle_signed(&mut self, signed: Result<String, String>) {
+    pub fn handle_signed(&mut self, signed: Result<String, SignRefused>) {
         let Some(Busy::Sign) = self.busy.take() else {
             return;
         };
@@ -537,7 +543,7 @@ impl CentralSession {
         }
         let reply = match signed {
             Ok(chain_pem) => CentralMsg::Certificate { chain_pem },
-            Err(reason) => CentralMsg::CertificateRefused {
+            Err(SignRefused(reason)) => CentralMsg::CertificateRefused {
                 reason: bounded(reason),
             },
         };

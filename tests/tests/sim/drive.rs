@@ -11,11 +11,11 @@ use outpost_agent::store as agent_store;
 use outpost_central::store as central_store;
 use outpost_protocol::session::agent::{
     Adopted, AgentEvent, AgentMarks, AgentRequest, AgentSession, AgentSessionConfig,
-    AgentSessionError, Rewound,
+    AgentSessionError, ApplyMasterFailure, Rewound,
 };
 use outpost_protocol::session::central::{
     Begun, CentralEnd, CentralRequest, CentralSession, CentralSessionConfig, EndReason,
-    IngestFailure, Refusal,
+    IngestFailure, Refusal, SignRefused, StoreFailure,
 };
 use outpost_protocol::{
     AgentMsg, AtpRecord, CentralMsg, EventBody, FrameDecoder, FrameError, Heartbeat, LinePromise,
@@ -227,12 +227,13 @@ impl Sim {
                         agent_store::IncarnationChange::First => Adopted::First,
                         agent_store::IncarnationChange::Changed { .. } => Adopted::Changed,
                     })
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| StoreFailure(e.to_string()));
                 self.agents[site].incarnation_changed = matches!(outcome, Ok(Adopted::Changed));
                 match store.marks() {
                     Ok(m) => s.handle_incarnation_adopted(at, outcome, marks_of(&m)),
                     Err(e) => {
-                        s.handle_incarnation_adopted(at, Err(e.to_string()), AgentMarks::default())
+                        let e = StoreFailure(e.to_string());
+                        s.handle_incarnation_adopted(at, Err(e), AgentMarks::default())
                     }
                 }
             }
@@ -242,7 +243,7 @@ impl Sim {
                     Err(agent_store::WriteError::NotRetained { retained_from, .. }) => {
                         Ok(Rewound::NotRetained { retained_from })
                     }
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(StoreFailure(e.to_string())),
                 };
                 let marks = store.marks().map(|m| marks_of(&m)).unwrap_or_default();
                 s.handle_rewound(at, outcome, marks);
@@ -255,13 +256,19 @@ impl Sim {
             AgentRequest::ApplyMaster(batch) => {
                 let outcome = match store.apply_master_at(batch, at_ms).await {
                     Ok(_) => Ok(()),
-                    Err(agent_store::WriteError::BadMasterBatch(r)) => Err(Ok(r)),
-                    Err(e) => Err(Err(e.to_string())),
+                    Err(agent_store::WriteError::BadMasterBatch(r)) => {
+                        Err(ApplyMasterFailure::BadBatch(r))
+                    }
+                    Err(e) => Err(ApplyMasterFailure::Store(StoreFailure(e.to_string()))),
                 };
                 s.handle_master_applied(outcome);
             }
             AgentRequest::ReadOutbox(range) => {
-                s.handle_outbox(store.outbox_range(range).map_err(|e| e.to_string()));
+                s.handle_outbox(
+                    store
+                        .outbox_range(range)
+                        .map_err(|e| StoreFailure(e.to_string())),
+                );
             }
             AgentRequest::SampleHeartbeat => {
                 let hb = store.marks().ok().map(|m| Heartbeat {
@@ -483,8 +490,8 @@ impl Sim {
                         master_from_rev: start.master_from_rev,
                         central_rev,
                     }),
-                    (Err(e), _) => Err(e.to_string()),
-                    (_, Err(e)) => Err(e.to_string()),
+                    (Err(e), _) => Err(StoreFailure(e.to_string())),
+                    (_, Err(e)) => Err(StoreFailure(e.to_string())),
                 });
             }
             CentralRequest::Ingest(batch) => {
@@ -523,11 +530,15 @@ impl Sim {
                 }
             }
             CentralRequest::ReadChanges { from, max } => {
-                s.handle_changes(store.changes_after(from, max).map_err(|e| e.to_string()));
+                s.handle_changes(
+                    store
+                        .changes_after(from, max)
+                        .map_err(|e| StoreFailure(e.to_string())),
+                );
             }
-            CentralRequest::Sign { .. } => {
-                s.handle_signed(Err("the simulation signs no certificates".into()))
-            }
+            CentralRequest::Sign { .. } => s.handle_signed(Err(SignRefused(
+                "the simulation signs no certificates".into(),
+            ))),
             CentralRequest::RecordHeartbeat { .. } => self.stats.heartbeats += 1,
             CentralRequest::Touch => {}
         }
