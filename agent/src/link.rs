@@ -3,7 +3,7 @@
 //! certificate stands. A leaf: written by the sync driver, read by the API, health and metrics.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64, Ordering};
 
 /// Where the site certificate and its renewal stand, for `/v1/health`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -30,6 +30,10 @@ pub struct LinkState {
     certificate: Mutex<CertStatus>,
     /// Protocol version of the latest session (0: none yet).
     protocol_version: AtomicU16,
+    /// The central address of the current or last attempt (empty: none yet).
+    central_addr: Mutex<String>,
+    /// Times the agent moved to another of central's addresses.
+    address_switches: AtomicU64,
 }
 
 impl LinkState {
@@ -41,7 +45,31 @@ impl LinkState {
             clock_untrusted: Mutex::new(None),
             certificate: Mutex::new(CertStatus::default()),
             protocol_version: AtomicU16::new(0),
+            central_addr: Mutex::new(String::new()),
+            address_switches: AtomicU64::new(0),
         }
+    }
+
+    pub fn set_central_addr(&self, addr: &str) {
+        let mut a = self.central_addr.lock().unwrap_or_else(|e| e.into_inner());
+        if *a != addr {
+            *a = addr.to_string();
+        }
+    }
+
+    /// The central address of the current or last attempt, `None` before the first.
+    pub fn central_addr(&self) -> Option<String> {
+        let a = self.central_addr.lock().unwrap_or_else(|e| e.into_inner());
+        (!a.is_empty()).then(|| a.clone())
+    }
+
+    /// The agent moved to another of central's addresses.
+    pub fn address_switched(&self) {
+        self.address_switches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn address_switches(&self) -> u64 {
+        self.address_switches.load(Ordering::Relaxed)
     }
 
     pub fn set_protocol_version(&self, v: u16) {

@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub connected: bool,
     /// Seconds since central was last heard from (0 while connected); `None`: never heard.
     pub central_stale_secs: Option<u64>,
+    /// Times the agent moved to another of central's addresses.
+    pub central_address_switches: u64,
     pub writer_ops: u64,
     pub writer_commits: u64,
     pub writer_failed_groups: u64,
@@ -76,6 +78,7 @@ impl Snapshot {
             master_revision: marks.master_rev,
             connected: state.link.is_connected(),
             central_stale_secs: state.link.stale_secs(now_ms()),
+            central_address_switches: state.link.address_switches(),
             writer_ops: get(&stats.ops),
             writer_commits: get(&stats.commits),
             writer_failed_groups: get(&stats.failed_groups),
@@ -171,6 +174,12 @@ pub fn render(s: &Snapshot) -> String {
             ConstGauge::new(secs),
         );
     }
+    counter(
+        r,
+        "central_address_switches",
+        "Times the agent moved to another of central's addresses ([sync] central_addr)",
+        s.central_address_switches,
+    );
     counter(
         r,
         "writer_ops",
@@ -304,6 +313,7 @@ mod tests {
             master_revision: 42,
             connected: false,
             central_stale_secs: Some(12),
+            central_address_switches: 13,
             writer_ops: 11,
             writer_commits: 9,
             writer_failed_groups: 1,
@@ -337,6 +347,7 @@ mod tests {
             "outpost_agent_master_revision 42",
             "outpost_agent_link_connected 0",
             "outpost_agent_central_stale_seconds 12",
+            "outpost_agent_central_address_switches_total 13",
             "outpost_agent_writer_ops_total 11",
             "outpost_agent_writer_commits_total 9",
             "outpost_agent_writer_failed_groups_total 1",

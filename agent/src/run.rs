@@ -155,7 +155,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     tracing::info!(
         site.id = %settings.site_id,
         api = %api_addr,
-        central = %settings.sync.central_addr,
+        central = %settings.sync.central_addrs.join(","),
         store = %settings.store_path().display(),
         %clients,
         max_connections = settings.api.max_connections,

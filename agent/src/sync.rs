@@ -5,11 +5,13 @@
 //! allowance requests, heartbeats, certificate renewal) through the driver in `session`. I/O
 //! side: sockets, tasks and store calls.
 //!
+//! - `addrs`: which of central's addresses the next attempt goes to (pure);
 //! - `backoff`: reconnection timing (pure);
 //! - `clock`: whether the wall clock can be trusted (pure);
 //! - `renewal`: when a renewal is due (pure), and the key, request and install (blocking pool);
 //! - `session`: the driver of one session.
 
+pub mod addrs;
 pub mod backoff;
 pub mod clock;
 pub mod renewal;
@@ -35,6 +37,7 @@ use crate::store::{ReadError, Store, now_ms};
 use crate::tls::{self, CertInfo, TlsError};
 use crate::topup::AllowanceAsk;
 
+pub use addrs::{CentralAddrs, NextAttempt};
 pub use backoff::{ATTEMPT_RTTS, Backoff, MIN_ATTEMPT_TIMEOUT, attempt_timeout};
 pub use clock::{CLOCK_RECHECK, ClockUntrusted, TIME_FLOOR_UNIX, clock_sane};
 pub use outpost_protocol::session::agent::MAX_PENDING_ASKS;
@@ -160,6 +163,8 @@ pub struct SyncClient {
     site: String,
     store: Store,
     link: Arc<LinkState>,
+    /// Central's addresses and the one the next attempt goes to.
+    addrs: CentralAddrs,
     asks: mpsc::Receiver<AllowanceAsk>,
     /// False once every sender of `asks` is gone (the API stopped).
     asks_open: bool,
@@ -201,6 +206,9 @@ impl SyncClient {
         asks: mpsc::Receiver<AllowanceAsk>,
     ) -> Result<Self, TlsError> {
         let client_config = client_config(&settings)?;
+        let addrs = CentralAddrs::new(settings.central_addrs.clone()).ok_or_else(|| {
+            TlsError::Quic("no central address configured ([sync] central_addr)".into())
+        })?;
         let cert = tls::cert_info(&settings.cert).ok();
         link.update_certificate(|c| c.not_after = cert.as_ref().map(|c| c.not_after));
         Ok(SyncClient {
@@ -208,6 +216,7 @@ impl SyncClient {
             site,
             store,
             link,
+            addrs,
             asks,
             asks_open: true,
             client_config,
@@ -254,7 +263,9 @@ impl SyncClient {
                 }
             }
             let mut welcomed = false;
-            let span = tracing::info_span!("sync_session", site.id = %self.site, central = %self.settings.central_addr);
+            let addr = self.addrs.current().to_string();
+            self.link.set_central_addr(&addr);
+            let span = tracing::info_span!("sync_session", site.id = %self.site, central = %addr);
             let result = tokio::select! {
                 r = self.session(&mut welcomed).instrument(span) => Some(r),
                 _ = shutdown.changed() => None,
@@ -276,7 +287,15 @@ impl SyncClient {
                     log_failure(&e, welcomed, failures);
                 }
             }
-            let delay = backoff.next_delay(rand::random::<f64>());
+            let next = self.addrs.ended(welcomed);
+            if self.addrs.current() != addr {
+                self.link.address_switched();
+                tracing::info!(from = %addr, to = %self.addrs.current(), "trying another central address");
+            }
+            let delay = match next {
+                NextAttempt::BackOff => backoff.next_delay(rand::random::<f64>()),
+                NextAttempt::Soon => self.settings.backoff_initial.mul_f64(rand::random::<f64>()),
+            };
             tracing::debug!(
                 ?delay,
                 attempt = backoff.attempt(),
@@ -334,12 +353,12 @@ impl SyncClient {
     }
 
     async fn resolve(&self) -> Result<SocketAddr, SyncError> {
-        let addr = &self.settings.central_addr;
+        let addr = self.addrs.current();
         if let Ok(a) = addr.parse::<SocketAddr>() {
             return Ok(a);
         }
         let err = |detail: String| SyncError::Resolve {
-            addr: addr.clone(),
+            addr: addr.to_string(),
             detail,
         };
         let mut addrs = timeout(self.settings.connect_timeout, tokio::net::lookup_host(addr))

@@ -213,7 +213,8 @@ enum SitesCmd {
         /// Directory holding the fleet CA (ca.pem, ca.key).
         #[arg(long)]
         ca_dir: PathBuf,
-        /// Central's QUIC address as the site reaches it, host:port.
+        /// Central's QUIC address as the site reaches it, host:port; the nodes of one
+        /// central separated by commas, in the order the agent tries them.
         #[arg(long)]
         central_addr: String,
         /// The name in central's certificate.

@@ -87,9 +87,85 @@ pub fn valid_host_port(s: &str) -> bool {
     port_ok && host_ok
 }
 
+/// Most addresses `[sync] central_addr` may list.
+pub const MAX_CENTRAL_ADDRS: usize = 16;
+
+/// Why a list of central addresses is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CentralAddrsError {
+    #[error("is empty")]
+    Empty,
+    #[error("invalid socket address {0:?} (expected host:port or ip:port with a non-zero port)")]
+    Invalid(String),
+    #[error("lists {0:?} twice")]
+    Duplicate(String),
+    #[error("lists {0} addresses; at most {MAX_CENTRAL_ADDRS}")]
+    TooMany(usize),
+}
+
+/// Parses where a site reaches central: one address, or the nodes of one central separated by
+/// commas (`a.example:7601,b.example:7601`), in the order the agent tries them. Spaces around
+/// an address are ignored.
+pub fn parse_central_addrs(s: &str) -> Result<Vec<String>, CentralAddrsError> {
+    if s.trim().is_empty() {
+        return Err(CentralAddrsError::Empty);
+    }
+    let mut out: Vec<String> = Vec::new();
+    for part in s.split(',') {
+        let a = part.trim();
+        if !valid_host_port(a) {
+            return Err(CentralAddrsError::Invalid(a.to_string()));
+        }
+        if out.iter().any(|o| o == a) {
+            return Err(CentralAddrsError::Duplicate(a.to_string()));
+        }
+        out.push(a.to_string());
+    }
+    if out.len() > MAX_CENTRAL_ADDRS {
+        return Err(CentralAddrsError::TooMany(out.len()));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn central_addr_lists() {
+        assert_eq!(
+            parse_central_addrs("127.0.0.1:7601"),
+            Ok(vec!["127.0.0.1:7601".to_string()])
+        );
+        assert_eq!(
+            parse_central_addrs(" a.example:7601, b.example:7601 ,[::1]:9"),
+            Ok(vec![
+                "a.example:7601".to_string(),
+                "b.example:7601".to_string(),
+                "[::1]:9".to_string()
+            ])
+        );
+        assert_eq!(parse_central_addrs(" "), Err(CentralAddrsError::Empty));
+        assert_eq!(
+            parse_central_addrs("a:1,"),
+            Err(CentralAddrsError::Invalid(String::new()))
+        );
+        assert_eq!(
+            parse_central_addrs("a:1,b:0"),
+            Err(CentralAddrsError::Invalid("b:0".into()))
+        );
+        assert_eq!(
+            parse_central_addrs("a:1, a:1"),
+            Err(CentralAddrsError::Duplicate("a:1".into()))
+        );
+        let many: Vec<String> = (1..=MAX_CENTRAL_ADDRS + 1)
+            .map(|p| format!("h:{p}"))
+            .collect();
+        assert_eq!(
+            parse_central_addrs(&many.join(",")),
+            Err(CentralAddrsError::TooMany(MAX_CENTRAL_ADDRS + 1))
+        );
+    }
 
     #[test]
     fn site_ids() {

@@ -41,6 +41,10 @@ pub(crate) struct Health {
     api: serde_json::Value,
     /// Sync protocol version of the latest session with central (`None` before the first).
     protocol_version: Option<u16>,
+    /// The central address of the current or last connection attempt (one of
+    /// `[sync] central_addr`), and how often the agent moved to another one.
+    central_addr: Option<String>,
+    central_address_switches: u64,
     /// `trusted`, or `untrusted` with the reason: the agent does not connect to central (nor
     /// renew its certificate) while the wall clock is before a sane date.
     clock: serde_json::Value,
@@ -64,6 +68,8 @@ pub(crate) async fn health(
         stale_secs: s.link.stale_secs(now_ms()),
         api: counters.json(),
         protocol_version: s.link.protocol_version(),
+        central_addr: s.link.central_addr(),
+        central_address_switches: s.link.address_switches(),
         clock: match s.link.clock_untrusted() {
             None => json!({ "trusted": true }),
             Some(reason) => json!({ "trusted": false, "reason": reason }),

@@ -345,7 +345,10 @@ fn env_overrides_apply() {
     let pki = Pki::new();
     let path = write_config(dir.path(), &pki, "plant-1", "");
     let env: BTreeMap<String, String> = [
-        ("OUTPOST_SYNC__CENTRAL_ADDR", "127.0.0.1:9000"),
+        (
+            "OUTPOST_SYNC__CENTRAL_ADDR",
+            "127.0.0.1:9000, central-b.example:9000",
+        ),
         ("OUTPOST_SYNC__IDLE_TIMEOUT_MS", "5000"),
         ("OUTPOST_API__LISTEN", "127.0.0.1:7777"),
         ("OUTPOST_API__RATE_LIMIT_PER_SEC", "5"),
@@ -357,7 +360,10 @@ fn env_overrides_apply() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let s = load_with_env(&path, env).unwrap();
-    assert_eq!(s.sync.central_addr, "127.0.0.1:9000");
+    assert_eq!(
+        s.sync.central_addrs,
+        ["127.0.0.1:9000", "central-b.example:9000"]
+    );
     assert_eq!(s.sync.idle_timeout, Duration::from_millis(5000));
     assert_eq!(s.api.listen.port(), 7777);
     assert_eq!(s.api.clients.len(), 1);

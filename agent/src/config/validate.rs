@@ -58,8 +58,9 @@ pub struct ApiSettings {
 
 #[derive(Clone, Debug)]
 pub struct SyncSettings {
-    /// `ip:port` or `host:port`; a host name is resolved at each connection attempt.
-    pub central_addr: String,
+    /// Central's addresses (`ip:port` or `host:port`), in the order they are tried; a host name
+    /// is resolved at each connection attempt. Never empty.
+    pub central_addrs: Vec<String>,
     pub central_name: String,
     pub ca_cert: PathBuf,
     pub cert: PathBuf,
@@ -208,11 +209,8 @@ impl AgentConfig {
         let s = &self.sync;
         if s.central_addr.is_empty() {
             p.add("sync.central_addr", "is required");
-        } else if !outpost_protocol::identity::valid_host_port(&s.central_addr) {
-            p.add(
-                "sync.central_addr",
-                format!("invalid socket address {:?}", s.central_addr),
-            );
+        } else if let Err(e) = outpost_protocol::identity::parse_central_addrs(&s.central_addr) {
+            p.add("sync.central_addr", e.to_string());
         }
         if s.central_name.is_empty() {
             p.add("sync.central_name", "is required");
@@ -370,7 +368,8 @@ impl AgentConfig {
                         .expect("bounded by MAX_MAX_CONNECTIONS"),
                 },
                 sync: SyncSettings {
-                    central_addr: s.central_addr.clone(),
+                    central_addrs: outpost_protocol::identity::parse_central_addrs(&s.central_addr)
+                        .expect("checked above"),
                     central_name: s.central_name.clone(),
                     ca_cert: s.ca_cert.clone(),
                     cert: s.cert.clone(),

@@ -52,7 +52,7 @@ fn fake_central(pki: &Pki) -> quinn::Endpoint {
 fn settings(dir: &Path, pki: &Pki, central: SocketAddr) -> SyncSettings {
     pki.write_site_files(dir, "plant-1");
     SyncSettings {
-        central_addr: central.to_string(),
+        central_addrs: vec![central.to_string()],
         central_name: CENTRAL_NAME.into(),
         ca_cert: dir.join("ca.pem"),
         cert: dir.join("plant-1.pem"),

@@ -59,8 +59,8 @@ pub enum AddSiteError {
     SiteId(#[from] SiteIdError),
     #[error("--days must be 1..={MAX_SITE_CERT_DAYS}, got {0}")]
     Days(i64),
-    #[error("--central-addr must be host:port with a non-zero port, got {0:?}")]
-    CentralAddr(String),
+    #[error("--central-addr {0}")]
+    CentralAddr(#[from] outpost_protocol::identity::CentralAddrsError),
     #[error("--central-name must be a DNS name or an IP address, got {0:?}")]
     CentralName(String),
     #[error("{0} already exists (use --force to replace it)")]
@@ -200,9 +200,7 @@ pub fn add(opts: &AddSiteOptions) -> Result<AddedSite, AddSiteError> {
     if !(1..=MAX_SITE_CERT_DAYS).contains(&opts.days) {
         return Err(AddSiteError::Days(opts.days));
     }
-    if !outpost_protocol::identity::valid_host_port(&opts.central_addr) {
-        return Err(AddSiteError::CentralAddr(opts.central_addr.clone()));
-    }
+    outpost_protocol::identity::parse_central_addrs(&opts.central_addr)?;
     if rustls::pki_types::ServerName::try_from(opts.central_name.as_str()).is_err() {
         return Err(AddSiteError::CentralName(opts.central_name.clone()));
     }
@@ -283,7 +281,10 @@ mod tests {
     fn writes_an_owner_only_bundle_and_refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         certs::create_ca(dir.path(), false).unwrap();
-        let o = opts(dir.path());
+        let o = AddSiteOptions {
+            central_addr: "central.example.net:7601,10.99.0.5:7601".into(),
+            ..opts(dir.path())
+        };
         let added = add(&o).unwrap();
         let mode = std::fs::metadata(&o.out).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -291,6 +292,7 @@ mod tests {
         assert_eq!(t["format_version"].as_integer(), Some(1));
         assert_eq!(t["site_id"].as_str(), Some("plant-9"));
         assert_eq!(t["not_after"].as_str(), Some(added.not_after.as_str()));
+        assert_eq!(t["central_addr"].as_str(), Some(o.central_addr.as_str()));
         for k in [
             "central_addr",
             "central_name",
@@ -357,6 +359,13 @@ mod tests {
                     ..o.clone()
                 },
                 "--central-addr",
+            ),
+            (
+                AddSiteOptions {
+                    central_addr: "a.example:7601,a.example:7601".into(),
+                    ..o.clone()
+                },
+                "twice",
             ),
             (
                 AddSiteOptions {
