@@ -1,5 +1,6 @@
 //! Outpost central coordinator library: configuration, the durable store, the allowance ledger
-//! policy and business checks (pure), the ERP/operator HTTP API, the fleet dashboard page, the
+//! policy and business checks (pure), the event log's interface and its PostgreSQL store, the
+//! ERP/operator HTTP API, the fleet dashboard page, the
 //! QUIC sync server and fleet certificates. The binary (`main.rs`) adds the tools that are clients
 //! of the server: the operator CLI, the dev fleet tooling and the traffic simulator.
 
@@ -11,6 +12,7 @@ pub mod config;
 pub mod dashboard;
 pub mod drill;
 pub mod drill_driver;
+pub mod event_log;
 pub mod fleet;
 pub mod fleet_health;
 pub mod health;
@@ -18,6 +20,7 @@ pub mod ledger;
 pub mod memory;
 pub mod metrics;
 pub mod paths;
+pub mod pg;
 pub mod quic;
 pub mod registry;
 pub mod renewal;

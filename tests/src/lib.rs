@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
 pub mod bench;
+pub mod pg;
 pub mod proxy;
 pub mod quic_client;
 

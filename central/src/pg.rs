@@ -1,0 +1,196 @@
+//! Central's store on PostgreSQL, for running several central nodes on one database: the event
+//! log (uploads, the feed and its sequencer) and the escrow of allowances. Every guarantee is
+//! one local transaction of the database, so any node may serve any site:
+//!
+//! - an upload locks the site's row (`SELECT … FOR UPDATE`), plans the batch against the mark
+//!   with the same pure `plan_ingest` as the embedded store, inserts the new events (one
+//!   `unnest` insert) and moves the mark, in one transaction: concurrent uploads of one site
+//!   from several nodes are serialized, a re-upload is stored once;
+//! - feed positions are assigned after commit by one sequencer at a time (`feed`): rows commit
+//!   out of id order, so paging by the insert id could skip a row; paging by the position never
+//!   does;
+//! - a grant is a conditional update of the pool's row in the same transaction as the site's
+//!   holding (`escrow`): the sum of grants never exceeds the pool, whichever nodes grant.
+//!
+//! Schema versions are applied in order under an advisory lock (`schema`); a database this build
+//! does not know, a server older than PostgreSQL 13, a read-only server and an unreachable one
+//! are each refused at open with their own error. The pool is bounded and every statement has a
+//! timeout.
+//!
+//! Not yet behind this backend: master data, orders and the ledger's policy, exceptions, dead
+//! letters, reports, drills, alerts and the fleet view. `outpost-central run` serves the
+//! embedded store only; docs/store.md says where this backend stands.
+
+pub mod escrow;
+pub mod feed;
+pub mod schema;
+mod upload;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::Notify;
+use tokio_postgres::NoTls;
+
+pub use feed::Sequencer;
+
+/// Oldest server this store runs on (`server_version_num`).
+pub const MIN_SERVER_VERSION: i32 = 130_000;
+
+/// How to reach the database and how much of it to use.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// A libpq URL; several hosts (`postgresql://u@h1:5432,h2:5432/db`) are tried in turn, and
+    /// `target_session_attrs=read-write` finds the primary after a failover.
+    pub url: String,
+    /// Most connections this node holds.
+    pub pool_size: usize,
+    /// Limit on each statement (`statement_timeout`), and on waiting for a connection.
+    pub statement_timeout: Duration,
+    /// Limit on opening one connection.
+    pub connect_timeout: Duration,
+}
+
+impl PgOptions {
+    pub fn new(url: &str) -> Self {
+        PgOptions {
+            url: url.to_string(),
+            pool_size: 16,
+            statement_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgOpenError {
+    #[error("invalid PostgreSQL URL: {0}")]
+    Url(String),
+    #[error("pool size must be 1..=1000, got {0}")]
+    PoolSize(usize),
+    #[error("cannot reach PostgreSQL: {0}")]
+    Unreachable(String),
+    #[error(
+        "the PostgreSQL server is version {found}; Outpost needs {MIN_SERVER_VERSION} or newer"
+    )]
+    ServerTooOld { found: i32 },
+    #[error(
+        "the PostgreSQL server is read-only (a standby, or default_transaction_read_only); point \
+         central at the primary, or add target_session_attrs=read-write to the URL"
+    )]
+    ReadOnly,
+    #[error(
+        "the database has Outpost schema version {found}; this build knows up to {known}: upgrade \
+         central before using this database"
+    )]
+    SchemaTooNew { found: i32, known: i32 },
+    #[error("cannot migrate the database schema: {0}")]
+    Migrate(String),
+}
+
+/// A database error, in words for logs and refusals.
+#[derive(Debug, thiserror::Error)]
+#[error("PostgreSQL: {0}")]
+pub struct PgError(pub String);
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The database's own message (with its SQLSTATE) says more than the client's summary.
+        match e.as_db_error() {
+            Some(db) => PgError(format!("{} ({})", db.message(), db.code().code())),
+            None => PgError(e.to_string()),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for PgError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        PgError(format!("no database connection: {e}"))
+    }
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    /// Woken by each local upload, so the sequencer runs at once instead of at its next poll.
+    uploaded: Arc<Notify>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+impl PgStore {
+    /// Connects, checks the server (reachable, new enough, writable) and brings the schema to
+    /// this build's version.
+    pub async fn open(opts: &PgOptions) -> Result<PgStore, PgOpenError> {
+        if !(1..=1000).contains(&opts.pool_size) {
+            return Err(PgOpenError::PoolSize(opts.pool_size));
+        }
+        let mut cfg: tokio_postgres::Config = opts
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| PgOpenError::Url(e.to_string()))?;
+        cfg.connect_timeout(opts.connect_timeout);
+        cfg.application_name("outpost-central");
+        cfg.options(format!(
+            "-c statement_timeout={} -c lock_timeout={}",
+            opts.statement_timeout.as_millis(),
+            opts.statement_timeout.as_millis()
+        ));
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(opts.pool_size)
+            .wait_timeout(Some(opts.statement_timeout))
+            .create_timeout(Some(opts.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| PgOpenError::Url(e.to_string()))?;
+        let mut client = pool
+            .get()
+            .await
+            .map_err(|e| PgOpenError::Unreachable(e.to_string()))?;
+        let row = client
+            .query_one(
+                "SELECT current_setting('server_version_num')::int, \
+                 current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery()",
+                &[],
+            )
+            .await
+            .map_err(|e| PgOpenError::Unreachable(PgError::from(e).0))?;
+        let (version, read_only): (i32, bool) = (row.get(0), row.get(1));
+        if version < MIN_SERVER_VERSION {
+            return Err(PgOpenError::ServerTooOld { found: version });
+        }
+        if read_only {
+            return Err(PgOpenError::ReadOnly);
+        }
+        schema::migrate(&mut client).await?;
+        drop(client);
+        Ok(PgStore {
+            pool,
+            uploaded: Arc::new(Notify::new()),
+        })
+    }
+
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Connections open and idle, and the bound.
+    pub fn pool_status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
+    }
+}

@@ -1,0 +1,94 @@
+//! Versioned schema of the PostgreSQL store. Each version is one SQL script; the missing ones
+//! are applied in order in one transaction under an advisory lock, so that several central
+//! nodes starting at once migrate the database exactly once, and a failed migration leaves it
+//! as it was. `outpost_schema` holds the version; a database at a
+//! version this build does not know is refused, never touched.
+
+use super::PgOpenError;
+
+/// Key of the advisory lock held while migrating.
+const MIGRATE_LOCK: i64 = 7_601_001;
+
+/// Version `i + 1` is `MIGRATIONS[i]`.
+const MIGRATIONS: &[&str] = &[
+    // 1: sites and their marks, the event log with post-commit feed positions, the feed's head,
+    //    allowance pools and each site's holding of them.
+    r#"
+    CREATE TABLE sites (
+        site        text PRIMARY KEY,
+        hwm         bigint NOT NULL DEFAULT 0 CHECK (hwm >= 0),
+        last_seen_ms bigint NOT NULL DEFAULT 0
+    );
+    CREATE TABLE events (
+        id          bigserial PRIMARY KEY,
+        site        text NOT NULL REFERENCES sites (site),
+        seq         bigint NOT NULL CHECK (seq > 0),
+        event_id    text NOT NULL,
+        at_ms       bigint NOT NULL,
+        body_schema smallint NOT NULL,
+        body        bytea NOT NULL,
+        trace_id    text NOT NULL,
+        received_ms bigint NOT NULL,
+        feed_pos    bigint UNIQUE,
+        UNIQUE (site, seq)
+    );
+    CREATE INDEX events_unsequenced ON events (id) WHERE feed_pos IS NULL;
+    CREATE TABLE feed_head (
+        id  int PRIMARY KEY CHECK (id = 1),
+        pos bigint NOT NULL
+    );
+    INSERT INTO feed_head VALUES (1, 0);
+    CREATE TABLE pools (
+        pool    text PRIMARY KEY,
+        total   bigint NOT NULL CHECK (total >= 0),
+        granted bigint NOT NULL DEFAULT 0 CHECK (granted >= 0)
+    );
+    CREATE TABLE holdings (
+        pool text NOT NULL REFERENCES pools (pool),
+        site text NOT NULL,
+        held bigint NOT NULL CHECK (held >= 0),
+        PRIMARY KEY (pool, site)
+    );
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Brings the database to `SCHEMA_VERSION`, or refuses one that is newer.
+pub(crate) async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), PgOpenError> {
+    let err = |e: tokio_postgres::Error| PgOpenError::Migrate(super::PgError::from(e).0);
+    let txn = client.transaction().await.map_err(err)?;
+    txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(err)?;
+    txn.batch_execute(
+        "CREATE TABLE IF NOT EXISTS outpost_schema (
+            id int PRIMARY KEY CHECK (id = 1),
+            version int NOT NULL
+        );
+        INSERT INTO outpost_schema VALUES (1, 0) ON CONFLICT (id) DO NOTHING;",
+    )
+    .await
+    .map_err(err)?;
+    let found: i32 = txn
+        .query_one("SELECT version FROM outpost_schema WHERE id = 1", &[])
+        .await
+        .map_err(err)?
+        .get(0);
+    if found > SCHEMA_VERSION {
+        return Err(PgOpenError::SchemaTooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, script) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        txn.batch_execute(script).await.map_err(err)?;
+        let v = i as i32 + 1;
+        txn.execute("UPDATE outpost_schema SET version = $1 WHERE id = 1", &[&v])
+            .await
+            .map_err(err)?;
+    }
+    txn.commit().await.map_err(err)?;
+    Ok(())
+}

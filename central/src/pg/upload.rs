@@ -1,0 +1,120 @@
+//! Uploads: a site's batch stored and its mark moved in one transaction, under the site's row
+//! lock.
+
+use outpost_protocol::EventEnvelope;
+use outpost_protocol::session::plan_ingest;
+
+use super::{PgError, PgStore};
+use crate::event_log::{EventLog, FeedEntry, LogReadError, UploadError, Uploaded};
+use crate::store::now_ms;
+
+impl From<PgError> for UploadError {
+    fn from(e: PgError) -> Self {
+        UploadError::Unavailable(e.0)
+    }
+}
+
+impl From<PgError> for LogReadError {
+    fn from(e: PgError) -> Self {
+        LogReadError(e.0)
+    }
+}
+
+fn seq_i64(seq: u64) -> Result<i64, UploadError> {
+    i64::try_from(seq).map_err(|_| UploadError::Unavailable(format!("seq {seq} is out of range")))
+}
+
+impl PgStore {
+    async fn upload_batch(
+        &self,
+        site: &str,
+        events: &[EventEnvelope],
+    ) -> Result<Uploaded, UploadError> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await.map_err(PgError::from)?;
+        let now = now_ms();
+        txn.execute(
+            "INSERT INTO sites (site, last_seen_ms) VALUES ($1, $2) ON CONFLICT (site) DO NOTHING",
+            &[&site, &now],
+        )
+        .await
+        .map_err(PgError::from)?;
+        // Serializes uploads of this site across nodes: a second one waits here, then plans
+        // against the mark the first one committed.
+        let hwm: i64 = txn
+            .query_one("SELECT hwm FROM sites WHERE site = $1 FOR UPDATE", &[&site])
+            .await
+            .map_err(PgError::from)?
+            .get(0);
+        let hwm = u64::try_from(hwm).unwrap_or(0);
+        let plan = plan_ingest(site, hwm, events)?;
+        let new = &events[plan.duplicates..];
+        if !new.is_empty() {
+            let mut seqs = Vec::with_capacity(new.len());
+            let mut ids = Vec::with_capacity(new.len());
+            let mut ats = Vec::with_capacity(new.len());
+            let mut schemas = Vec::with_capacity(new.len());
+            let mut bodies: Vec<&[u8]> = Vec::with_capacity(new.len());
+            let mut traces = Vec::with_capacity(new.len());
+            for e in new {
+                seqs.push(seq_i64(e.seq)?);
+                ids.push(e.event_id.as_str());
+                ats.push(e.at_ms);
+                schemas.push(i16::try_from(e.schema).unwrap_or(i16::MAX));
+                bodies.push(&e.body);
+                traces.push(e.trace_id.as_str());
+            }
+            txn.execute(
+                "INSERT INTO events (site, seq, event_id, at_ms, body_schema, body, trace_id, \
+                 received_ms) \
+                 SELECT $1, s, i, a, sc, b, t, $8 \
+                 FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::smallint[], \
+                 $6::bytea[], $7::text[]) AS u(s, i, a, sc, b, t)",
+                &[&site, &seqs, &ids, &ats, &schemas, &bodies, &traces, &now],
+            )
+            .await
+            .map_err(PgError::from)?;
+        }
+        let new_hwm = seq_i64(plan.new_hwm)?;
+        txn.execute(
+            "UPDATE sites SET hwm = $2, last_seen_ms = $3 WHERE site = $1",
+            &[&site, &new_hwm, &now],
+        )
+        .await
+        .map_err(PgError::from)?;
+        txn.commit().await.map_err(PgError::from)?;
+        if !new.is_empty() {
+            self.uploaded.notify_one();
+        }
+        Ok(Uploaded {
+            duplicates: plan.duplicates,
+            stored: new.len(),
+            new_hwm: plan.new_hwm,
+        })
+    }
+}
+
+impl EventLog for PgStore {
+    async fn upload(
+        &self,
+        site: &str,
+        events: Vec<EventEnvelope>,
+    ) -> Result<Uploaded, UploadError> {
+        self.upload_batch(site, &events).await
+    }
+
+    async fn site_hwm(&self, site: &str) -> Result<u64, LogReadError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT hwm FROM sites WHERE site = $1", &[&site])
+            .await
+            .map_err(PgError::from)?;
+        Ok(row
+            .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))
+            .unwrap_or(0))
+    }
+
+    async fn feed_after(&self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, LogReadError> {
+        self.feed_page(after, limit).await
+    }
+}

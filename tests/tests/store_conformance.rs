@@ -1,0 +1,301 @@
+//! One conformance suite for central's event log (`outpost_central::event_log::EventLog`), run
+//! against both stores: the embedded redb store and the PostgreSQL store on a private cluster
+//! started in a temp directory. Each test states the contract, then runs the same body on each.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use outpost_central::event_log::{EventLog, FeedEntry, UploadError};
+use outpost_central::pg::{PgOptions, PgStore, Sequencer};
+use outpost_central::store::Store;
+use outpost_protocol::session::IngestError;
+use outpost_protocol::{EventBody, EventEnvelope, Milestone, MilestoneKind};
+use outpost_tests::pg::PgCluster;
+use tokio::sync::watch;
+
+/// Patience for the feed to show what was uploaded (the PostgreSQL sequencer numbers events
+/// within about 50 ms of their commit).
+const FEED_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn ev(site: &str, seq: u64) -> EventEnvelope {
+    EventEnvelope::new(
+        site,
+        seq,
+        &format!("{site}-e{seq}"),
+        1_700_000_000_000 + seq as i64,
+        &EventBody::Milestone(Milestone {
+            shipment_id: format!("SH-{site}"),
+            milestone: MilestoneKind::Picked,
+            scanner_id: "scan-1".into(),
+            at: "2026-01-01T00:00:00Z".into(),
+        }),
+    )
+}
+
+fn batch(site: &str, seqs: std::ops::RangeInclusive<u64>) -> Vec<EventEnvelope> {
+    seqs.map(|s| ev(site, s)).collect()
+}
+
+/// Reads the whole feed in pages of `page`, until it holds `want` events or the time is up.
+async fn read_feed<L: EventLog>(log: &L, want: usize, page: usize) -> Result<Vec<FeedEntry>> {
+    let deadline = Instant::now() + FEED_TIMEOUT;
+    let mut out: Vec<FeedEntry> = Vec::new();
+    loop {
+        let after = out.last().map_or(0, |e| e.pos);
+        let rows = log.feed_after(after, page).await?;
+        let got = rows.len();
+        out.extend(rows);
+        if out.len() >= want {
+            return Ok(out);
+        }
+        if got == 0 {
+            if Instant::now() > deadline {
+                bail!("the feed holds {} events, expected {want}", out.len());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Every (site, seq) in `feed` once, positions strictly increasing.
+fn check_feed(feed: &[FeedEntry], want: &BTreeMap<String, u64>) -> Result<()> {
+    let mut seen = HashSet::new();
+    for w in feed.windows(2) {
+        ensure!(
+            w[0].pos < w[1].pos,
+            "positions not increasing: {} then {}",
+            w[0].pos,
+            w[1].pos
+        );
+    }
+    for e in feed {
+        ensure!(
+            seen.insert((e.event.site.clone(), e.event.seq)),
+            "{} seq {} twice in the feed",
+            e.event.site,
+            e.event.seq
+        );
+        ensure!(e.event.event_id == format!("{}-e{}", e.event.site, e.event.seq));
+    }
+    let total: u64 = want.values().sum();
+    ensure!(
+        seen.len() as u64 == total,
+        "feed holds {} events, expected {total}",
+        seen.len()
+    );
+    for (site, n) in want {
+        for seq in 1..=*n {
+            ensure!(
+                seen.contains(&(site.clone(), seq)),
+                "{site} seq {seq} missing"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A store of each kind, for one test.
+enum Backend {
+    Redb {
+        store: Store,
+        _dir: tempfile::TempDir,
+    },
+    Pg {
+        store: PgStore,
+        _sequencer: Sequencer,
+        _stop: watch::Sender<bool>,
+        _cluster: PgCluster,
+    },
+}
+
+async fn backends(what: &str) -> Result<Vec<Backend>> {
+    let dir = tempfile::tempdir()?;
+    let redb = Store::open(&dir.path().join("central.redb"))?;
+    let mut out = vec![Backend::Redb {
+        store: redb,
+        _dir: dir,
+    }];
+    if let Some(cluster) = PgCluster::start(what)? {
+        let store = PgStore::open(&PgOptions::new(&cluster.url())).await?;
+        let (stop, stopped) = watch::channel(false);
+        let seq = store.spawn_sequencer(stopped);
+        out.push(Backend::Pg {
+            store,
+            _sequencer: seq,
+            _stop: stop,
+            _cluster: cluster,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs `body` on each backend, naming the one that failed.
+macro_rules! on_each {
+    ($what:expr, |$log:ident| $body:expr) => {{
+        for b in backends($what).await? {
+            match &b {
+                Backend::Redb { store: s, .. } => {
+                    let $log = s.clone();
+                    $body.await.context("redb store")?;
+                    println!("{}: redb ok", $what);
+                }
+                Backend::Pg { store: s, .. } => {
+                    let $log = s.clone();
+                    $body.await.context("PostgreSQL store")?;
+                    println!("{}: PostgreSQL ok", $what);
+                }
+            }
+            if let Backend::Redb { store: s, .. } = b {
+                s.close().await;
+            }
+        }
+        Ok(())
+    }};
+}
+
+/// Goal: an upload stores its events and moves the mark together; a re-upload after a lost ack
+/// stores nothing twice, and a batch that overlaps the mark stores only its new tail.
+async fn reupload<L: EventLog>(log: L) -> Result<()> {
+    let a = log.upload("plant-1", batch("plant-1", 1..=5)).await?;
+    ensure!((a.duplicates, a.stored, a.new_hwm) == (0, 5, 5), "{a:?}");
+    let b = log.upload("plant-1", batch("plant-1", 1..=5)).await?;
+    ensure!((b.duplicates, b.stored, b.new_hwm) == (5, 0, 5), "{b:?}");
+    let c = log.upload("plant-1", batch("plant-1", 4..=8)).await?;
+    ensure!((c.duplicates, c.stored, c.new_hwm) == (2, 3, 8), "{c:?}");
+    ensure!(log.site_hwm("plant-1").await? == 8);
+    ensure!(log.site_hwm("never-seen").await? == 0);
+    let feed = read_feed(&log, 8, 3).await?;
+    check_feed(&feed, &BTreeMap::from([("plant-1".to_string(), 8)]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reupload_is_stored_once() -> Result<()> {
+    on_each!("a re-upload is stored once", |log| reupload(log))
+}
+
+/// Goal: a batch with a gap or another site's event is refused whole, and changes nothing.
+async fn refusals<L: EventLog>(log: L) -> Result<()> {
+    log.upload("plant-1", batch("plant-1", 1..=3)).await?;
+    match log.upload("plant-1", batch("plant-1", 5..=6)).await {
+        Err(UploadError::Plan(IngestError::Gap {
+            expected: 4,
+            got: 5,
+        })) => {}
+        other => bail!("a gap must be refused: {other:?}"),
+    }
+    let mut foreign = batch("plant-1", 4..=5);
+    foreign[1].site = "plant-2".into();
+    match log.upload("plant-1", foreign).await {
+        Err(UploadError::Plan(IngestError::ForeignSite { .. })) => {}
+        other => bail!("another site's event must be refused: {other:?}"),
+    }
+    ensure!(log.site_hwm("plant-1").await? == 3);
+    ensure!(log.site_hwm("plant-2").await? == 0);
+    // The batch after the refused ones continues at the mark.
+    let ok = log.upload("plant-1", batch("plant-1", 4..=4)).await?;
+    ensure!(ok.new_hwm == 4);
+    let feed = read_feed(&log, 4, 100).await?;
+    let after = log
+        .feed_after(feed.last().map_or(0, |e| e.pos), 100)
+        .await?;
+    ensure!(after.is_empty(), "nothing beyond the 4 events: {after:?}");
+    check_feed(&feed, &BTreeMap::from([("plant-1".to_string(), 4)]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_batches_change_nothing() -> Result<()> {
+    on_each!("refused batches change nothing", |log| refusals(log))
+}
+
+/// Goal: uploads of one site racing each other (a site reconnected to another node while its
+/// old session still commits) are serialized: each event is stored once, the mark ends at the
+/// last seq. Method: 6 tasks upload overlapping prefixes of one site's 300 events at once.
+async fn racing_uploads<L: EventLog + Clone + 'static>(log: L) -> Result<()> {
+    let mut tasks = Vec::new();
+    for t in 0..6u64 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stored = 0;
+            for end in [50 + t * 10, 150 + t * 20, 300] {
+                let start = end.saturating_sub(120).max(1);
+                // A batch must continue at the mark or overlap it: re-read the mark and upload
+                // from there when the planned start is past it.
+                let hwm = log.site_hwm("plant-1").await?;
+                let from = start.min(hwm + 1);
+                // The mark only moves forward, so the batch still overlaps or continues it.
+                stored += log
+                    .upload("plant-1", batch("plant-1", from..=end))
+                    .await?
+                    .stored;
+            }
+            Ok::<usize, anyhow::Error>(stored)
+        }));
+    }
+    let mut stored = 0;
+    for t in tasks {
+        stored += t.await??;
+    }
+    let hwm = log.site_hwm("plant-1").await?;
+    let feed = read_feed(&log, hwm as usize, 1000).await?;
+    ensure!(
+        stored as u64 == hwm,
+        "tasks stored {stored} events, the mark is {hwm}"
+    );
+    ensure!(hwm >= 200, "the last uploads reach far: mark {hwm}");
+    check_feed(&feed, &BTreeMap::from([("plant-1".to_string(), hwm)]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_uploads_of_one_site_store_each_event_once() -> Result<()> {
+    on_each!("racing uploads of one site", |log| racing_uploads(log))
+}
+
+/// Goal: a reader paging through the feed while many sites upload at once never skips an event
+/// and never sees one twice, though transactions commit out of order. Method: 8 sites upload
+/// 30 batches of 25 events each concurrently; a reader pages with a small page from the start
+/// meanwhile, until it holds all 6,000.
+async fn no_skips<L: EventLog + Clone + 'static>(log: L) -> Result<()> {
+    const SITES: u64 = 8;
+    const BATCHES: u64 = 30;
+    const PER: u64 = 25;
+    let want = (SITES * BATCHES * PER) as usize;
+    let reader = {
+        let log = log.clone();
+        tokio::spawn(async move { read_feed(&log, want, 37).await })
+    };
+    let mut writers = Vec::new();
+    for s in 0..SITES {
+        let log = log.clone();
+        writers.push(tokio::spawn(async move {
+            let site = format!("site-{s}");
+            for b in 0..BATCHES {
+                let first = b * PER + 1;
+                log.upload(&site, batch(&site, first..=first + PER - 1))
+                    .await?;
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+    let feed = reader.await??;
+    let expect: BTreeMap<String, u64> = (0..SITES)
+        .map(|s| (format!("site-{s}"), BATCHES * PER))
+        .collect();
+    check_feed(&feed, &expect)?;
+    // Positions are dense: what a reader paged is exactly 1..=want.
+    ensure!(
+        feed.first().map(|e| e.pos) == Some(1) && feed.last().map(|e| e.pos) == Some(want as u64),
+        "positions run from {:?} to {:?}",
+        feed.first().map(|e| e.pos),
+        feed.last().map(|e| e.pos)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_never_skips_an_event_committed_out_of_order() -> Result<()> {
+    on_each!("a reader never skips an event", |log| no_skips(log))
+}
