@@ -94,19 +94,38 @@ pub enum PgOpenError {
 #[error("PostgreSQL: {0}")]
 pub struct PgError(pub String);
 
+/// A client error in words: the database's own message with its SQLSTATE, or the client's
+/// summary followed by its cause ("error connecting to server: Connection refused").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
 impl From<tokio_postgres::Error> for PgError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // The database's own message (with its SQLSTATE) says more than the client's summary.
-        match e.as_db_error() {
-            Some(db) => PgError(format!("{} ({})", db.message(), db.code().code())),
-            None => PgError(e.to_string()),
+        PgError(describe(&e))
+    }
+}
+
+/// A pool error in words, with the connection error behind it.
+fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => describe(e),
+        deadpool_postgres::PoolError::Timeout(_) => {
+            "timed out waiting for a database connection".to_string()
         }
+        other => other.to_string(),
     }
 }
 
 impl From<deadpool_postgres::PoolError> for PgError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        PgError(format!("no database connection: {e}"))
+        PgError(format!("no database connection: {}", describe_pool(&e)))
     }
 }
 
@@ -161,7 +180,7 @@ impl PgStore {
         let mut client = pool
             .get()
             .await
-            .map_err(|e| PgOpenError::Unreachable(e.to_string()))?;
+            .map_err(|e| PgOpenError::Unreachable(describe_pool(&e)))?;
         let row = client
             .query_one(
                 "SELECT current_setting('server_version_num')::int, \

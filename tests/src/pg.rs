@@ -188,6 +188,76 @@ impl PgCluster {
         Ok(self.url_for(db))
     }
 
+    /// A streaming standby of `primary` (`pg_basebackup -R -X stream -c fast`), started on its
+    /// own port. Make it synchronous on the primary with `synchronous_standby_names` once it
+    /// runs.
+    pub fn standby_of(primary: &PgCluster) -> Result<PgCluster> {
+        let dir = tempfile::Builder::new().prefix("outpost-pg").tempdir()?;
+        if primary.as_postgres {
+            chown_postgres(dir.path())?;
+        }
+        let c = PgCluster {
+            bindir: primary.bindir.clone(),
+            data: dir.path().join("data"),
+            as_postgres: primary.as_postgres,
+            port: free_port()?,
+            _dir: dir,
+        };
+        let out = c
+            .command("pg_basebackup")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                PG_USER,
+            ])
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync", "-D"])
+            .arg(&c.data)
+            .output()
+            .context("running pg_basebackup")?;
+        if !out.status.success() {
+            bail!(
+                "pg_basebackup failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        c.pg_ctl_start()?;
+        Ok(c)
+    }
+
+    /// SIGKILL of the postmaster (its children notice and exit): the machine is gone.
+    pub fn kill9(&self) -> Result<()> {
+        let pid_file = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .context("reading postmaster.pid")?;
+        let pid = pid_file
+            .lines()
+            .next()
+            .context("postmaster.pid is empty")?
+            .trim();
+        let st = Command::new("kill").args(["-9", pid]).status()?;
+        if !st.success() {
+            bail!("kill -9 {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote`, waiting for it).
+    pub fn promote(&self) -> Result<()> {
+        let out = self
+            .command("pg_ctl")
+            .args(["-w", "-D"])
+            .arg(&self.data)
+            .arg("promote")
+            .output()?;
+        if !out.status.success() {
+            bail!("pg_ctl promote: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     /// Stops the server at once (no checkpoint), as a crash would.
     pub fn stop_immediate(&self) -> Result<()> {
         let out = self

@@ -98,6 +98,14 @@ impl PgStore {
         }
         let mut client = self.client().await?;
         let txn = client.transaction().await.map_err(PgError::from)?;
+        // Locks in the order grants take them, pool then holding, so the two never deadlock.
+        if txn
+            .query_opt("SELECT 1 FROM pools WHERE pool = $1 FOR UPDATE", &[&pool])
+            .await?
+            .is_none()
+        {
+            return Err(EscrowError::NoPool(pool.to_string()));
+        }
         let held: Option<i64> = txn
             .query_opt(
                 "SELECT held FROM holdings WHERE pool = $1 AND site = $2 FOR UPDATE",

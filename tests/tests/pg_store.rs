@@ -1,0 +1,450 @@
+//! Central's PostgreSQL store against real PostgreSQL servers started in temp directories: what
+//! it refuses at open, escrow with three nodes granting at once, an acknowledged upload through
+//! a crash of the server, uploads while the database is down, and a failover from a primary
+//! SIGKILLed to its synchronous standby promoted.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use outpost_central::event_log::{EventLog, UploadError};
+use outpost_central::pg::schema::SCHEMA_VERSION;
+use outpost_central::pg::{PgOpenError, PgOptions, PgStore};
+use outpost_protocol::{EventBody, EventEnvelope, Milestone, MilestoneKind};
+use outpost_tests::pg::PgCluster;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
+
+fn ev(site: &str, seq: u64) -> EventEnvelope {
+    EventEnvelope::new(
+        site,
+        seq,
+        &format!("{site}-e{seq}"),
+        1_700_000_000_000 + seq as i64,
+        &EventBody::Milestone(Milestone {
+            shipment_id: format!("SH-{site}"),
+            milestone: MilestoneKind::Picked,
+            scanner_id: "scan-1".into(),
+            at: "2026-01-01T00:00:00Z".into(),
+        }),
+    )
+}
+
+fn batch(site: &str, seqs: std::ops::RangeInclusive<u64>) -> Vec<EventEnvelope> {
+    seqs.map(|s| ev(site, s)).collect()
+}
+
+/// Options with short limits, so a test of a dead server does not wait long.
+fn opts(url: &str) -> PgOptions {
+    PgOptions {
+        connect_timeout: Duration::from_secs(2),
+        statement_timeout: Duration::from_secs(5),
+        pool_size: 8,
+        ..PgOptions::new(url)
+    }
+}
+
+async fn sql(url: &str, stmts: &str) -> Result<()> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(conn);
+    client.batch_execute(stmts).await?;
+    drop(client);
+    let _ = task.await;
+    Ok(())
+}
+
+/// Reads the feed until it holds `want` events (the sequencer numbers them after commit).
+async fn feed_ids(store: &PgStore, want: usize) -> Result<BTreeMap<(String, u64), usize>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut counts = BTreeMap::new();
+        let mut after = 0;
+        loop {
+            let page = store.feed_after(after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.pos;
+            for e in &page {
+                *counts
+                    .entry((e.event.site.clone(), e.event.seq))
+                    .or_insert(0) += 1;
+            }
+        }
+        let total: usize = counts.values().sum();
+        if total >= want || Instant::now() > deadline {
+            return Ok(counts);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Goal: a database central cannot use is refused at open with an error that says why, and
+/// changes nothing; three nodes opening a fresh database at once migrate it once. Method: a URL
+/// that does not parse, a port where nothing listens, a database made read-only, a database
+/// whose schema version is from a newer build, and three concurrent opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_refuses_what_it_cannot_use() -> Result<()> {
+    let Some(pg) = PgCluster::start("PostgreSQL store: open refusals")? else {
+        return Ok(());
+    };
+    match PgStore::open(&opts("postgresql://u@127.0.0.1:notaport/db")).await {
+        Err(PgOpenError::Url(_)) => {}
+        other => bail!("a bad URL must be refused as such: {other:?}"),
+    }
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let t = Instant::now();
+    match PgStore::open(&opts(&format!(
+        "postgresql://outpost@127.0.0.1:{dead}/postgres"
+    )))
+    .await
+    {
+        Err(e @ PgOpenError::Unreachable(_)) => {
+            println!("unreachable: {e} ({:?})", t.elapsed());
+            ensure!(e.to_string().starts_with("cannot reach PostgreSQL"));
+        }
+        other => bail!("a dead server must be refused as unreachable: {other:?}"),
+    }
+
+    let ro = pg.create_db("ro")?;
+    sql(
+        &pg.url(),
+        "ALTER DATABASE ro SET default_transaction_read_only = on",
+    )
+    .await?;
+    match PgStore::open(&opts(&ro)).await {
+        Err(e @ PgOpenError::ReadOnly) => println!("read-only: {e}"),
+        other => bail!("a read-only database must be refused: {other:?}"),
+    }
+
+    let newer = pg.create_db("newer")?;
+    PgStore::open(&opts(&newer)).await?;
+    sql(&newer, "UPDATE outpost_schema SET version = 99").await?;
+    match PgStore::open(&opts(&newer)).await {
+        Err(e @ PgOpenError::SchemaTooNew { found: 99, .. }) => println!("too new: {e}"),
+        other => bail!("a newer schema must be refused: {other:?}"),
+    }
+
+    let fresh = pg.create_db("fresh")?;
+    let opens: Vec<_> = (0..3)
+        .map(|_| {
+            let o = opts(&fresh);
+            tokio::spawn(async move { PgStore::open(&o).await })
+        })
+        .collect();
+    for o in opens {
+        o.await??;
+    }
+    let (client, conn) = tokio_postgres::connect(&fresh, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let v: i32 = client
+        .query_one("SELECT version FROM outpost_schema", &[])
+        .await?
+        .get(0);
+    ensure!(v == SCHEMA_VERSION, "schema version {v}");
+    let newer_v: i32 = {
+        let (c, conn) = tokio_postgres::connect(&newer, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        c.query_one("SELECT version FROM outpost_schema", &[])
+            .await?
+            .get(0)
+    };
+    ensure!(
+        newer_v == 99,
+        "the newer database was left alone: {newer_v}"
+    );
+    Ok(())
+}
+
+/// Goal: with three central nodes granting and taking back allowances of the same pools at once,
+/// no pool is ever granted beyond its total, and what the sites hold adds up to what the pools
+/// say is granted. Method: three stores (three connection pools, as three nodes) on one
+/// database; two pools of 400 units; six tasks draw random grants (1–25 units, more asked in
+/// all than the pools hold) and returns; halfway, the ERP raises one pool by 100; the test
+/// keeps its own account of what each grant and return answered and compares it with the
+/// database at the end. Seed: `OUTPOST_ESCROW_SEED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_granting_at_once_never_oversell() -> Result<()> {
+    let Some(pg) = PgCluster::start("PostgreSQL store: escrow across nodes")? else {
+        return Ok(());
+    };
+    let seed: u64 = std::env::var("OUTPOST_ESCROW_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_261_207);
+    println!("seed {seed} (OUTPOST_ESCROW_SEED={seed} replays the draws)");
+    let url = pg.create_db("escrow")?;
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(PgStore::open(&opts(&url)).await?);
+    }
+    for pool in ["sku-1", "sku-2"] {
+        nodes[0].set_pool_total(pool, 400).await?;
+    }
+    const OPS: usize = 250;
+    let mut tasks = Vec::new();
+    for t in 0..6usize {
+        let node = nodes[t % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(t as u64));
+            // (pool, site) -> units held by the test's account; units asked for.
+            let mut held: BTreeMap<(String, String), i64> = BTreeMap::new();
+            let mut asked = 0i64;
+            for i in 0..OPS {
+                let pool = if rng.random_bool(0.5) {
+                    "sku-1"
+                } else {
+                    "sku-2"
+                };
+                let site = format!("site-{}", rng.random_range(0..4));
+                if t == 0 && i == OPS / 2 {
+                    node.set_pool_total("sku-1", 500).await?;
+                }
+                if rng.random_bool(0.7) {
+                    let want = rng.random_range(1..=25);
+                    asked += want;
+                    let got = node.grant(pool, &site, want).await?;
+                    ensure!((0..=want).contains(&got), "granted {got} of {want}");
+                    *held.entry((pool.to_string(), site)).or_insert(0) += got;
+                } else {
+                    let qty = rng.random_range(1..=25);
+                    let back = node.give_back(pool, &site, qty).await?;
+                    ensure!((0..=qty).contains(&back), "returned {back} of {qty}");
+                    *held.entry((pool.to_string(), site)).or_insert(0) -= back;
+                }
+            }
+            Ok::<_, anyhow::Error>((held, asked))
+        }));
+    }
+    let mut account: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut asked = 0;
+    for t in tasks {
+        let (held, a) = t.await??;
+        asked += a;
+        for (k, v) in held {
+            *account.entry(k).or_insert(0) += v;
+        }
+    }
+    let mut oversold = 0;
+    for (pool, total) in [("sku-1", 500), ("sku-2", 400)] {
+        let f = nodes[1].pool_figures(pool).await?.context("pool exists")?;
+        let holdings = nodes[2].holdings(pool).await?;
+        let sum: i64 = holdings.iter().map(|(_, h)| h).sum();
+        println!(
+            "{pool}: total {} granted {} held by sites {sum} ({holdings:?})",
+            f.total, f.granted
+        );
+        ensure!(f.total == total);
+        oversold += (f.granted - f.total).max(0);
+        ensure!(
+            sum == f.granted,
+            "{pool}: sites hold {sum}, pool says {}",
+            f.granted
+        );
+        for (site, h) in holdings {
+            let mine = account
+                .get(&(pool.to_string(), site.clone()))
+                .copied()
+                .unwrap_or(0);
+            ensure!(h == mine, "{pool}/{site}: database {h}, answers {mine}");
+        }
+    }
+    println!("asked {asked} units in all against 900; oversold {oversold}");
+    ensure!(
+        asked > 900,
+        "the draws must ask for more than the pools hold"
+    );
+    ensure!(oversold == 0, "oversold {oversold} units");
+    Ok(())
+}
+
+/// Goal: an upload that was answered is in the database after the server crashes, and the mark
+/// with it. Method: 100 events uploaded; the server stopped in immediate mode (no checkpoint,
+/// as a crash); started again; a new store reads the mark and the feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_upload_survives_a_server_crash() -> Result<()> {
+    let Some(pg) = PgCluster::start("PostgreSQL store: crash durability")? else {
+        return Ok(());
+    };
+    let store = PgStore::open(&opts(&pg.url())).await?;
+    for b in 0..4u64 {
+        store
+            .upload("plant-1", batch("plant-1", b * 25 + 1..=b * 25 + 25))
+            .await?;
+    }
+    pg.stop_immediate()?;
+    pg.restart()?;
+    let store = PgStore::open(&opts(&pg.url())).await?;
+    ensure!(store.site_hwm("plant-1").await? == 100);
+    let (stop, stopped) = watch::channel(false);
+    let _seq = store.spawn_sequencer(stopped);
+    let ids = feed_ids(&store, 100).await?;
+    ensure!(ids.len() == 100 && ids.values().all(|n| *n == 1), "{ids:?}");
+    drop(stop);
+    Ok(())
+}
+
+/// Goal: while the database is down an upload is refused with a reason (so the agent backs off
+/// and re-sends), never answered; once it is back, the re-sent batch is stored exactly once.
+/// Method: 10 events stored; the server stopped; the next batch refused within the connect
+/// limit; the server started again; the same batch re-sent with an overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_refused_while_the_database_is_down() -> Result<()> {
+    let Some(pg) = PgCluster::start("PostgreSQL store: database down")? else {
+        return Ok(());
+    };
+    let store = PgStore::open(&opts(&pg.url())).await?;
+    store.upload("plant-1", batch("plant-1", 1..=10)).await?;
+    pg.stop_immediate()?;
+    let t = Instant::now();
+    match store.upload("plant-1", batch("plant-1", 11..=20)).await {
+        Err(e @ UploadError::Unavailable(_)) => println!("refused in {:?}: {e}", t.elapsed()),
+        other => bail!("an upload with the database down must be refused: {other:?}"),
+    }
+    ensure!(t.elapsed() < Duration::from_secs(30), "refused promptly");
+    pg.restart()?;
+    let u = store.upload("plant-1", batch("plant-1", 5..=20)).await?;
+    ensure!(
+        (u.duplicates, u.stored, u.new_hwm) == (6, 10, 20),
+        "the re-sent batch stores its new tail once: {u:?}"
+    );
+    Ok(())
+}
+
+/// Goal: with a synchronous standby, SIGKILL of the primary and promotion of the standby lose no
+/// answered upload, and the store (given both hosts, `target_session_attrs=read-write`) serves
+/// again on its own. Method: primary plus a standby made with pg_basebackup and made
+/// synchronous; four sites upload continuously and record what was answered; the primary's
+/// postmaster is SIGKILLed and the standby promoted; uploads go on (a refused one is re-sent, as
+/// an agent does); the new primary's feed holds every answered event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_a_synchronous_standby_loses_no_answered_upload() -> Result<()> {
+    let Some(primary) = PgCluster::start("PostgreSQL store: failover")? else {
+        return Ok(());
+    };
+    let standby = PgCluster::standby_of(&primary)?;
+    // Only once the standby runs: set earlier, every commit would wait for a standby.
+    sql(
+        &primary.url(),
+        "ALTER SYSTEM SET synchronous_standby_names = '*'",
+    )
+    .await?;
+    sql(&primary.url(), "SELECT pg_reload_conf()").await?;
+    // The standby is synchronous once the primary says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (c, conn) = tokio_postgres::connect(&primary.url(), tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if n == 1 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the standby never became synchronous"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!(
+        "postgresql://outpost@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let store = PgStore::open(&opts(&url)).await?;
+    let (stop_tx, stop) = watch::channel(false);
+    let mut writers = Vec::new();
+    for s in 0..4 {
+        let store = store.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let site = format!("site-{s}");
+            // Highest seq answered, and when an upload was last refused / first answered again.
+            let mut answered = 0u64;
+            let mut last_refused: Option<Instant> = None;
+            let mut back_after_refusal: Option<Instant> = None;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !*stop.borrow() && Instant::now() < deadline {
+                let from = answered + 1;
+                match store.upload(&site, batch(&site, from..=from + 9)).await {
+                    Ok(u) => {
+                        answered = u.new_hwm;
+                        if last_refused.is_some() && back_after_refusal.is_none() {
+                            back_after_refusal = Some(Instant::now());
+                        }
+                    }
+                    Err(UploadError::Unavailable(_)) => {
+                        last_refused = Some(Instant::now());
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(anyhow::Error::from(e)),
+                }
+            }
+            Ok::<_, anyhow::Error>((site, answered, back_after_refusal))
+        }));
+    }
+    // Let the writers run, then lose the primary's machine.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed = Instant::now();
+    primary.kill9()?;
+    standby.promote()?;
+    println!("standby promoted {:?} after the kill", killed.elapsed());
+    // Uploads must be answered again on the new primary.
+    let served = Instant::now();
+    loop {
+        match store.upload("probe", batch("probe", 1..=1)).await {
+            Ok(_) => break,
+            Err(e) => {
+                ensure!(
+                    served.elapsed() < Duration::from_secs(30),
+                    "not serving 30 s after the promotion: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    println!("serving again {:?} after the kill", killed.elapsed());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_tx.send(true)?;
+    let mut want = 1usize; // the probe
+    let mut sites = Vec::new();
+    for w in writers {
+        let (site, answered, _) = w.await??;
+        want += answered as usize;
+        sites.push((site, answered));
+    }
+    let (seq_stop, seq_stopped) = watch::channel(false);
+    let _seq = store.spawn_sequencer(seq_stopped);
+    let ids = feed_ids(&store, want).await?;
+    let mut marks = 1usize; // the probe
+    for (site, answered) in &sites {
+        // An upload refused because the primary died after its commit may be on the standby:
+        // the mark may be past what was answered, never short of it.
+        let mark = store.site_hwm(site).await?;
+        ensure!(
+            mark >= *answered,
+            "{site}: answered through {answered}, the new primary's mark is {mark}"
+        );
+        marks += mark as usize;
+        for seq in 1..=mark {
+            ensure!(
+                ids.get(&(site.clone(), seq)) == Some(&1),
+                "{site} seq {seq}: {:?} times in the new primary's feed",
+                ids.get(&(site.clone(), seq))
+            );
+        }
+    }
+    let total: usize = ids.values().sum();
+    ensure!(
+        total == marks,
+        "feed holds {total}, the marks say {marks} (answered {want})"
+    );
+    println!("answered {sites:?}; all {want} in the new primary's feed exactly once");
+    drop(seq_stop);
+    Ok(())
+}
