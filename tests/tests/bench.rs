@@ -55,6 +55,10 @@ fn short_benchmark_run_reports_every_scenario() {
         ("outage", "outage.write_acked_secs_after_heal"),
         ("memory", "memory.agent_rss_mib"),
         ("memory", "memory.outbox_depth"),
+        ("store", "store.redb.drain_events_per_s"),
+        ("store", "store.pg.drain_events_per_s"),
+        ("store", "store.pg.upload_ack_p99"),
+        ("store", "store.pg.grants_per_s_contended"),
     ] {
         let v = figure(scenario, name);
         assert!(v > 0.0, "{scenario}/{name} = {v}");

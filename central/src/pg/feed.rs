@@ -1,12 +1,14 @@
 //! The feed: events get their feed position after they commit, from one sequencer at a time.
 //!
-//! An event's insert id is taken when its transaction inserts it, but transactions commit in
-//! another order, so a reader paging by id could pass an id whose row commits a moment later.
-//! The sequencer numbers committed rows that have no position yet, in id order, continuing from
-//! `feed_head`, in one transaction; positions are gapless and only ever appended, so a reader
-//! paging by position never skips an event. Any node may run it: the head's row lock and an
-//! advisory lock make one pass at a time, and a node that finds the lock taken leaves the pass to
-//! the holder.
+//! An upload's insert id is taken when its transaction inserts it, but transactions commit in
+//! another order, so a reader paging by id could pass an id whose rows commit a moment later.
+//! The sequencer numbers committed upload batches that have no position yet, in id order,
+//! continuing from `feed_head`, in one transaction: a batch of n events gets `feed_start`, and
+//! its events the positions `feed_start + 1 ..= feed_start + n` in their order in the batch.
+//! Positions are gapless and only ever appended, so a reader paging by position never skips an
+//! event, and the sequencer's work is one row per batch, not per event. Any node may run it: the
+//! head's row lock and an advisory lock make one pass at a time, and a node that finds the lock
+//! taken leaves the pass to the holder.
 
 use std::time::Duration;
 
@@ -16,16 +18,19 @@ use tokio::sync::watch;
 use super::{PgError, PgStore};
 use crate::event_log::{FeedEntry, LogReadError};
 
-/// Most events numbered in one pass (bounded work per transaction).
-pub const SEQUENCE_BATCH: i64 = 50_000;
+/// Most upload batches numbered in one pass (bounded work per transaction).
+pub const SEQUENCE_BATCH: i64 = 5_000;
 /// How often the sequencer looks for events committed by other nodes.
 pub const SEQUENCE_POLL: Duration = Duration::from_millis(50);
+/// Most events of one batch (`MAX_EVENTS_PER_BATCH`): the first batch a page needs starts at
+/// most this far before the page's cursor.
+const MAX_BATCH: i64 = outpost_protocol::MAX_EVENTS_PER_BATCH as i64;
 /// Key of the advisory lock of a sequencer pass.
 const SEQUENCER_LOCK: i64 = 7_601_002;
 
 impl PgStore {
-    /// One sequencer pass: numbers up to `SEQUENCE_BATCH` committed events that have no feed
-    /// position. Returns how many it numbered (0 when another node is numbering).
+    /// One sequencer pass: numbers up to `SEQUENCE_BATCH` committed upload batches that have no
+    /// feed position. Returns how many batches it numbered (0 when another node is numbering).
     pub async fn sequence_once(&self) -> Result<u64, PgError> {
         let mut client = self.client().await?;
         let txn = client.transaction().await?;
@@ -40,23 +45,28 @@ impl PgStore {
             .query_one("SELECT pos FROM feed_head WHERE id = 1 FOR UPDATE", &[])
             .await?
             .get(0);
-        let n = txn
-            .execute(
+        let rows = txn
+            .query(
                 "WITH todo AS ( \
-                     SELECT id, $1::bigint + row_number() OVER (ORDER BY id) AS pos \
-                     FROM (SELECT id FROM events WHERE feed_pos IS NULL ORDER BY id LIMIT $2) t \
+                     SELECT id, $1::bigint + sum(n) OVER (ORDER BY id) - n AS start \
+                     FROM (SELECT id, n FROM batches WHERE feed_start IS NULL \
+                           ORDER BY id LIMIT $2) t \
                  ) \
-                 UPDATE events e SET feed_pos = todo.pos FROM todo WHERE e.id = todo.id",
+                 UPDATE batches b SET feed_start = todo.start FROM todo WHERE b.id = todo.id \
+                 RETURNING b.n",
                 &[&head, &SEQUENCE_BATCH],
             )
             .await?;
-        if n > 0 {
-            let n_i = i64::try_from(n).unwrap_or(i64::MAX);
-            txn.execute("UPDATE feed_head SET pos = pos + $1 WHERE id = 1", &[&n_i])
-                .await?;
+        let events: i64 = rows.iter().map(|r| i64::from(r.get::<_, i32>(0))).sum();
+        if events > 0 {
+            txn.execute(
+                "UPDATE feed_head SET pos = pos + $1 WHERE id = 1",
+                &[&events],
+            )
+            .await?;
         }
         txn.commit().await?;
-        Ok(n)
+        Ok(rows.len() as u64)
     }
 
     /// Runs sequencer passes until `shutdown` turns true: at once after a local upload, and
@@ -95,9 +105,13 @@ impl PgStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
             .query(
-                "SELECT feed_pos, site, seq, event_id, at_ms, body_schema, body, trace_id \
-                 FROM events WHERE feed_pos > $1 ORDER BY feed_pos LIMIT $2",
-                &[&after, &limit],
+                "SELECT b.feed_start + e.idx, e.site, e.seq, e.event_id, e.at_ms, \
+                        e.body_schema, e.body, e.trace_id \
+                 FROM batches b JOIN events e ON e.batch_id = b.id \
+                 WHERE b.feed_start > $1::bigint - $3::bigint AND b.feed_start + b.n > $1::bigint \
+                   AND b.feed_start + e.idx > $1::bigint \
+                 ORDER BY b.feed_start, e.idx LIMIT $2",
+                &[&after, &limit, &MAX_BATCH],
             )
             .await
             .map_err(PgError::from)?;

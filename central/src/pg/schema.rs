@@ -11,28 +11,35 @@ const MIGRATE_LOCK: i64 = 7_601_001;
 
 /// Version `i + 1` is `MIGRATIONS[i]`.
 const MIGRATIONS: &[&str] = &[
-    // 1: sites and their marks, the event log with post-commit feed positions, the feed's head,
-    //    allowance pools and each site's holding of them.
+    // 1: sites and their marks; the event log, in upload batches that get their feed positions
+    //    after commit; the feed's head; allowance pools and each site's holding of them.
     r#"
     CREATE TABLE sites (
         site        text PRIMARY KEY,
         hwm         bigint NOT NULL DEFAULT 0 CHECK (hwm >= 0),
         last_seen_ms bigint NOT NULL DEFAULT 0
     );
-    CREATE TABLE events (
+    CREATE TABLE batches (
         id          bigserial PRIMARY KEY,
         site        text NOT NULL REFERENCES sites (site),
+        n           int NOT NULL CHECK (n > 0),
+        received_ms bigint NOT NULL,
+        feed_start  bigint UNIQUE
+    );
+    CREATE INDEX batches_unsequenced ON batches (id) WHERE feed_start IS NULL;
+    CREATE TABLE events (
+        site        text NOT NULL,
         seq         bigint NOT NULL CHECK (seq > 0),
+        batch_id    bigint NOT NULL REFERENCES batches (id),
+        idx         int NOT NULL CHECK (idx > 0),
         event_id    text NOT NULL,
         at_ms       bigint NOT NULL,
         body_schema smallint NOT NULL,
         body        bytea NOT NULL,
         trace_id    text NOT NULL,
-        received_ms bigint NOT NULL,
-        feed_pos    bigint UNIQUE,
-        UNIQUE (site, seq)
+        PRIMARY KEY (site, seq),
+        UNIQUE (batch_id, idx)
     );
-    CREATE INDEX events_unsequenced ON events (id) WHERE feed_pos IS NULL;
     CREATE TABLE feed_head (
         id  int PRIMARY KEY CHECK (id = 1),
         pos bigint NOT NULL

@@ -50,6 +50,15 @@ impl PgStore {
         let plan = plan_ingest(site, hwm, events)?;
         let new = &events[plan.duplicates..];
         if !new.is_empty() {
+            let n = i32::try_from(new.len()).unwrap_or(i32::MAX);
+            let batch_id: i64 = txn
+                .query_one(
+                    "INSERT INTO batches (site, n, received_ms) VALUES ($1, $2, $3) RETURNING id",
+                    &[&site, &n, &now],
+                )
+                .await
+                .map_err(PgError::from)?
+                .get(0);
             let mut seqs = Vec::with_capacity(new.len());
             let mut ids = Vec::with_capacity(new.len());
             let mut ats = Vec::with_capacity(new.len());
@@ -64,13 +73,17 @@ impl PgStore {
                 bodies.push(&e.body);
                 traces.push(e.trace_id.as_str());
             }
+            // One statement for the batch; `idx` (1..=n, the order in the batch) places each
+            // event in the feed once the sequencer numbers the batch.
             txn.execute(
-                "INSERT INTO events (site, seq, event_id, at_ms, body_schema, body, trace_id, \
-                 received_ms) \
-                 SELECT $1, s, i, a, sc, b, t, $8 \
-                 FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::smallint[], \
-                 $6::bytea[], $7::text[]) AS u(s, i, a, sc, b, t)",
-                &[&site, &seqs, &ids, &ats, &schemas, &bodies, &traces, &now],
+                "INSERT INTO events (site, seq, batch_id, idx, event_id, at_ms, body_schema, \
+                 body, trace_id) \
+                 SELECT $1, s, $2, o::int, i, a, sc, b, t \
+                 FROM unnest($3::bigint[], $4::text[], $5::bigint[], $6::smallint[], \
+                 $7::bytea[], $8::text[]) WITH ORDINALITY AS u(s, i, a, sc, b, t, o)",
+                &[
+                    &site, &batch_id, &seqs, &ids, &ats, &schemas, &bodies, &traces,
+                ],
             )
             .await
             .map_err(PgError::from)?;

@@ -7,6 +7,7 @@ pub mod hist;
 pub mod load;
 pub mod peers;
 pub mod scenarios;
+pub mod store;
 pub mod sys;
 
 /// One measured figure of a scenario.

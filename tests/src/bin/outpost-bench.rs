@@ -3,17 +3,17 @@
 //!
 //! Usage: `cargo build --release --bins && target/release/outpost-bench [--short]
 //! [--scenario NAME,...] [--json FILE]`. Scenarios: fsync, read, ingest, drain, outage, memory,
-//! peers.
+//! peers, store (central's redb and PostgreSQL stores side by side).
 
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use outpost_tests::bench::scenarios::{self, Cfg};
-use outpost_tests::bench::{Figure, peers, sys};
+use outpost_tests::bench::{Figure, peers, store, sys};
 use serde_json::json;
 
 const ALL: &[&str] = &[
-    "fsync", "read", "ingest", "drain", "outage", "memory", "peers",
+    "fsync", "read", "ingest", "drain", "outage", "memory", "peers", "store",
 ];
 
 struct Args {
@@ -145,6 +145,7 @@ async fn run_one(name: &str, cfg: Cfg, probes: &mut Vec<serde_json::Value>) -> R
         "outage" => scenarios::outage(cfg).await,
         "memory" => scenarios::memory(cfg).await,
         "peers" => Ok(peers::run(cfg.short).await),
+        "store" => store::run(cfg).await,
         other => bail!("unknown scenario {other}"),
     }
 }
