@@ -1,10 +1,13 @@
 //! Business checks of an uploaded order against central's current master data: the reasons an
 //! order goes to the exception queue instead of the feed, and the prices the site used next to
-//! central's. Pure: the store looks the master data up and passes it in.
+//! central's; and the check of a master-data batch from the ERP. Pure: the store looks the
+//! master data up and passes it in.
 
 use std::collections::BTreeMap;
 
-use outpost_protocol::{CustomerRecord, LinePromise, Money, Order, PriceRecord};
+use outpost_protocol::{
+    CustomerRecord, LinePromise, MasterChange, Money, Order, PriceRecord, ValidationError,
+};
 use serde::{Deserialize, Serialize};
 
 /// Why an order is a business exception. Several may hold; the first in this order is the
@@ -52,6 +55,34 @@ pub struct Checked {
     /// Sorted, without duplicates; empty when the order passes.
     pub reasons: Vec<Reason>,
     pub lines: Vec<LinePrices>,
+}
+
+/// Checks a batch from the ERP: only prices, ATP and customers, each valid. Every invalid item
+/// is reported (index, reason); the batch is written only if there is none.
+pub fn validate_erp_changes(changes: &[MasterChange]) -> Result<(), Vec<(usize, ValidationError)>> {
+    let invalid: Vec<_> = changes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| match c {
+            MasterChange::Price(_) | MasterChange::Atp(_) | MasterChange::Customer(_) => {
+                c.validate().err().map(|e| (i, e))
+            }
+            // Grants, reclaims and order statuses are central's own changes, written only in the
+            // transaction that moves the ledger or the order they are about.
+            _ => Some((
+                i,
+                ValidationError::OutOfRange {
+                    field: "change",
+                    detail: "only prices, ATP and customers come from the ERP".into(),
+                },
+            )),
+        })
+        .collect();
+    if invalid.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid)
+    }
 }
 
 /// Checks `order` against central's effective price per SKU for the order's customer (the

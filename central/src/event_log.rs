@@ -71,6 +71,20 @@ pub trait EventLog: Send + Sync {
     ) -> impl Future<Output = Result<Vec<FeedEntry>, LogReadError>> + Send;
 }
 
+/// Runs a read of the redb store on the blocking pool.
+pub(crate) async fn blocking<T, E>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, LogReadError>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| LogReadError(e.to_string()))?
+        .map_err(|e| LogReadError(e.to_string()))
+}
+
 impl EventLog for Store {
     async fn upload(
         &self,
@@ -90,18 +104,12 @@ impl EventLog for Store {
 
     async fn site_hwm(&self, site: &str) -> Result<u64, LogReadError> {
         let (store, site) = (self.clone(), site.to_string());
-        tokio::task::spawn_blocking(move || store.site_hwm(&site))
-            .await
-            .map_err(|e| LogReadError(e.to_string()))?
-            .map_err(|e| LogReadError(e.to_string()))
+        blocking(move || store.site_hwm(&site)).await
     }
 
     async fn feed_after(&self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, LogReadError> {
         let store = self.clone();
-        let rows = tokio::task::spawn_blocking(move || store.events_after(after, limit))
-            .await
-            .map_err(|e| LogReadError(e.to_string()))?
-            .map_err(|e| LogReadError(e.to_string()))?;
+        let rows = blocking(move || store.events_after(after, limit)).await?;
         Ok(rows
             .into_iter()
             .map(|r| FeedEntry {

@@ -17,6 +17,7 @@ pub mod fleet;
 pub mod fleet_health;
 pub mod health;
 pub mod ledger;
+pub mod master_log;
 pub mod memory;
 pub mod metrics;
 pub mod paths;

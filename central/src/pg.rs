@@ -1,5 +1,6 @@
 //! Central's store on PostgreSQL, for running several central nodes on one database: the event
-//! log (uploads, the feed and its sequencer) and the escrow of allowances. Every guarantee is
+//! log (uploads, the feed and its sequencer), master data with its revisions (and the wake-ups
+//! of other nodes when one commits), and the escrow of allowances. Every guarantee is
 //! one local transaction of the database, so any node may serve any site:
 //!
 //! - an upload locks the site's row (`SELECT … FOR UPDATE`), plans the batch against the mark
@@ -17,12 +18,17 @@
 //! are each refused at open with their own error. The pool is bounded and every statement has a
 //! timeout.
 //!
-//! Not yet behind this backend: master data, orders and the ledger's policy, exceptions, dead
-//! letters, reports, drills, alerts and the fleet view. `outpost-central run` serves the
+//! - master changes are numbered under the head row's lock, so revisions commit in order; the
+//!   commit notifies the other nodes (`master`, `notify`).
+//!
+//! Not yet behind this backend: orders and the ledger's policy (top-ups, reclaims), exceptions,
+//! dead letters, reports, drills, alerts and the fleet view. `outpost-central run` serves the
 //! embedded store only; docs/store.md says where this backend stands.
 
 pub mod escrow;
 pub mod feed;
+pub mod master;
+pub mod notify;
 pub mod schema;
 mod upload;
 
@@ -30,10 +36,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_postgres::NoTls;
 
 pub use feed::Sequencer;
+pub use notify::Listener;
 
 /// Oldest server this store runs on (`server_version_num`).
 pub const MIN_SERVER_VERSION: i32 = 130_000;
@@ -133,8 +140,13 @@ impl From<deadpool_postgres::PoolError> for PgError {
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// How to open a connection outside the pool (the revision listener's).
+    config: Arc<tokio_postgres::Config>,
     /// Woken by each local upload, so the sequencer runs at once instead of at its next poll.
     uploaded: Arc<Notify>,
+    /// The newest master revision this node knows of: its own commits, and other nodes' through
+    /// the listener (`notify`).
+    revision: Arc<watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -163,6 +175,7 @@ impl PgStore {
             opts.statement_timeout.as_millis(),
             opts.statement_timeout.as_millis()
         ));
+        let config = Arc::new(cfg.clone());
         let mgr = Manager::from_config(
             cfg,
             NoTls,
@@ -197,10 +210,17 @@ impl PgStore {
             return Err(PgOpenError::ReadOnly);
         }
         schema::migrate(&mut client).await?;
+        let head: i64 = client
+            .query_one("SELECT revision FROM master_head WHERE id = 1", &[])
+            .await
+            .map_err(|e| PgOpenError::Unreachable(PgError::from(e).0))?
+            .get(0);
         drop(client);
         Ok(PgStore {
             pool,
+            config,
             uploaded: Arc::new(Notify::new()),
+            revision: Arc::new(watch::Sender::new(u64::try_from(head).unwrap_or(0))),
         })
     }
 

@@ -1,5 +1,5 @@
-//! One conformance suite for central's event log (`outpost_central::event_log::EventLog`), run
-//! against both stores: the embedded redb store and the PostgreSQL store on a private cluster
+//! One conformance suite for central's event log (`outpost_central::event_log::EventLog`) and
+//! master-data log (`outpost_central::master_log::MasterLog`), run against both stores: the embedded redb store and the PostgreSQL store on a private cluster
 //! started in a temp directory. Each test states the contract, then runs the same body on each.
 
 use std::collections::{BTreeMap, HashSet};
@@ -7,10 +7,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use outpost_central::event_log::{EventLog, FeedEntry, UploadError};
+use outpost_central::master_log::{MasterError, MasterLog};
 use outpost_central::pg::{PgOptions, PgStore, Sequencer};
 use outpost_central::store::Store;
 use outpost_protocol::session::IngestError;
-use outpost_protocol::{EventBody, EventEnvelope, Milestone, MilestoneKind};
+use outpost_protocol::{
+    CustomerRecord, EventBody, EventEnvelope, Grant, MasterChange, Milestone, MilestoneKind, Money,
+    Pool, PriceRecord,
+};
 use outpost_tests::pg::PgCluster;
 use tokio::sync::watch;
 
@@ -298,4 +302,89 @@ async fn no_skips<L: EventLog + Clone + 'static>(log: L) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_never_skips_an_event_committed_out_of_order() -> Result<()> {
     on_each!("a reader never skips an event", |log| no_skips(log))
+}
+
+fn price(sku: &str, customer: Option<&str>, units: i64) -> MasterChange {
+    MasterChange::Price(PriceRecord {
+        sku: sku.into(),
+        customer: customer.map(Into::into),
+        unit_price: Money(units),
+        currency: "EUR".into(),
+    })
+}
+
+fn customer(id: &str, limit: i64) -> MasterChange {
+    MasterChange::Customer(CustomerRecord {
+        id: id.into(),
+        name: format!("Customer {id}"),
+        credit_limit: Money(limit),
+        on_hold: false,
+    })
+}
+
+/// Goal: the ERP's items get consecutive revisions in the order given, the change log reads them
+/// back in that order page by page, the current state holds the newest of each key, an invalid
+/// batch writes nothing (every bad item named), and the watched revision follows each commit.
+async fn master<L: MasterLog>(log: L) -> Result<()> {
+    let mut watch = log.watch_revision();
+    let start = *watch.borrow_and_update();
+    ensure!(start == 0, "a new store starts at revision 0, not {start}");
+    let a = log
+        .upsert_master(vec![
+            price("SKU-1", None, 100),
+            price("SKU-1", Some("C-1"), 90),
+            customer("C-1", 50_000),
+        ])
+        .await?;
+    ensure!((a.revision, a.changes) == (3, 3), "{a:?}");
+    tokio::time::timeout(FEED_TIMEOUT, watch.wait_for(|r| *r >= 3)).await??;
+    let b = log.upsert_master(vec![price("SKU-1", None, 120)]).await?;
+    ensure!(b.revision == 4, "{b:?}");
+    let grant = MasterChange::Grant(Grant {
+        site: "plant-1".into(),
+        pool: Pool::Atp {
+            sku: "SKU-1".into(),
+        },
+        qty: 5,
+    });
+    match log
+        .upsert_master(vec![price("SKU-2", None, 1), price("", None, 1), grant])
+        .await
+    {
+        Err(MasterError::Invalid(bad)) => {
+            let idx: Vec<usize> = bad.iter().map(|(i, _)| *i).collect();
+            ensure!(idx == [1, 2], "items 1 and 2 named: {bad:?}");
+        }
+        other => bail!("an invalid batch must be refused whole: {other:?}"),
+    }
+    ensure!(
+        log.price("SKU-2", None).await?.is_none(),
+        "nothing of it written"
+    );
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = log.changes_after(after, 2).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = *last;
+        seen.extend(page);
+    }
+    let revs: Vec<u64> = seen.iter().map(|(r, _)| *r).collect();
+    ensure!(revs == [1, 2, 3, 4], "revisions {revs:?}");
+    ensure!(seen[3].1 == price("SKU-1", None, 120));
+    let list = log.price("SKU-1", None).await?.context("list price")?;
+    ensure!(list.unit_price == Money(120), "newest list price: {list:?}");
+    let own = log
+        .price("SKU-1", Some("C-1"))
+        .await?
+        .context("own price")?;
+    ensure!(own.unit_price == Money(90));
+    ensure!(log.customer("C-1").await?.map(|c| c.credit_limit) == Some(Money(50_000)));
+    tokio::time::timeout(FEED_TIMEOUT, watch.wait_for(|r| *r >= 4)).await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_revisions_are_consecutive_and_watched() -> Result<()> {
+    on_each!("master revisions", |log| master(log))
 }

@@ -57,6 +57,37 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (pool, site)
     );
     "#,
+    // 2: master data: the change log by revision, its head, and the current state by key.
+    r#"
+    CREATE TABLE master_head (
+        id       int PRIMARY KEY CHECK (id = 1),
+        revision bigint NOT NULL
+    );
+    INSERT INTO master_head VALUES (1, 0);
+    CREATE TABLE changes (
+        rev  bigint PRIMARY KEY,
+        body bytea NOT NULL
+    );
+    CREATE TABLE prices (
+        sku      text NOT NULL,
+        customer text NOT NULL,
+        body     bytea NOT NULL,
+        rev      bigint NOT NULL,
+        PRIMARY KEY (sku, customer)
+    );
+    CREATE TABLE customers (
+        id   text PRIMARY KEY,
+        body bytea NOT NULL,
+        rev  bigint NOT NULL
+    );
+    CREATE TABLE atp (
+        sku       text NOT NULL,
+        site      text NOT NULL,
+        available bigint NOT NULL,
+        rev       bigint NOT NULL,
+        PRIMARY KEY (sku, site)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -2,7 +2,7 @@
 //! into the change log and the current state, and applies the reclaims and top-ups their new
 //! figures call for, all in the writer's one transaction. I/O side (redb).
 
-use outpost_protocol::{MasterChange, ValidationError};
+use outpost_protocol::MasterChange;
 use redb::WriteTransaction;
 
 use super::txn::{append_change, get_pool, meta_get, put_pool};
@@ -19,25 +19,7 @@ pub(super) fn apply_master(
     changes: &[MasterChange],
     now_ms: i64,
 ) -> Outcome<MasterApplied, UpsertMasterError> {
-    let invalid: Vec<_> = changes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| match c {
-            MasterChange::Price(_) | MasterChange::Atp(_) | MasterChange::Customer(_) => {
-                c.validate().err().map(|e| (i, e))
-            }
-            // Grants, reclaims and order statuses are central's own changes, written only in the
-            // transaction that moves the ledger or the order they are about.
-            _ => Some((
-                i,
-                ValidationError::OutOfRange {
-                    field: "change",
-                    detail: "only prices, ATP and customers come from the ERP".into(),
-                },
-            )),
-        })
-        .collect();
-    if !invalid.is_empty() {
+    if let Err(invalid) = crate::checks::validate_erp_changes(changes) {
         return Ok(Err(UpsertMasterError::Invalid(invalid)));
     }
     let mut touched = std::collections::BTreeSet::new();
