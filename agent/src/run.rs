@@ -34,6 +34,8 @@ pub enum RunError {
     Store(#[from] OpenStoreError),
     #[error("TLS setup failed: {0}")]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Sync(#[from] crate::sync::SyncSetupError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,

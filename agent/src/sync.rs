@@ -37,7 +37,7 @@ use crate::store::{ReadError, Store, now_ms};
 use crate::tls::{self, CertInfo, TlsError};
 use crate::topup::AllowanceAsk;
 
-pub use addrs::{CentralAddrs, NextAttempt};
+pub use addrs::{CentralAddrs, Ended, NextAttempt};
 pub use backoff::{ATTEMPT_RTTS, Backoff, MIN_ATTEMPT_TIMEOUT, attempt_timeout};
 pub use clock::{CLOCK_RECHECK, ClockUntrusted, TIME_FLOOR_UNIX, clock_sane};
 pub use outpost_protocol::session::agent::MAX_PENDING_ASKS;
@@ -96,6 +96,15 @@ pub enum SyncError {
     StoreRead(#[from] ReadError),
     #[error("session task failed: {0}")]
     Task(String),
+}
+
+/// Why the sync task cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncSetupError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("no central address configured ([sync] central_addr)")]
+    NoAddress,
 }
 
 /// How a session error reads in the log: a divergence stops the upload, a violation is
@@ -172,8 +181,6 @@ pub struct SyncClient {
     /// The certificate in use (`None` if unreadable: the handshake will say why).
     cert: Option<CertInfo>,
     endpoint: Option<(bool, quinn::Endpoint)>,
-    /// RTT of the last connection that completed its handshake (shortens later attempts).
-    last_rtt: Option<Duration>,
     /// Heartbeat interval and probe; `None`: no heartbeats (scripted centrals in unit tests).
     /// The probe outlives sessions so CPU figures always cover the time since the last beat.
     heartbeat: Option<(Duration, Arc<std::sync::Mutex<HealthProbe>>)>,
@@ -204,11 +211,10 @@ impl SyncClient {
         store: Store,
         link: Arc<LinkState>,
         asks: mpsc::Receiver<AllowanceAsk>,
-    ) -> Result<Self, TlsError> {
+    ) -> Result<Self, SyncSetupError> {
         let client_config = client_config(&settings)?;
-        let addrs = CentralAddrs::new(settings.central_addrs.clone()).ok_or_else(|| {
-            TlsError::Quic("no central address configured ([sync] central_addr)".into())
-        })?;
+        let addrs =
+            CentralAddrs::new(settings.central_addrs.clone()).ok_or(SyncSetupError::NoAddress)?;
         let cert = tls::cert_info(&settings.cert).ok();
         link.update_certificate(|c| c.not_after = cert.as_ref().map(|c| c.not_after));
         Ok(SyncClient {
@@ -222,7 +228,6 @@ impl SyncClient {
             client_config,
             cert,
             endpoint: None,
-            last_rtt: None,
             heartbeat: None,
         })
     }
@@ -278,6 +283,7 @@ impl SyncClient {
                 backoff.reset();
                 failures = 0;
             }
+            let next = self.addrs.ended(end_kind(&result, welcomed));
             match result {
                 Ok(SessionEnd::Closed) => {
                     tracing::warn!("central closed the session; reconnecting");
@@ -287,7 +293,6 @@ impl SyncClient {
                     log_failure(&e, welcomed, failures);
                 }
             }
-            let next = self.addrs.ended(welcomed);
             if self.addrs.current() != addr {
                 self.link.address_switched();
                 tracing::info!(from = %addr, to = %self.addrs.current(), "trying another central address");
@@ -370,7 +375,7 @@ impl SyncClient {
 
     /// One session: connect, hello, then upload and apply until something ends it.
     async fn session(&mut self, welcomed: &mut bool) -> Result<SessionEnd, SyncError> {
-        let limit = attempt_timeout(self.settings.connect_timeout, self.last_rtt);
+        let limit = attempt_timeout(self.settings.connect_timeout, self.addrs.current_rtt());
         let addr = self.resolve().await?;
         let endpoint = self.endpoint_for(addr)?;
         let connecting = endpoint.connect_with(
@@ -381,10 +386,10 @@ impl SyncClient {
         let conn = timeout(limit, connecting)
             .await
             .map_err(|_| SyncError::Timeout("connecting to central"))??;
-        self.last_rtt = Some(conn.rtt());
+        self.addrs.set_current_rtt(conn.rtt());
         let result = self.converse(&conn, welcomed).await;
         // The RTT the session ended with is the better guess for the next attempts.
-        self.last_rtt = Some(conn.rtt());
+        self.addrs.set_current_rtt(conn.rtt());
         match &result {
             Err(SyncError::NoVersion) => conn.close(
                 VarInt::from_u32(CLOSE_PROTOCOL_VIOLATION),
@@ -403,6 +408,23 @@ impl SyncClient {
             _ => conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"session ended"),
         }
         result
+    }
+}
+
+/// How a session ended, for the choice of the next address: central closing a welcomed session
+/// itself (its restart, a refusal) keeps the address; a lost link moves on.
+fn end_kind(result: &Result<SessionEnd, SyncError>, welcomed: bool) -> Ended {
+    if !welcomed {
+        return Ended::Failed;
+    }
+    match result {
+        Ok(SessionEnd::Closed) => Ended::ClosedByCentral,
+        Err(SyncError::Connection(
+            quinn::ConnectionError::ApplicationClosed(_)
+            | quinn::ConnectionError::ConnectionClosed(_),
+        )) => Ended::ClosedByCentral,
+        Err(e) if e.refusal().is_some() => Ended::ClosedByCentral,
+        Err(_) => Ended::Lost,
     }
 }
 

@@ -110,6 +110,10 @@ pub fn parse_central_addrs(s: &str) -> Result<Vec<String>, CentralAddrsError> {
     if s.trim().is_empty() {
         return Err(CentralAddrsError::Empty);
     }
+    let n = s.split(',').count();
+    if n > MAX_CENTRAL_ADDRS {
+        return Err(CentralAddrsError::TooMany(n));
+    }
     let mut out: Vec<String> = Vec::new();
     for part in s.split(',') {
         let a = part.trim();
@@ -120,9 +124,6 @@ pub fn parse_central_addrs(s: &str) -> Result<Vec<String>, CentralAddrsError> {
             return Err(CentralAddrsError::Duplicate(a.to_string()));
         }
         out.push(a.to_string());
-    }
-    if out.len() > MAX_CENTRAL_ADDRS {
-        return Err(CentralAddrsError::TooMany(out.len()));
     }
     Ok(out)
 }

@@ -377,10 +377,10 @@ pub fn generate_token() -> String {
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
     /// Central's QUIC address: `ip:port` or `host:port` with a non-zero port; a host name is
-    /// resolved at each connection attempt. Several nodes of one central (up to 16, all
-    /// serving the same store) are listed separated by commas: the agent uses one at a time and
-    /// moves to the next when a session ends or an attempt fails, backing off only after a
-    /// whole round of failed attempts.
+    /// resolved at each connection attempt. Up to 16 addresses of the same central (for
+    /// instance over the plant's WAN and over a backup line) are listed separated by commas:
+    /// the agent uses one at a time, moves to the next when an attempt fails or the link is
+    /// lost, and backs off only after a whole round of failed attempts.
     #[schemars(extend("x-required" = true), example = "central.example.net:7601")]
     pub central_addr: String,
     /// The name central's certificate must carry (a DNS name or an IP address).
