@@ -41,6 +41,9 @@ pub enum UploadError {
     /// written.
     #[error(transparent)]
     Plan(#[from] IngestError),
+    /// A seq this store cannot keep (PostgreSQL's bigint ends at 2^63 - 1); nothing was written.
+    #[error("seq {0} is beyond what the store keeps (2^63 - 1)")]
+    SeqOutOfRange(u64),
     /// The store could not commit; nothing was acknowledged.
     #[error("store unavailable: {0}")]
     Unavailable(String),

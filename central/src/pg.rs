@@ -42,6 +42,11 @@ use tokio_postgres::NoTls;
 pub use feed::Sequencer;
 pub use notify::Listener;
 
+/// TCP keep-alive on every connection: first probe after this much silence.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_RETRIES: u32 = 3;
+
 /// Oldest server this store runs on (`server_version_num`).
 pub const MIN_SERVER_VERSION: i32 = 130_000;
 
@@ -94,6 +99,11 @@ pub enum PgOpenError {
     SchemaTooNew { found: i32, known: i32 },
     #[error("cannot migrate the database schema: {0}")]
     Migrate(String),
+    #[error(
+        "synchronous_commit is off for this database or role: a commit would be answered before \
+         it is on disk; set it to on (or remote_apply)"
+    )]
+    NotDurable,
 }
 
 /// A database error, in words for logs and refusals.
@@ -136,10 +146,62 @@ impl From<deadpool_postgres::PoolError> for PgError {
     }
 }
 
+/// Why a commit was not confirmed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommitError {
+    #[error(transparent)]
+    Db(#[from] PgError),
+    /// No answer within the limit: the transaction may have committed or not. Never answered
+    /// as a success; the caller's retry is idempotent (the mark, the pool's figures).
+    #[error(
+        "the commit was not confirmed within {0:?} (a synchronous standby not answering?); \
+         not answered as done"
+    )]
+    Unconfirmed(Duration),
+}
+
+impl From<CommitError> for PgError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Db(e) => e,
+            other => PgError(other.to_string()),
+        }
+    }
+}
+
+/// Commits `txn`, waiting at most `limit` for the confirmation. With a synchronous standby,
+/// COMMIT waits until the standby has the transaction, and the server does not bound that wait
+/// (`statement_timeout` does not apply to it): a standby that stopped answering would hold the
+/// upload forever. Past the limit the commit counts as unconfirmed: refused, never answered as
+/// done, and the caller's retry is idempotent.
+pub(crate) async fn commit(
+    txn: deadpool_postgres::Transaction<'_>,
+    limit: Duration,
+) -> Result<(), CommitError> {
+    match tokio::time::timeout(limit, txn.commit()).await {
+        Ok(r) => Ok(r.map_err(PgError::from)?),
+        Err(_) => Err(CommitError::Unconfirmed(limit)),
+    }
+}
+
+/// The end of a commit on `client`: a connection whose commit went unconfirmed is closed
+/// instead of going back to the pool (its session state is unknown).
+pub(crate) fn settle(
+    client: deadpool_postgres::Object,
+    r: Result<(), CommitError>,
+) -> Result<(), PgError> {
+    if let Err(CommitError::Unconfirmed(_)) = &r {
+        drop(deadpool_postgres::Object::take(client));
+    }
+    Ok(r?)
+}
+
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// How long a commit may wait for its confirmation (the statement timeout).
+    commit_limit: Duration,
     /// How to open a connection outside the pool (the revision listener's).
     config: Arc<tokio_postgres::Config>,
     /// Woken by each local upload, so the sequencer runs at once instead of at its next poll.
@@ -170,11 +232,24 @@ impl PgStore {
             .map_err(|e: tokio_postgres::Error| PgOpenError::Url(e.to_string()))?;
         cfg.connect_timeout(opts.connect_timeout);
         cfg.application_name("outpost-central");
-        cfg.options(format!(
+        // Kept with what the URL's own `options` say (a search_path, say).
+        let ours = format!(
             "-c statement_timeout={} -c lock_timeout={}",
             opts.statement_timeout.as_millis(),
             opts.statement_timeout.as_millis()
-        ));
+        );
+        let options = match cfg.get_options() {
+            Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
+            _ => ours,
+        };
+        cfg.options(options);
+        // A lost host or a partition, not only a closed socket, ends a connection within
+        // seconds instead of the kernel's many minutes.
+        cfg.keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES)
+            .tcp_user_timeout(opts.statement_timeout + opts.connect_timeout);
         let config = Arc::new(cfg.clone());
         let mgr = Manager::from_config(
             cfg,
@@ -197,17 +272,22 @@ impl PgStore {
         let row = client
             .query_one(
                 "SELECT current_setting('server_version_num')::int, \
-                 current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery()",
+                 current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery(), \
+                 current_setting('synchronous_commit')",
                 &[],
             )
             .await
             .map_err(|e| PgOpenError::Unreachable(PgError::from(e).0))?;
-        let (version, read_only): (i32, bool) = (row.get(0), row.get(1));
+        let (version, read_only, sync_commit): (i32, bool, String) =
+            (row.get(0), row.get(1), row.get(2));
         if version < MIN_SERVER_VERSION {
             return Err(PgOpenError::ServerTooOld { found: version });
         }
         if read_only {
             return Err(PgOpenError::ReadOnly);
+        }
+        if sync_commit == "off" {
+            return Err(PgOpenError::NotDurable);
         }
         schema::migrate(&mut client).await?;
         let head: i64 = client
@@ -218,6 +298,7 @@ impl PgStore {
         drop(client);
         Ok(PgStore {
             pool,
+            commit_limit: opts.statement_timeout,
             config,
             uploaded: Arc::new(Notify::new()),
             revision: Arc::new(watch::Sender::new(u64::try_from(head).unwrap_or(0))),
@@ -226,6 +307,11 @@ impl PgStore {
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
         Ok(self.pool.get().await?)
+    }
+
+    /// How long a commit may wait for its confirmation.
+    pub(crate) fn commit_limit(&self) -> Duration {
+        self.commit_limit
     }
 
     /// Connections open and idle, and the bound.

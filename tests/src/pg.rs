@@ -6,6 +6,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -14,6 +15,9 @@ use crate::skip;
 
 /// Longest `initdb` plus the server's start may take.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts at starting a server, each on a newly picked free port (another process may take a
+/// port between the pick and the bind).
+const START_ATTEMPTS: usize = 3;
 /// The superuser `initdb` creates (trust authentication on loopback and the socket only).
 pub const PG_USER: &str = "outpost";
 
@@ -53,6 +57,8 @@ pub struct PgCluster {
     data: PathBuf,
     as_postgres: bool,
     pub port: u16,
+    /// The postmaster was SIGKILLed: its pid file is stale, so nothing is signalled at drop.
+    killed: AtomicBool,
     _dir: tempfile::TempDir,
 }
 
@@ -80,11 +86,12 @@ impl PgCluster {
         }
         let data = dir.path().join("data");
         let port = free_port()?;
-        let c = PgCluster {
+        let mut c = PgCluster {
             bindir,
             data,
             as_postgres,
             port,
+            killed: AtomicBool::new(false),
             _dir: dir,
         };
         let out = c
@@ -109,8 +116,22 @@ impl PgCluster {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        c.pg_ctl_start()?;
+        c.start_on_a_free_port()?;
         Ok(c)
+    }
+
+    fn start_on_a_free_port(&mut self) -> Result<()> {
+        let mut last = None;
+        for _ in 0..START_ATTEMPTS {
+            match self.pg_ctl_start() {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    last = Some(e);
+                    self.port = free_port()?;
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
     }
 
     fn command(&self, tool: &str) -> Command {
@@ -196,11 +217,12 @@ impl PgCluster {
         if primary.as_postgres {
             chown_postgres(dir.path())?;
         }
-        let c = PgCluster {
+        let mut c = PgCluster {
             bindir: primary.bindir.clone(),
             data: dir.path().join("data"),
             as_postgres: primary.as_postgres,
             port: free_port()?,
+            killed: AtomicBool::new(false),
             _dir: dir,
         };
         let out = c
@@ -224,7 +246,7 @@ impl PgCluster {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        c.pg_ctl_start()?;
+        c.start_on_a_free_port()?;
         Ok(c)
     }
 
@@ -241,6 +263,7 @@ impl PgCluster {
         if !st.success() {
             bail!("kill -9 {pid} failed");
         }
+        self.killed.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -284,6 +307,9 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
+        if self.killed.load(Ordering::Relaxed) {
+            return;
+        }
         let _ = self
             .command("pg_ctl")
             .arg("-D")

@@ -83,8 +83,9 @@ async fn feed_ids(store: &PgStore, want: usize) -> Result<BTreeMap<(String, u64)
 
 /// Goal: a database central cannot use is refused at open with an error that says why, and
 /// changes nothing; three nodes opening a fresh database at once migrate it once. Method: a URL
-/// that does not parse, a port where nothing listens, a database made read-only, a database
-/// whose schema version is from a newer build, and three concurrent opens.
+/// that does not parse, a port where nothing listens, a database made read-only, one with
+/// `synchronous_commit = off`, one whose schema version is from a newer build, and three
+/// concurrent opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_refuses_what_it_cannot_use() -> Result<()> {
     let Some(pg) = PgCluster::start("PostgreSQL store: open refusals")? else {
@@ -119,6 +120,13 @@ async fn open_refuses_what_it_cannot_use() -> Result<()> {
     match PgStore::open(&opts(&ro)).await {
         Err(e @ PgOpenError::ReadOnly) => println!("read-only: {e}"),
         other => bail!("a read-only database must be refused: {other:?}"),
+    }
+
+    let lax = pg.create_db("lax")?;
+    sql(&pg.url(), "ALTER DATABASE lax SET synchronous_commit = off").await?;
+    match PgStore::open(&opts(&lax)).await {
+        Err(e @ PgOpenError::NotDurable) => println!("not durable: {e}"),
+        other => bail!("synchronous_commit=off must be refused: {other:?}"),
     }
 
     let newer = pg.create_db("newer")?;
@@ -186,6 +194,28 @@ async fn three_nodes_granting_at_once_never_oversell() -> Result<()> {
         nodes[0].set_pool_total(pool, 400).await?;
     }
     const OPS: usize = 250;
+    // A watcher reads each pool's row while the grants run: never past its total, at any moment
+    // (one row is read consistently).
+    let (done_tx, done_rx) = watch::channel(false);
+    let watcher = {
+        let node = nodes[2].clone();
+        tokio::spawn(async move {
+            let mut reads = 0u64;
+            while !*done_rx.borrow() {
+                for pool in ["sku-1", "sku-2"] {
+                    let f = node.pool_figures(pool).await?.context("pool")?;
+                    ensure!(
+                        f.granted <= f.total,
+                        "{pool} granted {} of {} mid-run",
+                        f.granted,
+                        f.total
+                    );
+                    reads += 1;
+                }
+            }
+            Ok::<u64, anyhow::Error>(reads)
+        })
+    };
     let mut tasks = Vec::new();
     for t in 0..6usize {
         let node = nodes[t % 3].clone();
@@ -229,6 +259,9 @@ async fn three_nodes_granting_at_once_never_oversell() -> Result<()> {
             *account.entry(k).or_insert(0) += v;
         }
     }
+    done_tx.send(true)?;
+    let reads = watcher.await??;
+    println!("the watcher read the pools {reads} times while the grants ran");
     let mut oversold = 0;
     for (pool, total) in [("sku-1", 500), ("sku-2", 400)] {
         let f = nodes[1].pool_figures(pool).await?.context("pool exists")?;
@@ -416,11 +449,18 @@ async fn failover_to_a_synchronous_standby_loses_no_answered_upload() -> Result<
     stop_tx.send(true)?;
     let mut want = 1usize; // the probe
     let mut sites = Vec::new();
+    let mut interrupted = 0;
     for w in writers {
-        let (site, answered, _) = w.await??;
+        let (site, answered, back) = w.await??;
         want += answered as usize;
         sites.push((site, answered));
+        interrupted += usize::from(back.is_some());
     }
+    println!("{interrupted} of 4 writers had an upload refused by the failover and carried on");
+    ensure!(
+        interrupted > 0,
+        "the kill interrupted no writer: the test did not test a failover under load"
+    );
     let (seq_stop, seq_stopped) = watch::channel(false);
     let _seq = store.spawn_sequencer(seq_stopped);
     let ids = feed_ids(&store, want).await?;
@@ -544,5 +584,66 @@ async fn three_nodes_write_master_data_in_order_and_hear_of_each_other() -> Resu
     );
     drop(stop);
     drop(listeners);
+    Ok(())
+}
+
+/// Goal: a commit the synchronous standby does not confirm is neither answered nor left hanging
+/// (the server does not bound that wait): it is refused after the store's limit, and the re-sent
+/// batch is stored once. Method: `synchronous_standby_names` names a standby that does not
+/// exist, so every commit waits; the limit is 1 s; the upload must come back refused within
+/// 30 s, not answered. The standby requirement lifted, the re-sent batch finds the events
+/// already there (committed locally meanwhile) and stores nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_the_standby_has_not_confirmed_is_not_answered() -> Result<()> {
+    let Some(pg) = PgCluster::start("PostgreSQL store: unconfirmed commit")? else {
+        return Ok(());
+    };
+    let o = PgOptions {
+        statement_timeout: Duration::from_secs(1),
+        ..opts(&pg.url())
+    };
+    let store = PgStore::open(&o).await?;
+    store.upload("plant-1", batch("plant-1", 1..=5)).await?;
+    sql(&pg.url(), "CREATE TABLE probe (n int)").await?;
+    sql(
+        &pg.url(),
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+    )
+    .await?;
+    sql(&pg.url(), "SELECT pg_reload_conf()").await?;
+    // The server applies the setting a moment after the reload: wait until a commit waits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (c, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await?;
+        let driver = tokio::spawn(conn);
+        let commit = c.batch_execute("INSERT INTO probe VALUES (1)");
+        let waited = tokio::time::timeout(Duration::from_millis(500), commit)
+            .await
+            .is_err();
+        drop(c);
+        driver.abort();
+        if waited {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "commits never started waiting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = Instant::now();
+    let up = tokio::time::timeout(
+        Duration::from_secs(30),
+        store.upload("plant-1", batch("plant-1", 6..=15)),
+    )
+    .await
+    .context("the upload hung on the unconfirmed commit")?;
+    match up {
+        Err(e @ UploadError::Unavailable(_)) => println!("refused after {:?}: {e}", t.elapsed()),
+        other => bail!("an unconfirmed commit must not be answered: {other:?}"),
+    }
+    sql(&pg.url(), "ALTER SYSTEM RESET synchronous_standby_names").await?;
+    sql(&pg.url(), "SELECT pg_reload_conf()").await?;
+    let u = store.upload("plant-1", batch("plant-1", 6..=15)).await?;
+    println!("re-sent: {u:?}");
+    ensure!(u.new_hwm == 15 && u.duplicates + u.stored == 10, "{u:?}");
+    ensure!(store.site_hwm("plant-1").await? == 15);
     Ok(())
 }

@@ -87,7 +87,8 @@ impl PgStore {
             &[&pool, &site, &got],
         )
         .await?;
-        txn.commit().await.map_err(PgError::from)?;
+        let committed = super::commit(txn, self.commit_limit()).await;
+        super::settle(client, committed)?;
         Ok(got)
     }
 
@@ -126,7 +127,8 @@ impl PgStore {
             )
             .await?;
         }
-        txn.commit().await.map_err(PgError::from)?;
+        let committed = super::commit(txn, self.commit_limit()).await;
+        super::settle(client, committed)?;
         Ok(back)
     }
 

@@ -25,6 +25,8 @@ pub const SEQUENCE_POLL: Duration = Duration::from_millis(50);
 /// Most events of one batch (`MAX_EVENTS_PER_BATCH`): the first batch a page needs starts at
 /// most this far before the page's cursor.
 const MAX_BATCH: i64 = outpost_protocol::MAX_EVENTS_PER_BATCH as i64;
+/// Longest pause between sequencer passes while they fail (the database is down).
+pub const SEQUENCE_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Key of the advisory lock of a sequencer pass.
 const SEQUENCER_LOCK: i64 = 7_601_002;
 
@@ -69,22 +71,42 @@ impl PgStore {
         Ok(rows.len() as u64)
     }
 
-    /// Runs sequencer passes until `shutdown` turns true: at once after a local upload, and
-    /// every `SEQUENCE_POLL` for other nodes' uploads. A failed pass is logged and retried.
+    /// Runs sequencer passes until `shutdown` turns true (or its sender is gone): at once after
+    /// a local upload, and every `SEQUENCE_POLL` for other nodes' uploads. A failed pass is
+    /// retried after a pause that doubles up to `SEQUENCE_RETRY_MAX`, logged once per run of
+    /// failures.
     pub fn spawn_sequencer(&self, mut shutdown: watch::Receiver<bool>) -> Sequencer {
         let store = self.clone();
         let task = tokio::spawn(async move {
+            let mut failures: u32 = 0;
             loop {
-                match store.sequence_once().await {
+                let pause = match store.sequence_once().await {
                     // A full batch: more may be waiting.
                     Ok(n) if n >= SEQUENCE_BATCH as u64 => continue,
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "feed sequencer pass failed; retrying"),
-                }
+                    Ok(_) => {
+                        if failures > 0 {
+                            tracing::info!(failures, "feed sequencer passes succeed again");
+                        }
+                        failures = 0;
+                        SEQUENCE_POLL
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 {
+                            tracing::warn!(error = %e, "feed sequencer pass failed; retrying");
+                        }
+                        (SEQUENCE_POLL * 2u32.saturating_pow(failures.min(8)))
+                            .min(SEQUENCE_RETRY_MAX)
+                    }
+                };
                 tokio::select! {
-                    _ = store.uploaded.notified() => {}
-                    _ = tokio::time::sleep(SEQUENCE_POLL) => {}
-                    _ = shutdown.changed() => {}
+                    _ = store.uploaded.notified(), if failures == 0 => {}
+                    _ = tokio::time::sleep(pause) => {}
+                    r = shutdown.changed() => {
+                        if r.is_err() {
+                            break;
+                        }
+                    }
                 }
                 if *shutdown.borrow() {
                     break;
@@ -124,7 +146,7 @@ impl PgStore {
                     seq: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
                     event_id: r.get(3),
                     at_ms: r.get(4),
-                    schema: u16::try_from(r.get::<_, i16>(5)).unwrap_or(0),
+                    schema: u16::try_from(r.get::<_, i32>(5)).unwrap_or(0),
                     body: r.get(6),
                     trace_id: r.get(7),
                 },

@@ -6,6 +6,8 @@
 //! Not yet on this backend: the allowance policy that the embedded store runs on new figures
 //! (top-ups and reclaims as further revisions).
 
+use std::collections::BTreeMap;
+
 use outpost_protocol::{CustomerRecord, MasterChange, PriceRecord};
 use tokio::sync::watch;
 
@@ -54,67 +56,94 @@ impl PgStore {
             .await
             .map_err(PgError::from)?
             .get(0);
+        // One statement per table, whatever the batch's size (up to the API's 10,000 items):
+        // the head row's lock, which every other writer waits for, is held for a handful of
+        // round trips. Within a batch the last item of each key wins, as applied in order.
+        let mut revs = Vec::with_capacity(changes.len());
+        let mut bodies = Vec::with_capacity(changes.len());
+        let mut prices: BTreeMap<(&str, &str), (Vec<u8>, i64)> = BTreeMap::new();
+        let mut customers: BTreeMap<&str, (Vec<u8>, i64)> = BTreeMap::new();
+        let mut atp: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
+        let mut pools: BTreeMap<String, i64> = BTreeMap::new();
         let mut rev = head;
         for change in changes {
             rev += 1;
-            txn.execute(
-                "INSERT INTO changes (rev, body) VALUES ($1, $2)",
-                &[&rev, &encode(change)?],
-            )
-            .await
-            .map_err(PgError::from)?;
-            let (pool, total) = match change {
+            revs.push(rev);
+            bodies.push(encode(change)?);
+            match change {
                 MasterChange::Price(p) => {
-                    txn.execute(
-                        "INSERT INTO prices (sku, customer, body, rev) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (sku, customer) DO UPDATE \
-                         SET body = EXCLUDED.body, rev = EXCLUDED.rev",
-                        &[
-                            &p.sku,
-                            &p.customer.as_deref().unwrap_or(""),
-                            &encode(p)?,
-                            &rev,
-                        ],
-                    )
-                    .await
-                    .map_err(PgError::from)?;
-                    continue;
+                    let key = (p.sku.as_str(), p.customer.as_deref().unwrap_or(""));
+                    prices.insert(key, (encode(p)?, rev));
                 }
                 MasterChange::Atp(a) => {
-                    txn.execute(
-                        "INSERT INTO atp (sku, site, available, rev) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (sku, site) DO UPDATE \
-                         SET available = EXCLUDED.available, rev = EXCLUDED.rev",
-                        &[&a.sku, &a.site, &a.available, &rev],
-                    )
-                    .await
-                    .map_err(PgError::from)?;
-                    (atp_pool(&a.sku, &a.site), a.available)
+                    atp.insert((a.sku.as_str(), a.site.as_str()), (a.available, rev));
+                    pools.insert(atp_pool(&a.sku, &a.site), a.available.max(0));
                 }
                 MasterChange::Customer(c) => {
-                    txn.execute(
-                        "INSERT INTO customers (id, body, rev) VALUES ($1, $2, $3) \
-                         ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body, rev = EXCLUDED.rev",
-                        &[&c.id, &encode(c)?, &rev],
-                    )
-                    .await
-                    .map_err(PgError::from)?;
-                    (credit_pool(&c.id), c.credit_limit.units())
+                    customers.insert(c.id.as_str(), (encode(c)?, rev));
+                    pools.insert(credit_pool(&c.id), c.credit_limit.units().max(0));
                 }
                 // Refused by `validate_erp_changes` above.
                 MasterChange::Grant(_)
                 | MasterChange::Reclaim(_)
-                | MasterChange::OrderStatus(_) => {
-                    continue;
-                }
-            };
+                | MasterChange::OrderStatus(_) => {}
+            }
+        }
+        let db = |e: tokio_postgres::Error| MasterError::from(PgError::from(e));
+        txn.execute(
+            "INSERT INTO changes (rev, body) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+            &[&revs, &bodies],
+        )
+        .await
+        .map_err(db)?;
+        if !prices.is_empty() {
+            let (keys, vals): (Vec<_>, Vec<_>) = prices.into_iter().unzip();
+            let (skus, custs): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+            let (blobs, prevs): (Vec<Vec<u8>>, Vec<i64>) = vals.into_iter().unzip();
             txn.execute(
-                "INSERT INTO pools (pool, total) VALUES ($1, $2) \
-                 ON CONFLICT (pool) DO UPDATE SET total = EXCLUDED.total",
-                &[&pool, &total.max(0)],
+                "INSERT INTO prices (sku, customer, body, rev) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bigint[]) \
+                 ON CONFLICT (sku, customer) DO UPDATE SET body = EXCLUDED.body, rev = EXCLUDED.rev",
+                &[&skus, &custs, &blobs, &prevs],
             )
             .await
-            .map_err(PgError::from)?;
+            .map_err(db)?;
+        }
+        if !customers.is_empty() {
+            let (ids, vals): (Vec<&str>, Vec<_>) = customers.into_iter().unzip();
+            let (blobs, crevs): (Vec<Vec<u8>>, Vec<i64>) = vals.into_iter().unzip();
+            txn.execute(
+                "INSERT INTO customers (id, body, rev) \
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[]) \
+                 ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body, rev = EXCLUDED.rev",
+                &[&ids, &blobs, &crevs],
+            )
+            .await
+            .map_err(db)?;
+        }
+        if !atp.is_empty() {
+            let (keys, vals): (Vec<_>, Vec<_>) = atp.into_iter().unzip();
+            let (skus, sites): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+            let (avail, arevs): (Vec<i64>, Vec<i64>) = vals.into_iter().unzip();
+            txn.execute(
+                "INSERT INTO atp (sku, site, available, rev) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) \
+                 ON CONFLICT (sku, site) DO UPDATE \
+                 SET available = EXCLUDED.available, rev = EXCLUDED.rev",
+                &[&skus, &sites, &avail, &arevs],
+            )
+            .await
+            .map_err(db)?;
+        }
+        if !pools.is_empty() {
+            let (names, totals): (Vec<String>, Vec<i64>) = pools.into_iter().unzip();
+            txn.execute(
+                "INSERT INTO pools (pool, total) SELECT * FROM unnest($1::text[], $2::bigint[]) \
+                 ON CONFLICT (pool) DO UPDATE SET total = EXCLUDED.total",
+                &[&names, &totals],
+            )
+            .await
+            .map_err(db)?;
         }
         txn.execute("UPDATE master_head SET revision = $1 WHERE id = 1", &[&rev])
             .await
@@ -126,7 +155,8 @@ impl PgStore {
         )
         .await
         .map_err(PgError::from)?;
-        txn.commit().await.map_err(PgError::from)?;
+        let committed = super::commit(txn, self.commit_limit()).await;
+        super::settle(client, committed)?;
         let revision = u64::try_from(rev).unwrap_or(0);
         self.saw_revision(revision);
         Ok(MasterWritten {

@@ -1,7 +1,8 @@
 //! Wake-ups across central nodes: each node keeps its `watch_revision` current with the other
-//! nodes' commits by LISTEN on a connection of its own (`NOTIFY` is delivered at commit), with a
-//! poll of the head behind it, because notifications sent while that connection is down are
-//! lost. A lost connection is opened again with backoff.
+//! nodes' commits by LISTEN on a connection of its own (`NOTIFY` is delivered at commit; it
+//! wakes the listener, which reads the head row), with a poll of the head behind it, because
+//! notifications sent while that connection is down are lost. A lost connection is opened again
+//! with backoff.
 
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ use super::{PgError, PgStore};
 pub const REVISION_POLL: Duration = Duration::from_secs(1);
 /// Pause before opening a lost listening connection again (doubling up to 8×).
 const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
+/// Longest read of the head row on the listening connection.
+const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Notifications queued between the connection and the listener; past it they are dropped and
 /// the poll catches up.
 const NOTIFY_QUEUE: usize = 64;
@@ -61,7 +64,11 @@ impl PgStore {
             }
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.changed() => {}
+                r = shutdown.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                }
             }
             pause = (pause * 2).min(RECONNECT_PAUSE * 8);
         }
@@ -74,14 +81,14 @@ impl PgStore {
         poll_every: Duration,
     ) -> Result<(), PgError> {
         let (client, mut conn) = self.config.connect(NoTls).await?;
-        let (tx, mut rx) = mpsc::channel::<String>(NOTIFY_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<()>(NOTIFY_QUEUE);
         // The connection must be polled for the client's queries to run; it hands the
         // notifications over and ends when the connection does.
         let driver = tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                    Some(Ok(AsyncMessage::Notification(n))) => {
-                        let _ = tx.try_send(n.payload().to_string());
+                    Some(Ok(AsyncMessage::Notification(_))) => {
+                        let _ = tx.try_send(());
                     }
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => break,
@@ -94,28 +101,29 @@ impl PgStore {
             .await?;
         let mut poll = tokio::time::interval(poll_every);
         loop {
+            // A notification is only a wake-up: the revision is read from the head row, so a
+            // payload (anyone may NOTIFY) never sets it.
             tokio::select! {
-                n = rx.recv() => match n {
-                    Some(payload) => {
-                        if let Ok(rev) = payload.parse::<u64>() {
-                            self.saw_revision(rev);
-                        }
+                n = rx.recv() => {
+                    if n.is_none() {
+                        return Err(PgError("the listening connection closed".into()));
                     }
-                    None => return Err(PgError("the listening connection closed".into())),
-                },
-                _ = poll.tick() => {
-                    let r: i64 = client
-                        .query_one("SELECT revision FROM master_head WHERE id = 1", &[])
-                        .await?
-                        .get(0);
-                    self.saw_revision(u64::try_from(r).unwrap_or(0));
                 }
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
+                _ = poll.tick() => {}
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
                         return Ok(());
                     }
+                    continue;
                 }
             }
+            let head = tokio::time::timeout(
+                HEAD_READ_TIMEOUT,
+                client.query_one("SELECT revision FROM master_head WHERE id = 1", &[]),
+            )
+            .await
+            .map_err(|_| PgError("reading the master head timed out".into()))??;
+            self.saw_revision(u64::try_from(head.get::<_, i64>(0)).unwrap_or(0));
         }
     }
 }

@@ -34,7 +34,7 @@ const MIGRATIONS: &[&str] = &[
         idx         int NOT NULL CHECK (idx > 0),
         event_id    text NOT NULL,
         at_ms       bigint NOT NULL,
-        body_schema smallint NOT NULL,
+        body_schema int NOT NULL CHECK (body_schema >= 0),
         body        bytea NOT NULL,
         trace_id    text NOT NULL,
         PRIMARY KEY (site, seq),
@@ -114,6 +114,11 @@ pub(crate) async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), P
         .await
         .map_err(err)?
         .get(0);
+    if found < 0 {
+        return Err(PgOpenError::Migrate(format!(
+            "outpost_schema holds version {found}, which no build wrote"
+        )));
+    }
     if found > SCHEMA_VERSION {
         return Err(PgOpenError::SchemaTooNew {
             found,

@@ -21,7 +21,7 @@ impl From<PgError> for LogReadError {
 }
 
 fn seq_i64(seq: u64) -> Result<i64, UploadError> {
-    i64::try_from(seq).map_err(|_| UploadError::Unavailable(format!("seq {seq} is out of range")))
+    i64::try_from(seq).map_err(|_| UploadError::SeqOutOfRange(seq))
 }
 
 impl PgStore {
@@ -69,7 +69,7 @@ impl PgStore {
                 seqs.push(seq_i64(e.seq)?);
                 ids.push(e.event_id.as_str());
                 ats.push(e.at_ms);
-                schemas.push(i16::try_from(e.schema).unwrap_or(i16::MAX));
+                schemas.push(i32::from(e.schema));
                 bodies.push(&e.body);
                 traces.push(e.trace_id.as_str());
             }
@@ -79,7 +79,7 @@ impl PgStore {
                 "INSERT INTO events (site, seq, batch_id, idx, event_id, at_ms, body_schema, \
                  body, trace_id) \
                  SELECT $1, s, $2, o::int, i, a, sc, b, t \
-                 FROM unnest($3::bigint[], $4::text[], $5::bigint[], $6::smallint[], \
+                 FROM unnest($3::bigint[], $4::text[], $5::bigint[], $6::int[], \
                  $7::bytea[], $8::text[]) WITH ORDINALITY AS u(s, i, a, sc, b, t, o)",
                 &[
                     &site, &batch_id, &seqs, &ids, &ats, &schemas, &bodies, &traces,
@@ -95,7 +95,8 @@ impl PgStore {
         )
         .await
         .map_err(PgError::from)?;
-        txn.commit().await.map_err(PgError::from)?;
+        let committed = super::commit(txn, self.commit_limit()).await;
+        super::settle(client, committed)?;
         if !new.is_empty() {
             self.uploaded.notify_one();
         }
