@@ -10,6 +10,7 @@ pub mod certs;
 pub mod checks;
 pub mod config;
 pub mod dashboard;
+pub mod deny_list;
 pub mod drill;
 pub mod drill_driver;
 pub mod event_log;

@@ -29,6 +29,7 @@ pub mod escrow;
 pub mod feed;
 pub mod master;
 pub mod notify;
+pub mod revoked;
 pub mod schema;
 mod upload;
 
@@ -36,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_postgres::NoTls;
 
 pub use feed::Sequencer;
@@ -46,6 +47,9 @@ pub use notify::Listener;
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Revocations queued per receiver; a receiver that falls further behind gets `Resync`.
+pub const REVOCATION_QUEUE: usize = 1024;
 
 /// Oldest server this store runs on (`server_version_num`).
 pub const MIN_SERVER_VERSION: i32 = 130_000;
@@ -184,6 +188,20 @@ pub(crate) async fn commit(
     }
 }
 
+/// Revocations heard by this node (`PgStore::revocations`).
+pub struct RevocationStream(broadcast::Receiver<Revocation>);
+
+impl RevocationStream {
+    /// The next revocation; `None` once the store is gone.
+    pub async fn next(&mut self) -> Option<Revocation> {
+        match self.0.recv().await {
+            Ok(r) => Some(r),
+            Err(broadcast::error::RecvError::Lagged(_)) => Some(Revocation::Resync),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
 /// The end of a commit on `client`: a connection whose commit went unconfirmed is closed
 /// instead of going back to the pool (its session state is unknown).
 pub(crate) fn settle(
@@ -209,6 +227,18 @@ pub struct PgStore {
     /// The newest master revision this node knows of: its own commits, and other nodes' through
     /// the listener (`notify`).
     revision: Arc<watch::Sender<u64>>,
+    /// Revocations heard by the listener, checked against the list (`revocations`).
+    revoked: broadcast::Sender<Revocation>,
+}
+
+/// What the listener tells the sessions of this node about the deny list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Revocation {
+    /// This site was revoked (on any node): close its live session here, if there is one.
+    Site(String),
+    /// Notifications may have been missed (the listening connection was lost, or this receiver
+    /// fell behind): check every live session against the list.
+    Resync,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -302,11 +332,18 @@ impl PgStore {
             config,
             uploaded: Arc::new(Notify::new()),
             revision: Arc::new(watch::Sender::new(u64::try_from(head).unwrap_or(0))),
+            revoked: broadcast::channel(REVOCATION_QUEUE).0,
         })
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
         Ok(self.pool.get().await?)
+    }
+
+    /// Revocations this node hears of while its listener runs (`spawn_listener`). A receiver
+    /// that lags gets `Revocation::Resync` instead of the sites it missed.
+    pub fn revocations(&self) -> RevocationStream {
+        RevocationStream(self.revoked.subscribe())
     }
 
     /// How long a commit may wait for its confirmation.

@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use outpost_central::deny_list::DenyList;
 use outpost_central::event_log::{EventLog, UploadError};
 use outpost_central::master_log::MasterLog;
 use outpost_central::pg::schema::SCHEMA_VERSION;
-use outpost_central::pg::{PgOpenError, PgOptions, PgStore};
+use outpost_central::pg::{PgOpenError, PgOptions, PgStore, Revocation};
 use outpost_protocol::{
     EventBody, EventEnvelope, MasterChange, Milestone, MilestoneKind, Money, PriceRecord,
 };
@@ -645,5 +646,56 @@ async fn a_commit_the_standby_has_not_confirmed_is_not_answered() -> Result<()> 
     println!("re-sent: {u:?}");
     ensure!(u.new_hwm == 15 && u.duplicates + u.stored == 10, "{u:?}");
     ensure!(store.site_hwm("plant-1").await? == 15);
+    Ok(())
+}
+
+/// Goal: a site revoked through one node is known to every other node at once, so whichever
+/// holds its live session can close it; a NOTIFY from anyone else for a site that is not on the
+/// list closes nothing. Method: three stores with listeners (polls an hour long); every node's
+/// revocation stream after its start-up resync must yield the site revoked on node 0;
+/// then a bare `NOTIFY outpost_revoked, 'plant-9'` (not revoked) followed by a real revocation
+/// of plant-3: the streams yield plant-3 and never plant-9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_every_node() -> Result<()> {
+    let Some(pg) = PgCluster::start("PostgreSQL store: revocations across nodes")? else {
+        return Ok(());
+    };
+    let (stop, stopped) = watch::channel(false);
+    let mut nodes = Vec::new();
+    let mut streams = Vec::new();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        let n = PgStore::open(&opts(&pg.url())).await?;
+        let mut s = n.revocations();
+        listeners.push(n.spawn_listener_polling(stopped.clone(), Duration::from_secs(3600)));
+        // The listener says Resync once it listens: from then on nothing is missed.
+        let first = tokio::time::timeout(Duration::from_secs(10), s.next()).await?;
+        ensure!(first == Some(Revocation::Resync), "{first:?}");
+        streams.push(s);
+        nodes.push(n);
+    }
+    let t = Instant::now();
+    nodes[0].revoke_site("plant-1", "stolen".into()).await?;
+    // Every node, the one that revoked included: its listener hears its own commit.
+    for s in streams.iter_mut() {
+        let got = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .context("a node did not hear of the revocation")?;
+        ensure!(got == Some(Revocation::Site("plant-1".into())), "{got:?}");
+    }
+    println!("every node heard of the revocation after {:?}", t.elapsed());
+    sql(&pg.url(), "NOTIFY outpost_revoked, 'plant-9'").await?;
+    nodes[2].revoke_site("plant-3", "audit".into()).await?;
+    for s in streams.iter_mut() {
+        let got = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .context("a node did not hear of the revocation")?;
+        ensure!(
+            got == Some(Revocation::Site("plant-3".into())),
+            "a forged notification must close nothing: {got:?}"
+        );
+    }
+    drop(stop);
+    drop(listeners);
     Ok(())
 }

@@ -1,11 +1,13 @@
-//! One conformance suite for central's event log (`outpost_central::event_log::EventLog`) and
-//! master-data log (`outpost_central::master_log::MasterLog`), run against both stores: the embedded redb store and the PostgreSQL store on a private cluster
+//! One conformance suite for central's event log (`outpost_central::event_log::EventLog`),
+//! master-data log (`outpost_central::master_log::MasterLog`) and deny list
+//! (`outpost_central::deny_list::DenyList`), run against both stores: the embedded redb store and the PostgreSQL store on a private cluster
 //! started in a temp directory. Each test states the contract, then runs the same body on each.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use outpost_central::deny_list::DenyList;
 use outpost_central::event_log::{EventLog, FeedEntry, UploadError};
 use outpost_central::master_log::{MasterError, MasterLog};
 use outpost_central::pg::{PgOptions, PgStore, Sequencer};
@@ -387,4 +389,38 @@ async fn master<L: MasterLog>(log: L) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_revisions_are_consecutive_and_watched() -> Result<()> {
     on_each!("master revisions", |log| master(log))
+}
+
+/// Goal: a revocation is kept, a repeated one keeps the first entry, reinstating returns the
+/// entry and takes the site off, and the list reads sorted.
+async fn deny_list<L: DenyList>(log: L) -> Result<()> {
+    ensure!(log.revoked_site("plant-1").await?.is_none());
+    let first = log.revoke_site("plant-2", "laptop stolen".into()).await?;
+    ensure!(first.reason == "laptop stolen");
+    let again = log.revoke_site("plant-2", "other".into()).await?;
+    ensure!(
+        again == first,
+        "a repeated revoke keeps the first entry: {again:?}"
+    );
+    log.revoke_site("plant-1", "audit".into()).await?;
+    let all: Vec<String> = log
+        .revoked_sites()
+        .await?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    ensure!(all == ["plant-1", "plant-2"], "{all:?}");
+    ensure!(log.reinstate_site("plant-2").await? == Some(first));
+    ensure!(log.revoked_site("plant-2").await?.is_none());
+    ensure!(
+        log.reinstate_site("plant-2").await?.is_none(),
+        "nothing left to reinstate"
+    );
+    ensure!(log.revoked_site("plant-1").await?.map(|r| r.reason) == Some("audit".into()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deny_list_keeps_the_first_revocation() -> Result<()> {
+    on_each!("the deny list", |log| deny_list(log))
 }

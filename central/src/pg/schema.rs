@@ -88,6 +88,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (sku, site)
     );
     "#,
+    // 3: the deny list.
+    r#"
+    CREATE TABLE revoked (
+        site   text PRIMARY KEY,
+        at_ms  bigint NOT NULL,
+        reason text NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.
