@@ -4,6 +4,7 @@
 //! QUIC sync server and fleet certificates. The binary (`main.rs`) adds the tools that are clients
 //! of the server: the operator CLI, the dev fleet tooling and the traffic simulator.
 
+pub mod alert_log;
 pub mod api;
 pub mod backup;
 pub mod certs;

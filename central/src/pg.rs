@@ -25,6 +25,7 @@
 //! dead letters, reports, drills, alerts and the fleet view. `outpost-central run` serves the
 //! embedded store only; docs/store.md says where this backend stands.
 
+pub mod alerts;
 pub mod escrow;
 pub mod feed;
 pub mod master;

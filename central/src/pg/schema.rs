@@ -96,6 +96,23 @@ const MIGRATIONS: &[&str] = &[
         reason text NOT NULL
     );
     "#,
+    // 4: fleet alerts, with consecutive ids taken under the head row's lock.
+    r#"
+    CREATE TABLE alerts_head (
+        id      int PRIMARY KEY CHECK (id = 1),
+        last_id bigint NOT NULL
+    );
+    INSERT INTO alerts_head VALUES (1, 0);
+    CREATE TABLE alerts (
+        id         bigint PRIMARY KEY,
+        site       text NOT NULL,
+        from_state text NOT NULL,
+        to_state   text NOT NULL,
+        reasons    text[] NOT NULL,
+        at_ms      bigint NOT NULL,
+        drill_id   bigint
+    );
+    "#,
 ];
 
 /// The schema version this build writes.
