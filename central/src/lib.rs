@@ -29,6 +29,7 @@ pub mod registry;
 pub mod renewal;
 pub mod router;
 pub mod run;
+pub mod site_registry;
 pub mod store;
 pub mod timefmt;
 

@@ -32,6 +32,7 @@ pub mod master;
 pub mod notify;
 pub mod revoked;
 pub mod schema;
+pub mod sites;
 mod upload;
 
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! One conformance suite for central's event log (`outpost_central::event_log::EventLog`),
 //! master-data log (`outpost_central::master_log::MasterLog`), deny list
-//! (`outpost_central::deny_list::DenyList`) and alerts (`outpost_central::alert_log::AlertLog`),
-//! run against both stores: the embedded redb store and the PostgreSQL store on a private cluster
+//! (`outpost_central::deny_list::DenyList`), alerts (`outpost_central::alert_log::AlertLog`) and
+//! site registry (`outpost_central::site_registry::SiteRegistry`), run against both stores: the embedded redb store and the PostgreSQL store on a private cluster
 //! started in a temp directory. Each test states the contract, then runs the same body on each.
 
 use std::collections::{BTreeMap, HashSet};
@@ -13,6 +13,7 @@ use outpost_central::deny_list::DenyList;
 use outpost_central::event_log::{EventLog, FeedEntry, UploadError};
 use outpost_central::master_log::{MasterError, MasterLog};
 use outpost_central::pg::{PgOptions, PgStore, Sequencer};
+use outpost_central::site_registry::SiteRegistry;
 use outpost_central::store::{NewAlert, Store};
 use outpost_protocol::session::IngestError;
 use outpost_protocol::{
@@ -479,4 +480,41 @@ async fn alerts<L: AlertLog + Clone + 'static>(log: L) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_get_consecutive_ids_from_concurrent_writers() -> Result<()> {
     on_each!("alerts", |log| alerts(log))
+}
+
+/// Goal: the registry lists every site heard from (by a Hello or an upload), sorted, with its
+/// mark; a later contact moves `last_seen` and keeps `first_seen`.
+async fn registry<L: SiteRegistry + EventLog>(log: L) -> Result<()> {
+    ensure!(log.sites().await?.is_empty());
+    log.touch_site("plant-2").await?;
+    let first = log.sites().await?;
+    let rec = first[0].record.context("a record")?;
+    log.upload("plant-1", batch("plant-1", 1..=3)).await?;
+    // The next contact must fall in a later millisecond of central's clock (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while outpost_central::store::now_ms() <= rec.last_seen_ms && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    log.touch_site("plant-2").await?;
+    let sites = log.sites().await?;
+    let names: Vec<&str> = sites.iter().map(|s| s.site.as_str()).collect();
+    ensure!(names == ["plant-1", "plant-2"], "{names:?}");
+    ensure!(sites[0].hwm == 3 && sites[1].hwm == 0, "{sites:?}");
+    let again = sites[1].record.context("a record")?;
+    ensure!(
+        again.first_seen_ms == rec.first_seen_ms,
+        "{again:?} vs {rec:?}"
+    );
+    ensure!(
+        again.last_seen_ms > rec.last_seen_ms,
+        "{again:?} vs {rec:?}"
+    );
+    let p1 = sites[0].record.context("an upload records contact")?;
+    ensure!(p1.first_seen_ms <= p1.last_seen_ms);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_lists_every_site_heard_from() -> Result<()> {
+    on_each!("the site registry", |log| registry(log))
 }

@@ -113,6 +113,11 @@ const MIGRATIONS: &[&str] = &[
         drill_id   bigint
     );
     "#,
+    // 5: when a site was first heard from (the fleet view).
+    r#"
+    ALTER TABLE sites ADD COLUMN first_seen_ms bigint NOT NULL DEFAULT 0;
+    UPDATE sites SET first_seen_ms = last_seen_ms;
+    "#,
 ];
 
 /// The schema version this build writes.

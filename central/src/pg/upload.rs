@@ -34,7 +34,8 @@ impl PgStore {
         let txn = client.transaction().await.map_err(PgError::from)?;
         let now = now_ms();
         txn.execute(
-            "INSERT INTO sites (site, last_seen_ms) VALUES ($1, $2) ON CONFLICT (site) DO NOTHING",
+            "INSERT INTO sites (site, first_seen_ms, last_seen_ms) VALUES ($1, $2, $2) \
+             ON CONFLICT (site) DO NOTHING",
             &[&site, &now],
         )
         .await
@@ -90,7 +91,7 @@ impl PgStore {
         }
         let new_hwm = seq_i64(plan.new_hwm)?;
         txn.execute(
-            "UPDATE sites SET hwm = $2, last_seen_ms = $3 WHERE site = $1",
+            "UPDATE sites SET hwm = $2, last_seen_ms = GREATEST(last_seen_ms, $3) WHERE site = $1",
             &[&site, &new_hwm, &now],
         )
         .await
