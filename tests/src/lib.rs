@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
 pub mod bench;
+pub mod events;
 pub mod pg;
 pub mod proxy;
 pub mod quic_client;
@@ -422,6 +423,22 @@ where
         // Poll interval of the bounded wait around it, not a wait for a condition by itself.
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+/// How many times each of `site`'s event ids is in central's feed.
+pub async fn feed_counts(
+    central: &Api,
+    site: &str,
+) -> Result<std::collections::HashMap<String, usize>> {
+    let mut counts = std::collections::HashMap::new();
+    for e in read_feed(central).await? {
+        if e["site"] == site {
+            *counts
+                .entry(e["id"].as_str().context("feed id")?.to_string())
+                .or_insert(0) += 1;
+        }
+    }
+    Ok(counts)
 }
 
 /// Reads central's whole event feed, page by page (bounded number of pages).

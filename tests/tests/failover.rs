@@ -7,7 +7,6 @@
 //!
 //! In both, every milestone the agent acknowledged is in central's feed exactly once.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -19,19 +18,6 @@ const SITE: &str = "plant-1";
 /// Patience for one failover: the idle timeout (2 s with `fast_agent_env`) plus a handshake,
 /// with room for a busy 2-core machine. The measured figure is printed.
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// How many times each of `site`'s event ids is in central's feed.
-async fn feed_counts(central: &Api, site: &str) -> Result<HashMap<String, usize>> {
-    let mut counts = HashMap::new();
-    for e in read_feed(central).await? {
-        if e["site"] == site {
-            *counts
-                .entry(e["id"].as_str().context("feed id")?.to_string())
-                .or_insert(0) += 1;
-        }
-    }
-    Ok(counts)
-}
 
 /// Fails unless every id in `acked` is in the feed exactly once and the feed holds nothing else
 /// of the site.

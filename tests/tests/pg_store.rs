@@ -12,32 +12,13 @@ use outpost_central::event_log::{EventLog, UploadError};
 use outpost_central::master_log::MasterLog;
 use outpost_central::pg::schema::SCHEMA_VERSION;
 use outpost_central::pg::{PgOpenError, PgOptions, PgStore, Revocation};
-use outpost_protocol::{
-    EventBody, EventEnvelope, MasterChange, Milestone, MilestoneKind, Money, PriceRecord,
-};
+use outpost_protocol::{MasterChange, Money, PriceRecord};
 use outpost_tests::pg::PgCluster;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 
-fn ev(site: &str, seq: u64) -> EventEnvelope {
-    EventEnvelope::new(
-        site,
-        seq,
-        &format!("{site}-e{seq}"),
-        1_700_000_000_000 + seq as i64,
-        &EventBody::Milestone(Milestone {
-            shipment_id: format!("SH-{site}"),
-            milestone: MilestoneKind::Picked,
-            scanner_id: "scan-1".into(),
-            at: "2026-01-01T00:00:00Z".into(),
-        }),
-    )
-}
-
-fn batch(site: &str, seqs: std::ops::RangeInclusive<u64>) -> Vec<EventEnvelope> {
-    seqs.map(|s| ev(site, s)).collect()
-}
+use outpost_tests::events::milestones as batch;
 
 /// Options with short limits, so a test of a dead server does not wait long.
 fn opts(url: &str) -> PgOptions {

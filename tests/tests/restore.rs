@@ -5,7 +5,6 @@
 //! no longer holds is recorded as lost, with exact seqs and an alert, instead of the site being
 //! stuck on a gap.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,19 +26,6 @@ fn cli(args: &[&str]) -> Result<CliOutput> {
         );
     }
     Ok(out)
-}
-
-/// How many times each event id of `site` is in central's feed.
-async fn feed_counts(central: &Api, site: &str) -> Result<HashMap<String, usize>> {
-    let mut counts = HashMap::new();
-    for e in read_feed(central).await? {
-        if e["site"] == site {
-            *counts
-                .entry(e["id"].as_str().context("feed id")?.to_string())
-                .or_insert(0) += 1;
-        }
-    }
-    Ok(counts)
 }
 
 async fn reports(central: &Api, site: &str) -> Result<Vec<Value>> {

@@ -16,10 +16,7 @@ use outpost_central::pg::{PgOptions, PgStore, Sequencer};
 use outpost_central::site_registry::SiteRegistry;
 use outpost_central::store::{NewAlert, Store};
 use outpost_protocol::session::IngestError;
-use outpost_protocol::{
-    CustomerRecord, EventBody, EventEnvelope, Grant, MasterChange, Milestone, MilestoneKind, Money,
-    Pool, PriceRecord,
-};
+use outpost_protocol::{CustomerRecord, Grant, MasterChange, Money, Pool, PriceRecord};
 use outpost_tests::pg::PgCluster;
 use tokio::sync::watch;
 
@@ -27,24 +24,7 @@ use tokio::sync::watch;
 /// within about 50 ms of their commit).
 const FEED_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn ev(site: &str, seq: u64) -> EventEnvelope {
-    EventEnvelope::new(
-        site,
-        seq,
-        &format!("{site}-e{seq}"),
-        1_700_000_000_000 + seq as i64,
-        &EventBody::Milestone(Milestone {
-            shipment_id: format!("SH-{site}"),
-            milestone: MilestoneKind::Picked,
-            scanner_id: "scan-1".into(),
-            at: "2026-01-01T00:00:00Z".into(),
-        }),
-    )
-}
-
-fn batch(site: &str, seqs: std::ops::RangeInclusive<u64>) -> Vec<EventEnvelope> {
-    seqs.map(|s| ev(site, s)).collect()
-}
+use outpost_tests::events::milestones as batch;
 
 /// Reads the whole feed in pages of `page`, until it holds `want` events or the time is up.
 async fn read_feed<L: EventLog>(log: &L, want: usize, page: usize) -> Result<Vec<FeedEntry>> {

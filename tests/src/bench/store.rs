@@ -10,13 +10,14 @@ use anyhow::{Context, Result, bail};
 use outpost_central::event_log::EventLog;
 use outpost_central::pg::{PgOptions, PgStore};
 use outpost_central::store::Store;
-use outpost_protocol::{EventBody, EventEnvelope, MAX_EVENTS_PER_BATCH, Milestone, MilestoneKind};
+use outpost_protocol::{EventEnvelope, MAX_EVENTS_PER_BATCH};
 use tokio::sync::watch;
 
 use super::Figure;
 use super::hist::Hist;
 use super::scenarios::Cfg;
 use super::sys::ms;
+use crate::events::milestones;
 use crate::pg::PgCluster;
 
 /// Sites uploading at once.
@@ -26,21 +27,6 @@ const GRANTERS_PER_NODE: usize = 4;
 
 fn backlog(cfg: Cfg) -> u64 {
     if cfg.short { 40_000 } else { 1_000_000 }
-}
-
-fn ev(site: &str, seq: u64) -> EventEnvelope {
-    EventEnvelope::new(
-        site,
-        seq,
-        &format!("{site}-{seq:08}"),
-        1_700_000_000_000 + seq as i64,
-        &EventBody::Milestone(Milestone {
-            shipment_id: format!("SH-{}", seq / 5),
-            milestone: MilestoneKind::Picked,
-            scanner_id: "scan-1".into(),
-            at: "2026-01-01T00:00:00Z".into(),
-        }),
-    )
 }
 
 /// Uploads `n` events from `SITES` sites in full batches, each site's batches one after the
@@ -56,7 +42,7 @@ async fn drain<L: EventLog + Clone + 'static>(log: &L, n: u64) -> Result<(Durati
             .map(|b| {
                 let first = b * batch + 1;
                 let last = ((b + 1) * batch).min(per_site);
-                (first..=last).map(|q| ev(&site, q)).collect()
+                milestones(&site, first..=last)
             })
             .collect();
         work.push((site, batches));
