@@ -1,8 +1,8 @@
 //! The deny list's interface, which both of central's stores implement: revoking a site (a
 //! repeated revoke keeps the first entry), reinstating it, and reading the list. With several
-//! central nodes the site's live session may be on another node: the PostgreSQL store tells
-//! every node of each revocation (`pg::PgStore::revocations`), and each node closes the session
-//! it holds.
+//! central nodes (once `serve` runs on PostgreSQL) the site's live session may be on another
+//! node: the PostgreSQL store tells every node of each revocation
+//! (`pg::PgStore::revocations`), for each node to close the session it holds.
 
 use std::future::Future;
 

@@ -5,7 +5,8 @@
 //!
 //! - `store::Store` (redb, embedded, one process): the feed cursor is assigned in the commit by
 //!   the single writer.
-//! - `pg::PgStore` (PostgreSQL, any number of central nodes): the upload locks the site's row;
+//! - `pg::PgStore` (PostgreSQL, built for several central nodes once `serve` runs on it): the
+//!   upload locks the site's row;
 //!   feed positions are assigned after commit by one sequencer at a time.
 //!
 //! One conformance suite (`tests/tests/store_conformance.rs`) runs the same tests against both.

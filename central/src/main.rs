@@ -213,8 +213,9 @@ enum SitesCmd {
         /// Directory holding the fleet CA (ca.pem, ca.key).
         #[arg(long)]
         ca_dir: PathBuf,
-        /// Central's QUIC address as the site reaches it, host:port; the nodes of one
-        /// central separated by commas, in the order the agent tries them.
+        /// Central's QUIC address as the site reaches it, host:port; several addresses of the
+        /// same central (over the WAN and over a backup line, say) separated by commas, in the
+        /// order the agent tries them.
         #[arg(long)]
         central_addr: String,
         /// The name in central's certificate.

@@ -1,4 +1,4 @@
-//! Central's store on PostgreSQL, for running several central nodes on one database: the event
+//! Central's store on PostgreSQL, built for several central nodes on one database: the event
 //! log (uploads, the feed and its sequencer), master data with its revisions (and the wake-ups
 //! of other nodes when one commits), and the escrow of allowances. Every guarantee is
 //! one local transaction of the database, so any node may serve any site:
@@ -22,8 +22,9 @@
 //!   commit notifies the other nodes (`master`, `notify`).
 //!
 //! Not yet behind this backend: orders and the ledger's policy (top-ups, reclaims), exceptions,
-//! dead letters, reports, drills, alerts and the fleet view. `outpost-central run` serves the
-//! embedded store only; docs/store.md says where this backend stands.
+//! dead letters, reconciliation reports, drills, lost ranges and the incarnation.
+//! `outpost-central serve` runs on the embedded store only; docs/store.md says where this backend
+//! stands.
 
 pub mod alerts;
 pub mod escrow;

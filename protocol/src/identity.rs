@@ -103,8 +103,8 @@ pub enum CentralAddrsError {
     TooMany(usize),
 }
 
-/// Parses where a site reaches central: one address, or the nodes of one central separated by
-/// commas (`a.example:7601,b.example:7601`), in the order the agent tries them. Spaces around
+/// Parses where a site reaches central: one address, or several addresses of the same central
+/// separated by commas (`a.example:7601,b.example:7601`), in the order the agent tries them. Spaces around
 /// an address are ignored.
 pub fn parse_central_addrs(s: &str) -> Result<Vec<String>, CentralAddrsError> {
     if s.trim().is_empty() {

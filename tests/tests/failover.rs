@@ -1,6 +1,6 @@
 //! An agent whose `[sync] central_addr` lists several addresses of one central moves to another
 //! when the one in use is lost, tested with real processes:
-//! - two UDP proxies in front of one central stand for two nodes; the proxy in use is cut off
+//! - two UDP proxies in front of one central stand for two network paths; the proxy in use is cut off
 //!   entirely (the node is gone), and the agent carries on through the other one;
 //! - central SIGKILLed and started again on the same store at the list's second address: the
 //!   agent finds it there on its own.

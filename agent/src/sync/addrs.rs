@@ -1,6 +1,6 @@
 //! Which of central's addresses the next attempt goes to (pure). `[sync] central_addr` may list
-//! several addresses of one central (nodes sharing its store, or one central over two network
-//! paths). The agent uses one at a time:
+//! several addresses of the same central (for instance over the plant's WAN and over a backup
+//! line). The agent uses one at a time:
 //! - after a welcomed session that central ended itself (a restart, a shutdown), it tries the
 //!   same address again: the address works;
 //! - after a welcomed session whose link was lost (the QUIC idle timeout: the node or the path
