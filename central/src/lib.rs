@@ -11,6 +11,7 @@ pub mod certs;
 pub mod checks;
 pub mod config;
 pub mod dashboard;
+pub mod dead_letter_log;
 pub mod deny_list;
 pub mod drill;
 pub mod drill_driver;

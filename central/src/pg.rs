@@ -21,12 +21,14 @@
 //! - master changes are numbered under the head row's lock, so revisions commit in order; the
 //!   commit notifies the other nodes (`master`, `notify`).
 //!
-//! Not yet behind this backend: orders and the ledger's policy (top-ups, reclaims), exceptions,
-//! dead letters, reconciliation reports, drills, lost ranges and the incarnation.
+//! Not yet behind this backend: orders (their business checks and exception queue) and the
+//! ledger's policy (top-ups, reclaims), reconciliation reports, drills, lost ranges and the
+//! incarnation. An uploaded order goes to the feed as it is.
 //! `outpost-central serve` runs on the embedded store only; docs/store.md says where this backend
 //! stands.
 
 pub mod alerts;
+mod dead_letters;
 pub mod escrow;
 pub mod feed;
 pub mod master;

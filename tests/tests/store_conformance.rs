@@ -1,7 +1,8 @@
 //! One conformance suite for central's event log (`outpost_central::event_log::EventLog`),
 //! master-data log (`outpost_central::master_log::MasterLog`), deny list
-//! (`outpost_central::deny_list::DenyList`), alerts (`outpost_central::alert_log::AlertLog`) and
-//! site registry (`outpost_central::site_registry::SiteRegistry`), run against both stores: the embedded redb store and the PostgreSQL store on a private cluster
+//! (`outpost_central::deny_list::DenyList`), alerts (`outpost_central::alert_log::AlertLog`), site
+//! registry (`outpost_central::site_registry::SiteRegistry`) and dead letters
+//! (`outpost_central::dead_letter_log::DeadLetterLog`), run against both stores: the embedded redb store and the PostgreSQL store on a private cluster
 //! started in a temp directory. Each test states the contract, then runs the same body on each.
 
 use std::collections::{BTreeMap, HashSet};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use outpost_central::alert_log::AlertLog;
+use outpost_central::dead_letter_log::DeadLetterLog;
 use outpost_central::deny_list::DenyList;
 use outpost_central::event_log::{EventLog, FeedEntry, UploadError};
 use outpost_central::master_log::{MasterError, MasterLog};
@@ -497,4 +499,43 @@ async fn registry<L: SiteRegistry + EventLog>(log: L) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_registry_lists_every_site_heard_from() -> Result<()> {
     on_each!("the site registry", |log| registry(log))
+}
+
+/// Goal: one bad event never blocks the batch: it takes its place in the sequence, goes to the
+/// dead letters with its reason and the whole envelope, and the events around it reach the feed;
+/// a re-upload dead-letters nothing twice.
+async fn bad_event<L: EventLog + DeadLetterLog>(log: L) -> Result<()> {
+    let mut events = batch("plant-1", 1..=4);
+    events[1].body = vec![0xff, 0xff, 0xff];
+    events[2].schema = 999;
+    let u = log.upload("plant-1", events.clone()).await?;
+    ensure!((u.duplicates, u.stored, u.new_hwm) == (0, 4, 4), "{u:?}");
+    let dead = log.dead_letters(0, 10).await?;
+    let seqs: Vec<u64> = dead.iter().map(|d| d.seq).collect();
+    ensure!(seqs == [2, 3], "dead letters {seqs:?}");
+    ensure!(dead[0].event == events[1] && dead[1].event == events[2]);
+    ensure!(
+        dead.iter()
+            .all(|d| !d.reason.is_empty() && d.site == "plant-1")
+    );
+    ensure!(dead[1].id > dead[0].id);
+    ensure!(
+        log.dead_letters(dead[0].id, 10).await?.len() == 1,
+        "paged after a cursor"
+    );
+    let feed = read_feed(&log, 2, 100).await?;
+    let fed: Vec<u64> = feed.iter().map(|e| e.event.seq).collect();
+    ensure!(fed == [1, 4], "the feed holds the good events: {fed:?}");
+    let again = log.upload("plant-1", events).await?;
+    ensure!(again.duplicates == 4 && again.stored == 0, "{again:?}");
+    ensure!(
+        log.dead_letters(0, 10).await?.len() == 2,
+        "nothing dead-lettered twice"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_event_is_dead_lettered_and_never_blocks_the_batch() -> Result<()> {
+    on_each!("a bad event mid-batch", |log| bad_event(log))
 }

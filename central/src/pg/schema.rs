@@ -118,6 +118,23 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE sites ADD COLUMN first_seen_ms bigint NOT NULL DEFAULT 0;
     UPDATE sites SET first_seen_ms = last_seen_ms;
     "#,
+    // 6: dead letters, with consecutive ids taken under the head row's lock.
+    r#"
+    CREATE TABLE dead_letters_head (
+        id      int PRIMARY KEY CHECK (id = 1),
+        last_id bigint NOT NULL
+    );
+    INSERT INTO dead_letters_head VALUES (1, 0);
+    CREATE TABLE dead_letters (
+        id         bigint PRIMARY KEY,
+        site       text NOT NULL,
+        seq        bigint NOT NULL,
+        event_id   text NOT NULL,
+        reason     text NOT NULL,
+        event      bytea NOT NULL,
+        created_ms bigint NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

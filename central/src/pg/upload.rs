@@ -49,7 +49,21 @@ impl PgStore {
             .get(0);
         let hwm = u64::try_from(hwm).unwrap_or(0);
         let plan = plan_ingest(site, hwm, events)?;
-        let new = &events[plan.duplicates..];
+        let fresh = &events[plan.duplicates..];
+        // One bad event never blocks the batch: an event whose body cannot be decoded or
+        // validated takes its place in the sequence (the mark moves past it) and goes to the
+        // dead letters with the reason; the others go to the feed.
+        let mut new: Vec<&EventEnvelope> = Vec::with_capacity(fresh.len());
+        let mut dead: Vec<(&EventEnvelope, String)> = Vec::new();
+        for e in fresh {
+            match e.decode() {
+                Ok(_) => new.push(e),
+                Err(why) => dead.push((e, why.to_string())),
+            }
+        }
+        if !dead.is_empty() {
+            super::dead_letters::insert(&txn, site, &dead, now).await?;
+        }
         if !new.is_empty() {
             let n = i32::try_from(new.len()).unwrap_or(i32::MAX);
             let batch_id: i64 = txn
@@ -66,7 +80,7 @@ impl PgStore {
             let mut schemas = Vec::with_capacity(new.len());
             let mut bodies: Vec<&[u8]> = Vec::with_capacity(new.len());
             let mut traces = Vec::with_capacity(new.len());
-            for e in new {
+            for e in &new {
                 seqs.push(seq_i64(e.seq)?);
                 ids.push(e.event_id.as_str());
                 ats.push(e.at_ms);
@@ -74,8 +88,8 @@ impl PgStore {
                 bodies.push(&e.body);
                 traces.push(e.trace_id.as_str());
             }
-            // One statement for the batch; `idx` (1..=n, the order in the batch) places each
-            // event in the feed once the sequencer numbers the batch.
+            // One statement for the batch; `idx` (1..=n, the order among the batch's feed
+            // events) places each event in the feed once the sequencer numbers the batch.
             txn.execute(
                 "INSERT INTO events (site, seq, batch_id, idx, event_id, at_ms, body_schema, \
                  body, trace_id) \
@@ -103,7 +117,7 @@ impl PgStore {
         }
         Ok(Uploaded {
             duplicates: plan.duplicates,
-            stored: new.len(),
+            stored: fresh.len(),
             new_hwm: plan.new_hwm,
         })
     }
