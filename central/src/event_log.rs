@@ -10,6 +10,9 @@
 //!   feed positions are assigned after commit by one sequencer at a time.
 //!
 //! One conformance suite (`tests/tests/store_conformance.rs`) runs the same tests against both.
+//! What an upload does with an order differs for now: the embedded store checks it against
+//! master data (the exception queue) and books what it consumed of allowances; the PostgreSQL
+//! store puts it in the feed as it is (docs/store.md, "Where it stands").
 
 use std::future::Future;
 

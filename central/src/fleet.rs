@@ -323,15 +323,7 @@ mod tests {
                 return Err(StoreUnavailable("write failed: disk full".into()));
             }
             let mut stored = self.stored.lock().unwrap();
-            let alert = Alert {
-                id: stored.len() as u64 + 1,
-                site: a.site,
-                from: a.from,
-                to: a.to,
-                reasons: a.reasons,
-                at_ms: a.at_ms,
-                drill_id: a.drill_id,
-            };
+            let alert = a.with_id(stored.len() as u64 + 1);
             stored.push(alert.clone());
             Ok(alert)
         }

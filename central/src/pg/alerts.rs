@@ -37,15 +37,7 @@ impl AlertLog for PgStore {
             .map_err(PgError::from)?;
         let committed = commit(txn, self.commit_limit()).await;
         settle(client, committed)?;
-        Ok(Alert {
-            id: u64::try_from(id).unwrap_or(0),
-            site: a.site,
-            from: a.from,
-            to: a.to,
-            reasons: a.reasons,
-            at_ms: a.at_ms,
-            drill_id: a.drill_id,
-        })
+        Ok(a.with_id(u64::try_from(id).unwrap_or(0)))
     }
 
     async fn alerts(&self, after: u64, limit: usize) -> Result<Vec<Alert>, LogReadError> {

@@ -33,17 +33,17 @@ impl PgStore {
         let mut client = self.client().await?;
         let txn = client.transaction().await.map_err(PgError::from)?;
         let now = now_ms();
-        txn.execute(
-            "INSERT INTO sites (site, first_seen_ms, last_seen_ms) VALUES ($1, $2, $2) \
-             ON CONFLICT (site) DO NOTHING",
-            &[&site, &now],
-        )
-        .await
-        .map_err(PgError::from)?;
-        // Serializes uploads of this site across nodes: a second one waits here, then plans
-        // against the mark the first one committed.
+        // One statement creates the site's row on first contact and locks it (an upsert's
+        // update takes the row lock until the commit). That serializes uploads of this site
+        // across nodes: a second one waits here, then reads the mark the first one committed.
         let hwm: i64 = txn
-            .query_one("SELECT hwm FROM sites WHERE site = $1 FOR UPDATE", &[&site])
+            .query_one(
+                "INSERT INTO sites (site, first_seen_ms, last_seen_ms) VALUES ($1, $2, $2) \
+                 ON CONFLICT (site) DO UPDATE \
+                 SET last_seen_ms = GREATEST(sites.last_seen_ms, EXCLUDED.last_seen_ms) \
+                 RETURNING hwm",
+                &[&site, &now],
+            )
             .await
             .map_err(PgError::from)?
             .get(0);
@@ -105,8 +105,8 @@ impl PgStore {
         }
         let new_hwm = seq_i64(plan.new_hwm)?;
         txn.execute(
-            "UPDATE sites SET hwm = $2, last_seen_ms = GREATEST(last_seen_ms, $3) WHERE site = $1",
-            &[&site, &new_hwm, &now],
+            "UPDATE sites SET hwm = $2 WHERE site = $1",
+            &[&site, &new_hwm],
         )
         .await
         .map_err(PgError::from)?;

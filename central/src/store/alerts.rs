@@ -42,6 +42,21 @@ pub struct NewAlert {
     pub drill_id: Option<u64>,
 }
 
+impl NewAlert {
+    /// The alert stored under `id`.
+    pub fn with_id(self, id: u64) -> Alert {
+        Alert {
+            id,
+            site: self.site,
+            from: self.from,
+            to: self.to,
+            reasons: self.reasons,
+            at_ms: self.at_ms,
+            drill_id: self.drill_id,
+        }
+    }
+}
+
 impl Store {
     /// Stores `alert` under the next id, deleting the oldest beyond `MAX_ALERTS`.
     pub async fn record_alert(&self, alert: NewAlert) -> Result<Alert, StoreUnavailable> {
@@ -66,15 +81,7 @@ impl Store {
 pub(super) fn insert(txn: &WriteTransaction, a: NewAlert, max: u64) -> Result<Alert, ApplyError> {
     let mut t = txn.open_table(ALERTS)?;
     let id = t.last()?.map_or(0, |(k, _)| k.value()) + 1;
-    let alert = Alert {
-        id,
-        site: a.site,
-        from: a.from,
-        to: a.to,
-        reasons: a.reasons,
-        at_ms: a.at_ms,
-        drill_id: a.drill_id,
-    };
+    let alert = a.with_id(id);
     t.insert(id, encode(&alert).as_slice())?;
     // At most one over the bound per insert, so this removes one row (or a few after the bound
     // was lowered).
